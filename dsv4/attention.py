@@ -1,0 +1,304 @@
+"""Shared-KV attention with sliding window, compressors (HCA, CSA) and the lightning indexer.
+
+Letters: B batch, S sequence (queries), Q query block, H heads, K head dim, T compressed entries,
+N selected entries per query (top-k), W sliding window, I indexer heads, J indexer head dim.
+
+Two implementations of the attention core share every projection:
+- "xla" (default): query blocks under `lax.map`. Each block reads its W-wide slice of the sliding
+  window, and either gathers its top-k compressed entries (CSA) or reads all entries under a
+  causal mask (HCA). Memory is O(S*W + Q*(W+N)); no [S, S] or [S, S/4] array exists.
+- "reference": dense masks over the whole sequence, as simple as possible; for tests.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv4.config import ModelConfig, RuntimeConfig
+from dsv4.layers import F32, Linear, RMSNorm, apply_rope, rms_norm, rope_angles, rope_inv_freq
+from dsv4.params import constant, normal, param
+
+NEG_INF = -jnp.inf
+
+
+# ----------------------------------------------------------------------------------------- compressor
+
+
+def pool_windows(c: jax.Array, z: jax.Array, overlap: bool) -> jax.Array:
+    """Gated softmax pooling of complete windows.
+
+    c, z: [B, T, m, C] values and gate logits (ape already added) of T windows of m tokens.
+    Without overlap (HCA) C = d and entry w = sum_t softmax_t(z) * c over its own window.
+    With overlap (CSA) C = 2d: series A = [:d], B = [d:]; entry w pools 2m slots, the A-series of
+    window w-1 and the B-series of window w; window 0 has no A slots (value 0, logit -inf).
+    Returns [B, T, d] in float32.
+    """
+    if overlap:
+        d = c.shape[-1] // 2
+        prev_c = jnp.pad(c[:, :-1, :, :d], ((0, 0), (1, 0), (0, 0), (0, 0)))
+        prev_z = jnp.pad(z[:, :-1, :, :d], ((0, 0), (1, 0), (0, 0), (0, 0)), constant_values=NEG_INF)
+        c = jnp.concatenate([prev_c, c[..., d:]], axis=2)  # [B, T, 2m, d]
+        z = jnp.concatenate([prev_z, z[..., d:]], axis=2)
+    weights = jax.nn.softmax(z.astype(F32), axis=2)
+    return jnp.sum(weights * c.astype(F32), axis=2)
+
+
+class Compressor(nnx.Module):
+    """Turns every complete window of `ratio` tokens into one `dim`-wide entry (architecture.md s4)."""
+
+    def __init__(self, cfg: ModelConfig, dim: int, ratio: int, overlap: bool, dtype, rngs: nnx.Rngs):
+        self.cfg, self.ratio, self.overlap = cfg, ratio, overlap
+        width = dim * (2 if overlap else 1)
+        d = cfg.hidden_size
+        self.wkv = Linear(d, width, ("embed", "compress_dim"), dtype, rngs)
+        self.wgate = Linear(d, width, ("embed", "compress_dim"), dtype, rngs)
+        self.ape = param(rngs, (ratio, width), ("compress_slot", "compress_dim"), F32, normal(0.02))
+        self.norm = RMSNorm(dim, cfg.rms_norm_eps, rngs, axis="kv_dim")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, S, D] -> entries [B, S // ratio, dim] with RoPE (compress table) at w * ratio."""
+        b, s, _ = x.shape
+        m, t = self.ratio, s // self.ratio
+        x = x[:, : t * m]
+        c = self.wkv(x).reshape(b, t, m, -1)
+        z = self.wgate(x).astype(F32).reshape(b, t, m, -1) + self.ape.get_value()
+        entries = self.norm(pool_windows(c, z, self.overlap).astype(x.dtype))
+        cos, sin = rope_angles(jnp.arange(t) * m, rope_inv_freq(self.cfg, compressed=True))
+        return apply_rope(entries, cos, sin)
+
+
+# ------------------------------------------------------------------------------------------- indexer
+
+
+def indexer_topk(
+    q: jax.Array, keys: jax.Array, weights: jax.Array, positions: jax.Array, ratio: int, k: int, block: int
+) -> jax.Array:
+    """Top-k compressed entries per query by I(t,s) = sum_h w[t,h] * relu(q[t,h] . k[s]).
+
+    q [B, S, I, J], keys [B, T, J], weights [B, S, I] (scales folded in), positions [B, S].
+    Scores are computed `block` queries at a time; only [B, block, I, T] exists at once.
+    Entries not yet complete at a query's position are excluded; when fewer than k are visible
+    the remaining slots hold -1 (invalid). Returns int32 [B, S, min(k, T)].
+    """
+    b, s = positions.shape
+    t = keys.shape[1]
+    k = min(k, t)
+    if k == 0:
+        return jnp.zeros((b, s, 0), jnp.int32)
+
+    def one_block(args):
+        q_blk, w_blk, pos_blk = args  # [B, Q, I, J], [B, Q, I], [B, Q]
+        dots = jnp.einsum("bqij,btj->bqit", q_blk.astype(F32), keys.astype(F32))
+        scores = jnp.einsum("bqit,bqi->bqt", jax.nn.relu(dots), w_blk.astype(F32))
+        visible = ((pos_blk + 1) // ratio)[..., None]  # [B, Q, 1]
+        scores = jnp.where(jnp.arange(t) < visible, scores, NEG_INF)
+        idx = jax.lax.top_k(scores, k)[1]
+        return jnp.where(idx < visible, idx, -1).astype(jnp.int32)
+
+    return _map_query_blocks(one_block, (q, weights, positions), block)
+
+
+def _map_query_blocks(fn, arrays, block: int):
+    """Apply fn to query blocks of `block` along axis 1 of every array; concatenate the results."""
+    s = arrays[0].shape[1]
+    block = max(1, min(block, s))
+    n = -(-s // block)
+    pad = n * block - s
+
+    def split(a):
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        a = a.reshape(a.shape[0], n, block, *a.shape[2:])
+        return jnp.moveaxis(a, 1, 0)  # [n, B, block, ...]
+
+    out = jax.lax.map(fn, tuple(split(a) for a in arrays))
+    out = jnp.moveaxis(out, 0, 1)
+    return out.reshape(out.shape[0], n * block, *out.shape[3:])[:, :s]
+
+
+class Indexer(nnx.Module):
+    """Lightning indexer of CSA layers (architecture.md s5): its own compressor and query heads."""
+
+    def __init__(self, cfg: ModelConfig, ratio: int, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        heads, dim = cfg.index_n_heads, cfg.index_head_dim
+        self.wq_b = Linear(cfg.q_lora_rank, heads * dim, ("q_lora", "index_heads"), dtype, rngs)
+        self.weights_proj = Linear(cfg.hidden_size, heads, ("embed", "index_heads"), dtype, rngs)
+        self.compressor = Compressor(cfg, dim, ratio, True, dtype, rngs)
+
+    def scoring_inputs(self, x, qr, positions):
+        """Queries [B,S,I,J] (RoPE'd), head weights [B,S,I] (scales folded in), keys [B,T,J]."""
+        cfg = self.cfg
+        b, s, _ = x.shape
+        heads, dim = cfg.index_n_heads, cfg.index_head_dim
+        cos, sin = rope_angles(positions, rope_inv_freq(cfg, compressed=True))
+        q = apply_rope(self.wq_b(qr).reshape(b, s, heads, dim), cos[:, :, None], sin[:, :, None])
+        w = self.weights_proj(x).astype(F32) * (dim**-0.5 * heads**-0.5)
+        return q, w, self.compressor(x)
+
+    def __call__(self, x, qr, positions, block: int) -> jax.Array:
+        """Top-k entry indices [B, S, min(index_topk, T)], -1 where invalid."""
+        q, w, keys = self.scoring_inputs(x, qr, positions)
+        return indexer_topk(q, keys, w, positions, self.compressor.ratio, self.cfg.index_topk, block)
+
+
+# ------------------------------------------------------------------------------------ attention core
+
+
+def _combine_with_sink(logits, values, sink):
+    """Softmax over several key groups plus a value-less sink logit per head.
+
+    logits: list of [B, Q, H, n_i] (masked entries -inf); values: list of callables mapping
+    probabilities [B, Q, H, n_i] to outputs [B, Q, H, K]; sink: [H]. Returns [B, Q, H, K] float32.
+    """
+    m = jnp.maximum(jnp.max(jnp.stack([jnp.max(lg, axis=-1) for lg in logits]), axis=0), sink)
+    probs = [jnp.exp(lg - m[..., None]) for lg in logits]
+    denom = sum(jnp.sum(p, axis=-1) for p in probs) + jnp.exp(sink - m)
+    out = sum(v(p) for v, p in zip(values, probs, strict=True))
+    return out / denom[..., None]
+
+
+def window_mask(q_idx: jax.Array, k_idx: jax.Array, window: int) -> jax.Array:
+    """[Q, Kn] True where key index k is inside query q's sliding window (q-W < k <= q, k >= 0)."""
+    q_idx, k_idx = q_idx[:, None], k_idx[None, :]
+    return (k_idx <= q_idx) & (k_idx > q_idx - window) & (k_idx >= 0)
+
+
+def entry_visible(positions: jax.Array, num_entries: int, ratio: int) -> jax.Array:
+    """[..., T] True where entry w is complete at the query position: w < (pos + 1) // ratio."""
+    return jnp.arange(num_entries) < ((positions + 1) // ratio)[..., None]
+
+
+def _entry_part(q_blk, pos_blk, idx_blk, entries, ratio, scale):
+    """Logits and value function for the compressed entries one query block may read."""
+    if idx_blk is None:  # HCA: every entry, causal mask
+        logits = jnp.einsum("bqhk,btk->bqht", q_blk, entries) * scale
+        visible = entry_visible(pos_blk, entries.shape[1], ratio)[:, :, None, :]
+        return jnp.where(visible, logits, NEG_INF), lambda p: jnp.einsum("bqht,btk->bqhk", p, entries)
+    gathered = jax.vmap(lambda e, i: e[jnp.maximum(i, 0)])(entries, idx_blk)  # [B, Q, N, K]
+    logits = jnp.einsum("bqhk,bqnk->bqhn", q_blk, gathered) * scale
+    logits = jnp.where((idx_blk >= 0)[:, :, None, :], logits, NEG_INF)
+    return logits, lambda p: jnp.einsum("bqhn,bqnk->bqhk", p, gathered)
+
+
+def sparse_attention(q, kv, sink, positions, window, entries=None, entry_idx=None, ratio=1, block=128):
+    """Blockwise attention over the sliding window and (optionally) compressed entries.
+
+    q [B, S, H, K]; kv [B, S, K] (K = V); sink [H]; positions [B, S] (the query positions, which
+    are also the key positions: this is the whole-sequence form). entries [B, T, K] with either
+    entry_idx [B, S, N] (CSA, -1 = invalid) or None (HCA: all entries, causal). Returns
+    [B, S, H, K] float32.
+    """
+    b, s, h, dk = q.shape
+    scale = dk**-0.5
+    q, kv = q.astype(F32), kv.astype(F32)
+    block = max(1, min(block, s))
+    kv_pad = jnp.pad(kv, ((0, 0), (window - 1, -(-s // block) * block - s), (0, 0)))
+    span = block + window - 1
+    has_idx = entry_idx is not None
+
+    def one_block(args):
+        j, q_blk, pos_blk, *idx = args
+        j = j[0, 0]
+        keys = jax.lax.dynamic_slice_in_dim(kv_pad, j * block, span, axis=1)  # [B, span, K]
+        k_idx = j * block - (window - 1) + jnp.arange(span)
+        mask = window_mask(j * block + jnp.arange(block), k_idx, window) & (k_idx < s)
+        logits = jnp.einsum("bqhk,bsk->bqhs", q_blk, keys) * scale
+        parts = [jnp.where(mask[None, :, None, :], logits, NEG_INF)]
+        values = [lambda p: jnp.einsum("bqhs,bsk->bqhk", p, keys)]
+        if entries is not None:
+            lg, val = _entry_part(
+                q_blk, pos_blk, idx[0] if has_idx else None, entries.astype(F32), ratio, scale
+            )
+            parts.append(lg)
+            values.append(val)
+        return _combine_with_sink(parts, values, sink.astype(F32))
+
+    n_blocks = -(-s // block)
+    block_ids = jnp.broadcast_to(jnp.repeat(jnp.arange(n_blocks), block)[None, :s], (b, s))
+    arrays = (block_ids, q, positions) + ((entry_idx,) if has_idx else ())
+    return _map_query_blocks(one_block, arrays, block)
+
+
+def dense_attention(q, kv, sink, positions, window, entries=None, entry_idx=None, ratio=1):
+    """Reference: the same attention with dense [S, S] and [S, T] masks. Same signature as above."""
+    s, dk = q.shape[1], q.shape[-1]
+    scale = dk**-0.5
+    q, kv = q.astype(F32), kv.astype(F32)
+    logits = jnp.einsum("bqhk,bsk->bqhs", q, kv) * scale
+    mask = window_mask(jnp.arange(s), jnp.arange(s), window)
+    parts = [jnp.where(mask[None, :, None, :], logits, NEG_INF)]
+    values = [lambda p: jnp.einsum("bqhs,bsk->bqhk", p, kv)]
+    if entries is not None:
+        t = entries.shape[1]
+        entries = entries.astype(F32)
+        visible = entry_visible(positions, t, ratio)  # [B, S, T]
+        if entry_idx is not None:  # dense selection mask from the top-k indices
+            chosen = jnp.any(entry_idx[..., None] == jnp.arange(t), axis=-2)
+            visible = visible & chosen
+        lg = jnp.einsum("bqhk,btk->bqht", q, entries) * scale
+        parts.append(jnp.where(visible[:, :, None, :], lg, NEG_INF))
+        values.append(lambda p: jnp.einsum("bqht,btk->bqhk", p, entries))
+    return _combine_with_sink(parts, values, sink.astype(F32))
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+class Attention(nnx.Module):
+    """One layer's attention: sliding window, plus HCA entries or CSA top-k entries by `kind`."""
+
+    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, ratio: int, rngs: nnx.Rngs):
+        self.cfg, self.rt, self.ratio = cfg, rt, ratio
+        self.kind = {0: "sliding", 4: "csa", 128: "hca"}[ratio]
+        d, h, k, dtype = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, rt.jnp_dtype
+        g, r = cfg.o_groups, cfg.o_lora_rank
+        self.wq_a = Linear(d, cfg.q_lora_rank, ("embed", "q_lora"), dtype, rngs)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, rngs, axis="q_lora")
+        self.wq_b = Linear(cfg.q_lora_rank, h * k, ("q_lora", "heads"), dtype, rngs)
+        self.wkv = Linear(d, k, ("embed", "kv_dim"), dtype, rngs)
+        self.kv_norm = RMSNorm(k, cfg.rms_norm_eps, rngs, axis="kv_dim")
+        self.wo_a = param(rngs, (g, h * k // g, r), ("o_groups", "o_group_in", "o_lora"), dtype, normal(0.02))
+        self.wo_b = Linear(g * r, d, ("o_groups", "embed"), dtype, rngs)
+        self.attn_sink = param(rngs, (h,), ("heads",), F32, constant(0.0))
+        self.compressor = None if ratio == 0 else Compressor(cfg, k, ratio, self.kind == "csa", dtype, rngs)
+        self.indexer = Indexer(cfg, ratio, dtype, rngs) if self.kind == "csa" else None
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """x [B, S, D] (after attn_norm), positions [B, S] -> [B, S, D]."""
+        cfg = self.cfg
+        b, s, _ = x.shape
+        cos, sin = rope_angles(positions, rope_inv_freq(cfg, compressed=self.ratio > 0))
+        qr = self.q_norm(self.wq_a(x))
+        q = rms_norm(self.wq_b(qr).reshape(b, s, cfg.num_attention_heads, cfg.head_dim), cfg.rms_norm_eps)
+        q = apply_rope(q, cos[:, :, None], sin[:, :, None])
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+        entries = self.compressor(x) if self.compressor is not None else None
+        entry_idx = self.indexer(x, qr, positions, self.rt.query_block) if self.indexer is not None else None
+        args = (
+            q,
+            kv,
+            self.attn_sink.get_value(),
+            positions,
+            cfg.sliding_window,
+            entries,
+            entry_idx,
+            self.ratio,
+        )
+        if self.rt.attention_impl == "reference":
+            o = dense_attention(*args)
+        else:
+            o = sparse_attention(*args, block=self.rt.query_block)
+        o = apply_rope(o.astype(x.dtype), cos[:, :, None], sin[:, :, None], inverse=True)
+        return self.project_out(o)
+
+    def project_out(self, o: jax.Array) -> jax.Array:
+        """Grouped low-rank output projection: [B, S, H, K] -> [B, S, D]."""
+        b, s = o.shape[:2]
+        g = self.cfg.o_groups
+        wo_a = self.wo_a.get_value()
+        grouped = jnp.einsum(
+            "bsgi,gio->bsgo", o.reshape(b, s, g, -1).astype(wo_a.dtype), wo_a, preferred_element_type=F32
+        ).astype(wo_a.dtype)
+        return self.wo_b(grouped.reshape(b, s, -1))

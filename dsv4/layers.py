@@ -1,0 +1,115 @@
+"""Small building blocks: linear layers, RMSNorm and DeepSeek-V4's interleaved partial RoPE."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv4.config import ModelConfig
+from dsv4.params import constant, normal, param
+
+F32 = jnp.float32
+
+
+class Linear(nnx.Module):
+    """y = x @ weight, weight stored [in, out] (the release stores [out, in]; the loader transposes)."""
+
+    def __init__(self, d_in: int, d_out: int, axes: Sequence[str | None], dtype, rngs: nnx.Rngs, std=0.02):
+        self.weight = param(rngs, (d_in, d_out), axes, dtype, normal(std))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.weight.get_value()
+        return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=F32).astype(w.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Weighted RMSNorm, computed in float32; the weight is kept in float32 and the result cast back."""
+
+    def __init__(self, dim: int, eps: float, rngs: nnx.Rngs, axis: str | None = "embed"):
+        self.eps = eps
+        self.weight = param(rngs, (dim,), (axis,), F32, constant(1.0))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.eps, self.weight.get_value())
+
+
+def rms_norm(x: jax.Array, eps: float, weight: jax.Array | None = None) -> jax.Array:
+    """x * rsqrt(mean(x^2) + eps) [* weight] over the last axis, in float32, cast back to x.dtype."""
+    xf = x.astype(F32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if weight is not None:
+        y = y * weight.astype(F32)
+    return y.astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- RoPE
+
+
+def _default_inv_freq(base: float, dim: int) -> np.ndarray:
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    return (np.float32(1.0) / (np.float32(base) ** exponents)).astype(np.float32)
+
+
+def _yarn_inv_freq(base: float, dim: int, factor, original_len, beta_fast, beta_slow) -> np.ndarray:
+    """YaRN-interpolated inverse frequencies (architecture.md section 2); no attention scaling."""
+
+    def correction_dim(rotations):
+        return dim * math.log(original_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / np.float32(high - low), 0, 1)
+    extrapolated = _default_inv_freq(base, dim)
+    interpolated = (np.float32(1.0) / (np.float32(factor) / extrapolated)).astype(np.float32)
+    return (interpolated * ramp + extrapolated * (1 - ramp)).astype(np.float32)
+
+
+def rope_inv_freq(cfg: ModelConfig, compressed: bool) -> np.ndarray:
+    """Inverse frequencies [R/2] of one of the two RoPE tables.
+
+    Sliding-only layers and the MTP block use base `rope_theta` without scaling; CSA and HCA layers
+    (their queries, keys, compressors and indexer) use `compress_rope_theta` with YaRN.
+    """
+    dim = cfg.qk_rope_head_dim
+    if not compressed:
+        return _default_inv_freq(cfg.rope_theta, dim)
+    rs = cfg.rope_scaling
+    if rs is None:
+        return _default_inv_freq(cfg.compress_rope_theta, dim)
+    return _yarn_inv_freq(
+        cfg.compress_rope_theta,
+        dim,
+        rs.factor,
+        rs.original_max_position_embeddings,
+        rs.beta_fast,
+        rs.beta_slow,
+    )
+
+
+def rope_angles(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape [*positions.shape, R/2] (float32)."""
+    freqs = positions.astype(F32)[..., None] * jnp.asarray(inv_freq, F32)
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, inverse: bool = False) -> jax.Array:
+    """Rotate the last 2*cos.shape[-1] channels of x as interleaved pairs (x[2i], x[2i+1]).
+
+    x: [..., K]; cos, sin: broadcastable to [..., R/2]. `inverse` rotates by the negated angle.
+    This is the interleaved layout of DeepSeek, not Llama's half-split `rotate_half`.
+    """
+    half = cos.shape[-1]
+    nope, rope = x[..., : -2 * half], x[..., -2 * half :]
+    pairs = rope.astype(F32).reshape(*rope.shape[:-1], half, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    sin = -sin if inverse else sin
+    rotated = jnp.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
+    rotated = rotated.reshape(rope.shape).astype(x.dtype)
+    return jnp.concatenate([nope, rotated], axis=-1)

@@ -1,0 +1,86 @@
+"""Manifold-constrained hyper-connections (mHC): n residual streams mixed around every sub-block.
+
+All arithmetic here is float32 (architecture.md s6); `hc_eps` and `rms_norm_eps` are distinct.
+Letters: B batch, S sequence, N streams (hc_mult), D hidden.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv4.config import ModelConfig
+from dsv4.layers import F32, rms_norm
+from dsv4.params import constant, normal, param
+
+
+def sinkhorn(comb: jax.Array, iters: int, eps: float) -> jax.Array:
+    """Doubly-stochastic projection of [..., N, N] (rows = input stream j, cols = output stream k).
+
+    Column-normalise once, then (iters - 1) times rows then columns, each with `+ eps`.
+    """
+
+    def cols(c):
+        return c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
+
+    def rows(c):
+        return c / (jnp.sum(c, axis=-1, keepdims=True) + eps)
+
+    return jax.lax.fori_loop(0, iters - 1, lambda _, c: cols(rows(c)), cols(comb))
+
+
+def _mix_logits(streams: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
+    """rms(flatten(streams)) @ fn.T : [B, S, N, D] -> [B, S, rows of fn], float32."""
+    flat = streams.reshape(*streams.shape[:-2], -1).astype(F32)
+    return jnp.einsum("bsm,rm->bsr", rms_norm(flat, eps), fn.astype(F32))
+
+
+def collapse(streams: jax.Array, pre: jax.Array) -> jax.Array:
+    """sum_s pre[s] * streams[s]: [B, S, N, D], [B, S, N] -> [B, S, D] in the streams' dtype."""
+    return jnp.einsum("bsn,bsnd->bsd", pre, streams.astype(F32)).astype(streams.dtype)
+
+
+class HyperConnection(nnx.Module):
+    """mHC around one sub-block: `pre` collapses streams to the block input, `post`/`comb` expand back."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        n, d = cfg.hc_mult, cfg.hidden_size
+        self.fn = param(rngs, ((2 + n) * n, n * d), ("hc_mix", "hc_embed"), F32, normal(0.02))
+        self.base = param(rngs, ((2 + n) * n,), ("hc_mix",), F32, constant(0.0))
+        self.scale = param(rngs, (3,), (None,), F32, constant(1.0))
+
+    def weights(self, streams: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """pre [B,S,N], post [B,S,N], comb [B,S,N,N] (comb[j, k]: input stream j -> output k)."""
+        cfg, n = self.cfg, self.cfg.hc_mult
+        mix = _mix_logits(streams, self.fn.get_value(), cfg.rms_norm_eps)
+        base, scale = self.base.get_value(), self.scale.get_value()
+        pre = jax.nn.sigmoid(mix[..., :n] * scale[0] + base[:n]) + cfg.hc_eps
+        post = 2 * jax.nn.sigmoid(mix[..., n : 2 * n] * scale[1] + base[n : 2 * n])
+        comb = mix[..., 2 * n :] * scale[2] + base[2 * n :]
+        comb = jax.nn.softmax(comb.reshape(*comb.shape[:-1], n, n), axis=-1) + cfg.hc_eps
+        return pre, post, sinkhorn(comb, cfg.hc_sinkhorn_iters, cfg.hc_eps)
+
+    @staticmethod
+    def expand(block_out: jax.Array, streams: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:
+        """new[k] = post[k] * block_out + sum_j comb[j, k] * streams[j]  (comb applied transposed)."""
+        mixed = jnp.einsum("bsjk,bsjd->bskd", comb, streams.astype(F32))
+        return (post[..., None] * block_out.astype(F32)[:, :, None, :] + mixed).astype(streams.dtype)
+
+
+class HyperHead(nnx.Module):
+    """Final collapse of the N streams to one (no Sinkhorn): `hc_head_fn/base/scale` in the release."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        n, d = cfg.hc_mult, cfg.hidden_size
+        self.fn = param(rngs, (n, n * d), ("hc_stream", "hc_embed"), F32, normal(0.02))
+        self.base = param(rngs, (n,), ("hc_stream",), F32, constant(0.0))
+        self.scale = param(rngs, (1,), (None,), F32, constant(1.0))
+
+    def __call__(self, streams: jax.Array) -> jax.Array:
+        """[B, S, N, D] -> [B, S, D]."""
+        mix = _mix_logits(streams, self.fn.get_value(), self.cfg.rms_norm_eps)
+        pre = jax.nn.sigmoid(mix * self.scale.get_value()[0] + self.base.get_value()) + self.cfg.hc_eps
+        return collapse(streams, pre)

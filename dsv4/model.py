@@ -1,0 +1,158 @@
+"""The DeepSeek-V4 model: blocks, the main stack, the MTP block, and the pure forward functions.
+
+    ids -> embed -> N streams [B,S,N,D] -> blocks -> hc_head -> norm -> head -> logits [B,S,V]
+    block: mHC(attn): attn_norm -> attention ; mHC(ffn): ffn_norm -> MoE
+
+Module paths mirror the release tensor names (`layers.3.attn.wq_a.weight`, `mtp.0.e_proj.weight`),
+so the checkpoint name table in `dsv4.checkpoint` stays short.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv4.attention import Attention
+from dsv4.config import ModelConfig, RuntimeConfig
+from dsv4.layers import F32, Linear, RMSNorm
+from dsv4.mhc import HyperConnection, HyperHead, collapse
+from dsv4.moe import MoE
+from dsv4.params import normal, param
+
+
+class Table(nnx.Module):
+    """A [V, D] table: the token embedding, or the output head (logits = h @ weight.T)."""
+
+    def __init__(self, vocab: int, dim: int, dtype, rngs: nnx.Rngs, std: float):
+        self.weight = param(rngs, (vocab, dim), ("vocab", "embed"), dtype, normal(std))
+
+
+class Block(nnx.Module):
+    """One transformer block with mHC around attention and around the MoE."""
+
+    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, ratio: int, hashed: bool, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs)
+        self.attn = Attention(cfg, rt, ratio, rngs)
+        self.ffn = MoE(cfg, rt, hashed, rngs)
+        self.hc_attn = HyperConnection(cfg, rngs)
+        self.hc_ffn = HyperConnection(cfg, rngs)
+
+    def __call__(self, streams: jax.Array, positions: jax.Array, token_ids: jax.Array) -> jax.Array:
+        """streams [B, S, N, D] -> [B, S, N, D]."""
+        pre, post, comb = self.hc_attn.weights(streams)
+        out = self.attn(self.attn_norm(collapse(streams, pre)), positions)
+        streams = HyperConnection.expand(out, streams, post, comb)
+        pre, post, comb = self.hc_ffn.weights(streams)
+        out = self.ffn(self.ffn_norm(collapse(streams, pre)), token_ids)
+        return HyperConnection.expand(out, streams, post, comb)
+
+
+class MTPBlock(nnx.Module):
+    """Multi-token prediction block `mtp.0`: predicts token t+2 from the streams at t and token t+1."""
+
+    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, rngs: nnx.Rngs):
+        d, dtype = cfg.hidden_size, rt.jnp_dtype
+        self.enorm = RMSNorm(d, cfg.rms_norm_eps, rngs)
+        self.hnorm = RMSNorm(d, cfg.rms_norm_eps, rngs)
+        self.e_proj = Linear(d, d, ("embed", None), dtype, rngs)
+        self.h_proj = Linear(d, d, ("embed", None), dtype, rngs)
+        self.block = Block(cfg, rt, cfg.mtp_compress_ratio, False, rngs)
+        self.hc_head = HyperHead(cfg, rngs)
+        self.norm = RMSNorm(d, cfg.rms_norm_eps, rngs)
+
+    def __call__(self, streams, next_embed, positions, next_ids) -> jax.Array:
+        """streams [B,S,N,D] (main model, before hc_head), next_embed [B,S,D] -> hidden [B,S,D]."""
+        e = self.e_proj(self.enorm(next_embed))
+        h = self.h_proj(self.hnorm(streams))
+        x = self.block(h + e[:, :, None, :], positions, next_ids)
+        return self.norm(self.hc_head(x))
+
+
+class DeepseekV4(nnx.Module):
+    """DeepSeek-V4 for causal LM. Build from a `ModelConfig` (architecture) and `RuntimeConfig`."""
+
+    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig | None = None, *, rngs: nnx.Rngs):
+        rt = rt or RuntimeConfig()
+        self.cfg, self.rt = cfg, rt
+        d, v, dtype = cfg.hidden_size, cfg.vocab_size, rt.jnp_dtype
+        self.embed = Table(v, d, dtype, rngs, std=1.0)
+        self.layers = nnx.List(
+            [
+                Block(cfg, rt, cfg.compress_ratios[i], cfg.is_hash_layer(i), rngs)
+                for i in range(cfg.num_hidden_layers)
+            ]
+        )
+        self.hc_head = HyperHead(cfg, rngs)
+        self.norm = RMSNorm(d, cfg.rms_norm_eps, rngs)
+        self.head = Table(v, d, dtype, rngs, std=0.02)
+        self.mtp = nnx.List([MTPBlock(cfg, rt, rngs) for _ in range(cfg.num_mtp_layers)])
+
+    def streams(self, tokens: jax.Array) -> jax.Array:
+        """The residual streams after the last block: tokens [B, S] -> [B, S, N, D]."""
+        b, s = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        x = self.embed.weight.get_value()[tokens]
+        x = jnp.broadcast_to(x[:, :, None, :], (b, s, self.cfg.hc_mult, x.shape[-1]))
+        for layer in self.layers:
+            x = layer(x, positions, tokens)
+        return x
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [B, S, D] -> float32 logits [B, S, V] through the shared head."""
+        head = self.head.weight.get_value()
+        return jnp.einsum("bsd,vd->bsv", hidden.astype(head.dtype), head, preferred_element_type=F32)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """tokens int32 [B, S] -> logits float32 [B, S, V]."""
+        return self.logits(self.norm(self.hc_head(self.streams(tokens))))
+
+    def forward_with_mtp(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Main logits [B, S, V] and MTP logits [B, S-1, V], where mtp[:, t] predicts token t + 2.
+
+        The MTP block sees the main streams at t and the embedding of token t + 1.
+        """
+        if not len(self.mtp):
+            raise ValueError("this config has no MTP block (num_nextn_predict_layers = 0)")
+        streams = self.streams(tokens)
+        main = self.logits(self.norm(self.hc_head(streams)))
+        b, s = tokens.shape
+        nxt = tokens[:, 1:]
+        positions = jnp.broadcast_to(jnp.arange(s - 1, dtype=jnp.int32), (b, s - 1))
+        hidden = self.mtp[0](streams[:, :-1], self.embed.weight.get_value()[nxt], positions, nxt)
+        return main, self.logits(hidden)
+
+
+def init_model(cfg: ModelConfig, rt: RuntimeConfig | None = None, seed: int = 0) -> DeepseekV4:
+    """A randomly initialised model (small configs; large ones go through `abstract_model`)."""
+    return DeepseekV4(cfg, rt, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ModelConfig, rt: RuntimeConfig | None = None) -> DeepseekV4:
+    """The model with ShapeDtypeStruct leaves: the one abstract tree behind init, loading and restore."""
+    return nnx.eval_shape(lambda: DeepseekV4(cfg, rt, rngs=nnx.Rngs(0)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, tokens):
+    return nnx.merge(graphdef, state)(tokens)
+
+
+def forward(model: DeepseekV4, tokens: jax.Array) -> jax.Array:
+    """Jitted whole-sequence forward: tokens [B, S] -> logits [B, S, V] (a pure function of the state)."""
+    graphdef, state = nnx.split(model)
+    return _forward(graphdef, state, jnp.asarray(tokens, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_with_mtp(graphdef, state, tokens):
+    return nnx.merge(graphdef, state).forward_with_mtp(tokens)
+
+
+def forward_with_mtp(model: DeepseekV4, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Jitted main logits [B, S, V] and MTP logits [B, S-1, V] (see DeepseekV4.forward_with_mtp)."""
+    graphdef, state = nnx.split(model)
+    return _forward_with_mtp(graphdef, state, jnp.asarray(tokens, jnp.int32))

@@ -1,0 +1,153 @@
+"""Mixture of experts: routing (top-k and hash), routed experts via ragged_dot, shared expert.
+
+Letters: N tokens (B*S flattened), D hidden, E experts, F expert hidden, K experts per token.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv4.config import ModelConfig, RuntimeConfig
+from dsv4.layers import F32, Linear
+from dsv4.params import Buffer, constant, normal, param
+
+
+def route(
+    logits: jax.Array,
+    top_k: int,
+    scaling: float,
+    bias: jax.Array | None = None,
+    hashed: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Router: scores = sqrt(softplus(logits)); select by top-k of (scores + bias) or by a hash table.
+
+    logits [N, E] float32; bias [E] (selection only); hashed [N, K] precomputed expert ids of hash
+    layers (tid2eid[token]). Weights are the selected scores, normalised to sum 1, times `scaling`.
+    Returns (weights [N, K] float32, expert ids [N, K] int32).
+    """
+    scores = jnp.sqrt(jax.nn.softplus(logits.astype(F32)))
+    if hashed is not None:
+        idx = hashed.astype(jnp.int32)
+    else:
+        idx = jax.lax.top_k(scores + bias.astype(F32), top_k)[1]
+    weights = jnp.take_along_axis(scores, idx, axis=-1)
+    weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return weights * scaling, idx
+
+
+def clamped_swiglu(gate: jax.Array, up: jax.Array, limit: float) -> jax.Array:
+    """silu(min(gate, L)) * clip(up, -L, L): the SwiGLU of routed AND shared experts."""
+    return jax.nn.silu(jnp.minimum(gate, limit)) * jnp.clip(up, -limit, limit)
+
+
+def sort_by_expert(idx: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Order the N*K (token, choice) pairs by expert.
+
+    Returns (order [N*K] positions into the flattened pairs, token of each sorted pair [N*K],
+    group sizes [E] int32 for ragged_dot).
+    """
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    return order, order // idx.shape[-1], group_sizes
+
+
+def expert_ffn(x_sorted, w1, w3, w2, group_sizes, limit):
+    """Per-expert clamped SwiGLU over expert-sorted rows: [M, D] -> [M, D] (ragged_dot, no loop)."""
+    dtype = w1.dtype
+    x_sorted = x_sorted.astype(dtype)
+    gate = jax.lax.ragged_dot(x_sorted, w1, group_sizes, preferred_element_type=F32)
+    up = jax.lax.ragged_dot(x_sorted, w3, group_sizes, preferred_element_type=F32)
+    hidden = clamped_swiglu(gate, up, limit).astype(dtype)
+    return jax.lax.ragged_dot(hidden, w2, group_sizes, preferred_element_type=F32)
+
+
+def combine(y_sorted, order, tokens, weights, num_tokens):
+    """Weighted scatter-add of expert outputs back to their tokens: [N*K, D] -> [N, D] float32."""
+    w = weights.reshape(-1)[order]
+    return jax.ops.segment_sum(y_sorted * w[:, None], tokens, num_segments=num_tokens)
+
+
+class Experts(nnx.Module):
+    """Routed experts stacked along E: w1 (gate) [E, D, F], w3 (up) [E, D, F], w2 (down) [E, F, D]."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.limit = cfg.swiglu_limit
+        e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.w1 = param(rngs, (e, d, f), ("experts", "embed", "expert_hidden"), dtype, normal(0.02))
+        self.w3 = param(rngs, (e, d, f), ("experts", "embed", "expert_hidden"), dtype, normal(0.02))
+        self.w2 = param(rngs, (e, f, d), ("experts", "expert_hidden", "embed"), dtype, normal(0.02))
+
+    def __call__(self, x: jax.Array, weights: jax.Array, idx: jax.Array) -> jax.Array:
+        """x [N, D], weights/idx [N, K] -> [N, D] float32; every (token, choice) pair is computed."""
+        w1 = self.w1.get_value()
+        order, tokens, group_sizes = sort_by_expert(idx, w1.shape[0])
+        y = expert_ffn(x[tokens], w1, self.w3.get_value(), self.w2.get_value(), group_sizes, self.limit)
+        return combine(y, order, tokens, weights, x.shape[0])
+
+
+class SharedExpert(nnx.Module):
+    """The always-on expert: w2 . clamped_swiglu(w1 . x, w3 . x)."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.limit = cfg.swiglu_limit
+        d, f = cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts
+        self.w1 = Linear(d, f, ("embed", "expert_hidden"), dtype, rngs)
+        self.w3 = Linear(d, f, ("embed", "expert_hidden"), dtype, rngs)
+        self.w2 = Linear(f, d, ("expert_hidden", "embed"), dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate, up = self.w1(x).astype(F32), self.w3(x).astype(F32)
+        return self.w2(clamped_swiglu(gate, up, self.limit).astype(x.dtype))
+
+
+class Gate(nnx.Module):
+    """Router parameters: `weight` [D, E]; `bias` [E] (top-k layers) or `tid2eid` [V, K] (hash layers)."""
+
+    def __init__(self, cfg: ModelConfig, hashed: bool, dtype, rngs: nnx.Rngs):
+        self.cfg, self.hashed = cfg, hashed
+        self.weight = param(
+            rngs, (cfg.hidden_size, cfg.n_routed_experts), ("embed", "experts"), dtype, normal(0.02)
+        )
+        if hashed:
+            table = jax.random.randint(
+                rngs.params(), (cfg.vocab_size, cfg.num_experts_per_tok), 0, cfg.n_routed_experts, jnp.int32
+            )
+            self.tid2eid = Buffer(table, axes=("vocab", "expert_slot"))
+        else:
+            self.bias = param(rngs, (cfg.n_routed_experts,), ("experts",), F32, constant(0.0))
+
+    def __call__(self, x: jax.Array, token_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [N, D], token_ids [N] -> (weights [N, K], expert ids [N, K])."""
+        logits = jnp.matmul(x.astype(F32), self.weight.get_value().astype(F32))
+        cfg = self.cfg
+        if self.hashed:
+            return route(
+                logits,
+                cfg.num_experts_per_tok,
+                cfg.routed_scaling_factor,
+                hashed=self.tid2eid.get_value()[token_ids],
+            )
+        return route(logits, cfg.num_experts_per_tok, cfg.routed_scaling_factor, bias=self.bias.get_value())
+
+
+class MoE(nnx.Module):
+    """y = sum_k w_k * expert_k(x) + shared_expert(x); no token is dropped."""
+
+    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, hashed: bool, rngs: nnx.Rngs):
+        dtype = rt.jnp_dtype
+        self.gate = Gate(cfg, hashed, dtype, rngs)
+        self.experts = Experts(cfg, dtype, rngs)
+        self.shared_experts = SharedExpert(cfg, dtype, rngs) if cfg.n_shared_experts else None
+
+    def __call__(self, x: jax.Array, token_ids: jax.Array) -> jax.Array:
+        """x [B, S, D], token_ids [B, S] -> [B, S, D]."""
+        b, s, d = x.shape
+        flat = x.reshape(b * s, d)
+        weights, idx = self.gate(flat, token_ids.reshape(-1))
+        y = self.experts(flat, weights, idx)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat).astype(F32)
+        return y.astype(x.dtype).reshape(b, s, d)
