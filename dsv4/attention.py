@@ -18,7 +18,7 @@ from flax import nnx
 
 from dsv4.config import ModelConfig, RuntimeConfig
 from dsv4.layers import F32, Linear, RMSNorm, apply_rope, rms_norm, rope_angles, rope_inv_freq
-from dsv4.params import constant, normal, param
+from dsv4.params import KeyChain, constant, normal, param
 
 NEG_INF = -jnp.inf
 
@@ -48,22 +48,25 @@ def pool_windows(c: jax.Array, z: jax.Array, overlap: bool) -> jax.Array:
 class Compressor(nnx.Module):
     """Turns every complete window of `ratio` tokens into one `dim`-wide entry (architecture.md s4)."""
 
-    def __init__(self, cfg: ModelConfig, dim: int, ratio: int, overlap: bool, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dim: int, ratio: int, overlap: bool, dtype, keys: KeyChain):
         self.cfg, self.ratio, self.overlap = cfg, ratio, overlap
         width = dim * (2 if overlap else 1)
         d = cfg.hidden_size
-        self.wkv = Linear(d, width, ("embed", "compress_dim"), dtype, rngs)
-        self.wgate = Linear(d, width, ("embed", "compress_dim"), dtype, rngs)
-        self.ape = param(rngs, (ratio, width), ("compress_slot", "compress_dim"), F32, normal(0.02))
-        self.norm = RMSNorm(dim, cfg.rms_norm_eps, rngs, axis="kv_dim")
+        self.wkv = Linear(d, width, ("embed", "compress_dim"), dtype, keys)
+        self.wgate = Linear(d, width, ("embed", "compress_dim"), dtype, keys)
+        self.ape = param(keys, (ratio, width), ("compress_slot", "compress_dim"), F32, normal(0.02))
+        self.norm = RMSNorm(dim, cfg.rms_norm_eps, keys, axis="kv_dim")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, S, D] -> entries [B, S // ratio, dim] with RoPE (compress table) at w * ratio."""
         b, s, _ = x.shape
         m, t = self.ratio, s // self.ratio
         x = x[:, : t * m]
-        c = self.wkv(x).reshape(b, t, m, -1)
-        z = self.wgate(x).astype(F32).reshape(b, t, m, -1) + self.ape.get_value()
+        width = self.ape.get_value().shape[-1]
+        if t == 0:
+            return jnp.zeros((b, 0, self.norm.weight.get_value().shape[0]), x.dtype)
+        c = self.wkv(x).reshape(b, t, m, width)
+        z = self.wgate(x).astype(F32).reshape(b, t, m, width) + self.ape.get_value()
         entries = self.norm(pool_windows(c, z, self.overlap).astype(x.dtype))
         cos, sin = rope_angles(jnp.arange(t) * m, rope_inv_freq(self.cfg, compressed=True))
         return apply_rope(entries, cos, sin)
@@ -120,12 +123,12 @@ def _map_query_blocks(fn, arrays, block: int):
 class Indexer(nnx.Module):
     """Lightning indexer of CSA layers (architecture.md s5): its own compressor and query heads."""
 
-    def __init__(self, cfg: ModelConfig, ratio: int, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, ratio: int, dtype, keys: KeyChain):
         self.cfg = cfg
         heads, dim = cfg.index_n_heads, cfg.index_head_dim
-        self.wq_b = Linear(cfg.q_lora_rank, heads * dim, ("q_lora", "index_heads"), dtype, rngs)
-        self.weights_proj = Linear(cfg.hidden_size, heads, ("embed", "index_heads"), dtype, rngs)
-        self.compressor = Compressor(cfg, dim, ratio, True, dtype, rngs)
+        self.wq_b = Linear(cfg.q_lora_rank, heads * dim, ("q_lora", "index_heads"), dtype, keys)
+        self.weights_proj = Linear(cfg.hidden_size, heads, ("embed", "index_heads"), dtype, keys)
+        self.compressor = Compressor(cfg, dim, ratio, True, dtype, keys)
 
     def scoring_inputs(self, x, qr, positions):
         """Queries [B,S,I,J] (RoPE'd), head weights [B,S,I] (scales folded in), keys [B,T,J]."""
@@ -207,7 +210,7 @@ def sparse_attention(q, kv, sink, positions, window, entries=None, entry_idx=Non
         logits = jnp.einsum("bqhk,bsk->bqhs", q_blk, keys) * scale
         parts = [jnp.where(mask[None, :, None, :], logits, NEG_INF)]
         values = [lambda p: jnp.einsum("bqhs,bsk->bqhk", p, keys)]
-        if entries is not None:
+        if entries is not None and entries.shape[1] and (not has_idx or entry_idx.shape[-1]):
             lg, val = _entry_part(
                 q_blk, pos_blk, idx[0] if has_idx else None, entries.astype(F32), ratio, scale
             )
@@ -230,7 +233,7 @@ def dense_attention(q, kv, sink, positions, window, entries=None, entry_idx=None
     mask = window_mask(jnp.arange(s), jnp.arange(s), window)
     parts = [jnp.where(mask[None, :, None, :], logits, NEG_INF)]
     values = [lambda p: jnp.einsum("bqhs,bsk->bqhk", p, kv)]
-    if entries is not None:
+    if entries is not None and entries.shape[1]:
         t = entries.shape[1]
         entries = entries.astype(F32)
         visible = entry_visible(positions, t, ratio)  # [B, S, T]
@@ -249,21 +252,21 @@ def dense_attention(q, kv, sink, positions, window, entries=None, entry_idx=None
 class Attention(nnx.Module):
     """One layer's attention: sliding window, plus HCA entries or CSA top-k entries by `kind`."""
 
-    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, ratio: int, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, ratio: int, keys: KeyChain):
         self.cfg, self.rt, self.ratio = cfg, rt, ratio
         self.kind = {0: "sliding", 4: "csa", 128: "hca"}[ratio]
         d, h, k, dtype = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, rt.jnp_dtype
         g, r = cfg.o_groups, cfg.o_lora_rank
-        self.wq_a = Linear(d, cfg.q_lora_rank, ("embed", "q_lora"), dtype, rngs)
-        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, rngs, axis="q_lora")
-        self.wq_b = Linear(cfg.q_lora_rank, h * k, ("q_lora", "heads"), dtype, rngs)
-        self.wkv = Linear(d, k, ("embed", "kv_dim"), dtype, rngs)
-        self.kv_norm = RMSNorm(k, cfg.rms_norm_eps, rngs, axis="kv_dim")
-        self.wo_a = param(rngs, (g, h * k // g, r), ("o_groups", "o_group_in", "o_lora"), dtype, normal(0.02))
-        self.wo_b = Linear(g * r, d, ("o_groups", "embed"), dtype, rngs)
-        self.attn_sink = param(rngs, (h,), ("heads",), F32, constant(0.0))
-        self.compressor = None if ratio == 0 else Compressor(cfg, k, ratio, self.kind == "csa", dtype, rngs)
-        self.indexer = Indexer(cfg, ratio, dtype, rngs) if self.kind == "csa" else None
+        self.wq_a = Linear(d, cfg.q_lora_rank, ("embed", "q_lora"), dtype, keys)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, keys, axis="q_lora")
+        self.wq_b = Linear(cfg.q_lora_rank, h * k, ("q_lora", "heads"), dtype, keys)
+        self.wkv = Linear(d, k, ("embed", "kv_dim"), dtype, keys)
+        self.kv_norm = RMSNorm(k, cfg.rms_norm_eps, keys, axis="kv_dim")
+        self.wo_a = param(keys, (g, h * k // g, r), ("o_groups", "o_group_in", "o_lora"), dtype, normal(0.02))
+        self.wo_b = Linear(g * r, d, ("o_groups", "embed"), dtype, keys)
+        self.attn_sink = param(keys, (h,), ("heads",), F32, constant(0.0))
+        self.compressor = None if ratio == 0 else Compressor(cfg, k, ratio, self.kind == "csa", dtype, keys)
+        self.indexer = Indexer(cfg, ratio, dtype, keys) if self.kind == "csa" else None
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """x [B, S, D] (after attn_norm), positions [B, S] -> [B, S, D]."""

@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from dsv4.config import ModelConfig
-from dsv4.params import constant, normal, param
+from dsv4.params import KeyChain, constant, normal, param
 
 F32 = jnp.float32
 
@@ -19,8 +19,8 @@ F32 = jnp.float32
 class Linear(nnx.Module):
     """y = x @ weight, weight stored [in, out] (the release stores [out, in]; the loader transposes)."""
 
-    def __init__(self, d_in: int, d_out: int, axes: Sequence[str | None], dtype, rngs: nnx.Rngs, std=0.02):
-        self.weight = param(rngs, (d_in, d_out), axes, dtype, normal(std))
+    def __init__(self, d_in: int, d_out: int, axes: Sequence[str | None], dtype, keys: KeyChain, std=0.02):
+        self.weight = param(keys, (d_in, d_out), axes, dtype, normal(std))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = self.weight.get_value()
@@ -30,9 +30,9 @@ class Linear(nnx.Module):
 class RMSNorm(nnx.Module):
     """Weighted RMSNorm, computed in float32; the weight is kept in float32 and the result cast back."""
 
-    def __init__(self, dim: int, eps: float, rngs: nnx.Rngs, axis: str | None = "embed"):
+    def __init__(self, dim: int, eps: float, keys: KeyChain, axis: str | None = "embed"):
         self.eps = eps
-        self.weight = param(rngs, (dim,), (axis,), F32, constant(1.0))
+        self.weight = param(keys, (dim,), (axis,), F32, constant(1.0))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return rms_norm(x, self.eps, self.weight.get_value())

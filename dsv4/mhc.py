@@ -12,7 +12,7 @@ from flax import nnx
 
 from dsv4.config import ModelConfig
 from dsv4.layers import F32, rms_norm
-from dsv4.params import constant, normal, param
+from dsv4.params import KeyChain, constant, normal, param
 
 
 def sinkhorn(comb: jax.Array, iters: int, eps: float) -> jax.Array:
@@ -44,12 +44,12 @@ def collapse(streams: jax.Array, pre: jax.Array) -> jax.Array:
 class HyperConnection(nnx.Module):
     """mHC around one sub-block: `pre` collapses streams to the block input, `post`/`comb` expand back."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, keys: KeyChain):
         self.cfg = cfg
         n, d = cfg.hc_mult, cfg.hidden_size
-        self.fn = param(rngs, ((2 + n) * n, n * d), ("hc_mix", "hc_embed"), F32, normal(0.02))
-        self.base = param(rngs, ((2 + n) * n,), ("hc_mix",), F32, constant(0.0))
-        self.scale = param(rngs, (3,), (None,), F32, constant(1.0))
+        self.fn = param(keys, ((2 + n) * n, n * d), ("hc_mix", "hc_embed"), F32, normal(0.02))
+        self.base = param(keys, ((2 + n) * n,), ("hc_mix",), F32, constant(0.0))
+        self.scale = param(keys, (3,), (None,), F32, constant(1.0))
 
     def weights(self, streams: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """pre [B,S,N], post [B,S,N], comb [B,S,N,N] (comb[j, k]: input stream j -> output k)."""
@@ -72,12 +72,12 @@ class HyperConnection(nnx.Module):
 class HyperHead(nnx.Module):
     """Final collapse of the N streams to one (no Sinkhorn): `hc_head_fn/base/scale` in the release."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, keys: KeyChain):
         self.cfg = cfg
         n, d = cfg.hc_mult, cfg.hidden_size
-        self.fn = param(rngs, (n, n * d), ("hc_stream", "hc_embed"), F32, normal(0.02))
-        self.base = param(rngs, (n,), ("hc_stream",), F32, constant(0.0))
-        self.scale = param(rngs, (1,), (None,), F32, constant(1.0))
+        self.fn = param(keys, (n, n * d), ("hc_stream", "hc_embed"), F32, normal(0.02))
+        self.base = param(keys, (n,), ("hc_stream",), F32, constant(0.0))
+        self.scale = param(keys, (1,), (None,), F32, constant(1.0))
 
     def __call__(self, streams: jax.Array) -> jax.Array:
         """[B, S, N, D] -> [B, S, D]."""

@@ -20,26 +20,26 @@ from dsv4.config import ModelConfig, RuntimeConfig
 from dsv4.layers import F32, Linear, RMSNorm
 from dsv4.mhc import HyperConnection, HyperHead, collapse
 from dsv4.moe import MoE
-from dsv4.params import normal, param
+from dsv4.params import KeyChain, normal, param
 
 
 class Table(nnx.Module):
     """A [V, D] table: the token embedding, or the output head (logits = h @ weight.T)."""
 
-    def __init__(self, vocab: int, dim: int, dtype, rngs: nnx.Rngs, std: float):
-        self.weight = param(rngs, (vocab, dim), ("vocab", "embed"), dtype, normal(std))
+    def __init__(self, vocab: int, dim: int, dtype, keys: KeyChain, std: float):
+        self.weight = param(keys, (vocab, dim), ("vocab", "embed"), dtype, normal(std))
 
 
 class Block(nnx.Module):
     """One transformer block with mHC around attention and around the MoE."""
 
-    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, ratio: int, hashed: bool, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs)
-        self.attn = Attention(cfg, rt, ratio, rngs)
-        self.ffn = MoE(cfg, rt, hashed, rngs)
-        self.hc_attn = HyperConnection(cfg, rngs)
-        self.hc_ffn = HyperConnection(cfg, rngs)
+    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, ratio: int, hashed: bool, keys: KeyChain):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, keys)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, keys)
+        self.attn = Attention(cfg, rt, ratio, keys)
+        self.ffn = MoE(cfg, rt, hashed, keys)
+        self.hc_attn = HyperConnection(cfg, keys)
+        self.hc_ffn = HyperConnection(cfg, keys)
 
     def __call__(self, streams: jax.Array, positions: jax.Array, token_ids: jax.Array) -> jax.Array:
         """streams [B, S, N, D] -> [B, S, N, D]."""
@@ -54,15 +54,15 @@ class Block(nnx.Module):
 class MTPBlock(nnx.Module):
     """Multi-token prediction block `mtp.0`: predicts token t+2 from the streams at t and token t+1."""
 
-    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, keys: KeyChain):
         d, dtype = cfg.hidden_size, rt.jnp_dtype
-        self.enorm = RMSNorm(d, cfg.rms_norm_eps, rngs)
-        self.hnorm = RMSNorm(d, cfg.rms_norm_eps, rngs)
-        self.e_proj = Linear(d, d, ("embed", None), dtype, rngs)
-        self.h_proj = Linear(d, d, ("embed", None), dtype, rngs)
-        self.block = Block(cfg, rt, cfg.mtp_compress_ratio, False, rngs)
-        self.hc_head = HyperHead(cfg, rngs)
-        self.norm = RMSNorm(d, cfg.rms_norm_eps, rngs)
+        self.enorm = RMSNorm(d, cfg.rms_norm_eps, keys)
+        self.hnorm = RMSNorm(d, cfg.rms_norm_eps, keys)
+        self.e_proj = Linear(d, d, ("embed", None), dtype, keys)
+        self.h_proj = Linear(d, d, ("embed", None), dtype, keys)
+        self.block = Block(cfg, rt, cfg.mtp_compress_ratio, False, keys)
+        self.hc_head = HyperHead(cfg, keys)
+        self.norm = RMSNorm(d, cfg.rms_norm_eps, keys)
 
     def __call__(self, streams, next_embed, positions, next_ids) -> jax.Array:
         """streams [B,S,N,D] (main model, before hc_head), next_embed [B,S,D] -> hidden [B,S,D]."""
@@ -75,21 +75,21 @@ class MTPBlock(nnx.Module):
 class DeepseekV4(nnx.Module):
     """DeepSeek-V4 for causal LM. Build from a `ModelConfig` (architecture) and `RuntimeConfig`."""
 
-    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig | None = None, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig | None = None, *, keys: KeyChain):
         rt = rt or RuntimeConfig()
         self.cfg, self.rt = cfg, rt
         d, v, dtype = cfg.hidden_size, cfg.vocab_size, rt.jnp_dtype
-        self.embed = Table(v, d, dtype, rngs, std=1.0)
+        self.embed = Table(v, d, dtype, keys, std=1.0)
         self.layers = nnx.List(
             [
-                Block(cfg, rt, cfg.compress_ratios[i], cfg.is_hash_layer(i), rngs)
+                Block(cfg, rt, cfg.compress_ratios[i], cfg.is_hash_layer(i), keys)
                 for i in range(cfg.num_hidden_layers)
             ]
         )
-        self.hc_head = HyperHead(cfg, rngs)
-        self.norm = RMSNorm(d, cfg.rms_norm_eps, rngs)
-        self.head = Table(v, d, dtype, rngs, std=0.02)
-        self.mtp = nnx.List([MTPBlock(cfg, rt, rngs) for _ in range(cfg.num_mtp_layers)])
+        self.hc_head = HyperHead(cfg, keys)
+        self.norm = RMSNorm(d, cfg.rms_norm_eps, keys)
+        self.head = Table(v, d, dtype, keys, std=0.02)
+        self.mtp = nnx.List([MTPBlock(cfg, rt, keys) for _ in range(cfg.num_mtp_layers)])
 
     def streams(self, tokens: jax.Array) -> jax.Array:
         """The residual streams after the last block: tokens [B, S] -> [B, S, N, D]."""
@@ -128,12 +128,12 @@ class DeepseekV4(nnx.Module):
 
 def init_model(cfg: ModelConfig, rt: RuntimeConfig | None = None, seed: int = 0) -> DeepseekV4:
     """A randomly initialised model (small configs; large ones go through `abstract_model`)."""
-    return DeepseekV4(cfg, rt, rngs=nnx.Rngs(seed))
+    return DeepseekV4(cfg, rt, keys=KeyChain(seed))
 
 
 def abstract_model(cfg: ModelConfig, rt: RuntimeConfig | None = None) -> DeepseekV4:
     """The model with ShapeDtypeStruct leaves: the one abstract tree behind init, loading and restore."""
-    return nnx.eval_shape(lambda: DeepseekV4(cfg, rt, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: DeepseekV4(cfg, rt, keys=KeyChain(0)))
 
 
 @functools.partial(jax.jit, static_argnums=0)

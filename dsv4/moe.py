@@ -11,7 +11,7 @@ from flax import nnx
 
 from dsv4.config import ModelConfig, RuntimeConfig
 from dsv4.layers import F32, Linear
-from dsv4.params import Buffer, constant, normal, param
+from dsv4.params import Buffer, KeyChain, constant, normal, param
 
 
 def route(
@@ -73,12 +73,12 @@ def combine(y_sorted, order, tokens, weights, num_tokens):
 class Experts(nnx.Module):
     """Routed experts stacked along E: w1 (gate) [E, D, F], w3 (up) [E, D, F], w2 (down) [E, F, D]."""
 
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, keys: KeyChain):
         self.limit = cfg.swiglu_limit
         e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.w1 = param(rngs, (e, d, f), ("experts", "embed", "expert_hidden"), dtype, normal(0.02))
-        self.w3 = param(rngs, (e, d, f), ("experts", "embed", "expert_hidden"), dtype, normal(0.02))
-        self.w2 = param(rngs, (e, f, d), ("experts", "expert_hidden", "embed"), dtype, normal(0.02))
+        self.w1 = param(keys, (e, d, f), ("experts", "embed", "expert_hidden"), dtype, normal(0.02))
+        self.w3 = param(keys, (e, d, f), ("experts", "embed", "expert_hidden"), dtype, normal(0.02))
+        self.w2 = param(keys, (e, f, d), ("experts", "expert_hidden", "embed"), dtype, normal(0.02))
 
     def __call__(self, x: jax.Array, weights: jax.Array, idx: jax.Array) -> jax.Array:
         """x [N, D], weights/idx [N, K] -> [N, D] float32; every (token, choice) pair is computed."""
@@ -91,12 +91,12 @@ class Experts(nnx.Module):
 class SharedExpert(nnx.Module):
     """The always-on expert: w2 . clamped_swiglu(w1 . x, w3 . x)."""
 
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, keys: KeyChain):
         self.limit = cfg.swiglu_limit
         d, f = cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts
-        self.w1 = Linear(d, f, ("embed", "expert_hidden"), dtype, rngs)
-        self.w3 = Linear(d, f, ("embed", "expert_hidden"), dtype, rngs)
-        self.w2 = Linear(f, d, ("expert_hidden", "embed"), dtype, rngs)
+        self.w1 = Linear(d, f, ("embed", "expert_hidden"), dtype, keys)
+        self.w3 = Linear(d, f, ("embed", "expert_hidden"), dtype, keys)
+        self.w2 = Linear(f, d, ("expert_hidden", "embed"), dtype, keys)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         gate, up = self.w1(x).astype(F32), self.w3(x).astype(F32)
@@ -106,18 +106,18 @@ class SharedExpert(nnx.Module):
 class Gate(nnx.Module):
     """Router parameters: `weight` [D, E]; `bias` [E] (top-k layers) or `tid2eid` [V, K] (hash layers)."""
 
-    def __init__(self, cfg: ModelConfig, hashed: bool, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, hashed: bool, dtype, keys: KeyChain):
         self.cfg, self.hashed = cfg, hashed
         self.weight = param(
-            rngs, (cfg.hidden_size, cfg.n_routed_experts), ("embed", "experts"), dtype, normal(0.02)
+            keys, (cfg.hidden_size, cfg.n_routed_experts), ("embed", "experts"), dtype, normal(0.02)
         )
         if hashed:
             table = jax.random.randint(
-                rngs.params(), (cfg.vocab_size, cfg.num_experts_per_tok), 0, cfg.n_routed_experts, jnp.int32
+                keys(), (cfg.vocab_size, cfg.num_experts_per_tok), 0, cfg.n_routed_experts, jnp.int32
             )
             self.tid2eid = Buffer(table, axes=("vocab", "expert_slot"))
         else:
-            self.bias = param(rngs, (cfg.n_routed_experts,), ("experts",), F32, constant(0.0))
+            self.bias = param(keys, (cfg.n_routed_experts,), ("experts",), F32, constant(0.0))
 
     def __call__(self, x: jax.Array, token_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [N, D], token_ids [N] -> (weights [N, K], expert ids [N, K])."""
@@ -136,11 +136,11 @@ class Gate(nnx.Module):
 class MoE(nnx.Module):
     """y = sum_k w_k * expert_k(x) + shared_expert(x); no token is dropped."""
 
-    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, hashed: bool, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, hashed: bool, keys: KeyChain):
         dtype = rt.jnp_dtype
-        self.gate = Gate(cfg, hashed, dtype, rngs)
-        self.experts = Experts(cfg, dtype, rngs)
-        self.shared_experts = SharedExpert(cfg, dtype, rngs) if cfg.n_shared_experts else None
+        self.gate = Gate(cfg, hashed, dtype, keys)
+        self.experts = Experts(cfg, dtype, keys)
+        self.shared_experts = SharedExpert(cfg, dtype, keys) if cfg.n_shared_experts else None
 
     def __call__(self, x: jax.Array, token_ids: jax.Array) -> jax.Array:
         """x [B, S, D], token_ids [B, S] -> [B, S, D]."""

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from dsv4.params import logical_axes
 
@@ -71,7 +71,7 @@ def logical_to_spec(
 
 def single_device_mesh() -> Mesh:
     """A 1x1 mesh over the first device, with the axis names the rules table uses."""
-    return jax.make_mesh((1, 1), ("data", "expert"), devices=jax.devices()[:1])
+    return jax.make_mesh((1, 1), ("data", "expert"), axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:1])
 
 
 def param_shardings(

@@ -1,0 +1,19 @@
+"""dsv4: DeepSeek-V4 in JAX/Flax NNX."""
+
+from dsv4.config import ConfigError, ModelConfig, RuntimeConfig
+from dsv4.loading import load_hf
+from dsv4.model import DeepseekV4, abstract_model, forward, forward_with_mtp, init_model
+from dsv4.safetensors_io import CheckpointError
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DeepseekV4",
+    "ModelConfig",
+    "RuntimeConfig",
+    "abstract_model",
+    "forward",
+    "forward_with_mtp",
+    "init_model",
+    "load_hf",
+]

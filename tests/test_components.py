@@ -1,0 +1,187 @@
+"""Per-component parity with transformers' DeepSeek-V4 modules, literal expectations and named traps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf
+
+from dsv4.attention import entry_visible, pool_windows, window_mask
+from dsv4.config import ModelConfig
+from dsv4.layers import apply_rope, rope_angles, rope_inv_freq
+from dsv4.mhc import HyperConnection, collapse
+from dsv4.moe import SharedExpert, clamped_swiglu, route
+from dsv4.params import KeyChain
+from release_fixture import hf_config
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def half_split_rope(x, cos, sin, inverse=False):
+    """Llama's rotate_half layout: the wrong one for DeepSeek-V4 (negative control)."""
+    half = cos.shape[-1]
+    nope, rope = x[..., : -2 * half], x[..., -2 * half :]
+    a, b = rope[..., :half], rope[..., half:]
+    sin = -sin if inverse else sin
+    return jnp.concatenate([nope, a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------- RoPE
+
+
+def test_rope_tables_match_transformers_and_yarn_only_on_compressed_layers():
+    cfg = ModelConfig.tiny()
+    rot = hf.DeepseekV4RotaryEmbedding(hf_config(cfg.to_hf_dict()))
+    np.testing.assert_allclose(rope_inv_freq(cfg, compressed=False), rot.main_inv_freq.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(rope_inv_freq(cfg, compressed=True), rot.compress_inv_freq.numpy(), rtol=1e-6)
+    plain = 1.0 / (cfg.rope_theta ** (np.arange(0, 16, 2) / 16))
+    np.testing.assert_allclose(rope_inv_freq(cfg, compressed=False), plain, rtol=1e-6)
+    # YaRN divides the low frequencies by the factor: the two tables must differ.
+    unscaled = 1.0 / (cfg.compress_rope_theta ** (np.arange(0, 16, 2) / 16))
+    assert not np.allclose(rope_inv_freq(cfg, compressed=True), unscaled)
+
+
+def test_interleaved_rope_matches_transformers_and_half_split_does_not():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 7, 3, 32)).astype(np.float32)  # [B, S, H, K], rope on last 16
+    inv = rope_inv_freq(ModelConfig.tiny(), compressed=False)
+    pos = np.arange(7)[None].repeat(2, 0)
+    cos, sin = rope_angles(jnp.asarray(pos), inv)
+    ours = apply_rope(jnp.asarray(x), cos[:, :, None], sin[:, :, None])
+    tcos, tsin = torch.tensor(np.asarray(cos)), torch.tensor(np.asarray(sin))
+    ref = hf.apply_rotary_pos_emb(torch.tensor(x), tcos, tsin, unsqueeze_dim=2).numpy()
+    assert rel_err(ours, ref) < 1e-6
+    assert rel_err(half_split_rope(jnp.asarray(x), cos[:, :, None], sin[:, :, None]), ref) > 1e-2
+    back = apply_rope(ours, cos[:, :, None], sin[:, :, None], inverse=True)
+    np.testing.assert_allclose(back, x, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- mHC
+
+
+def _hc_pair(hc_eps, rms_eps, seed=0):
+    cfg = ModelConfig.tiny(hc_eps=hc_eps, rms_norm_eps=rms_eps)
+    ours = HyperConnection(cfg, KeyChain(seed))
+    rng = np.random.default_rng(seed)
+    for var, std in ((ours.fn, 0.5), (ours.base, 1.0), (ours.scale, 1.0)):
+        var.set_value(jnp.asarray(rng.standard_normal(var.get_value().shape) * std, jnp.float32))
+    ref = hf.DeepseekV4HyperConnection(hf_config(cfg.to_hf_dict()))
+    with torch.no_grad():
+        ref.fn.copy_(torch.tensor(np.asarray(ours.fn.get_value())))
+        ref.base.copy_(torch.tensor(np.asarray(ours.base.get_value())))
+        ref.scale.copy_(torch.tensor(np.asarray(ours.scale.get_value())))
+    return cfg, ours, ref
+
+
+def test_mhc_matches_transformers_with_distinct_epsilons():
+    cfg, ours, ref = _hc_pair(hc_eps=0.05, rms_eps=1e-6)
+    x = np.random.default_rng(1).standard_normal((2, 5, cfg.hc_mult, cfg.hidden_size)).astype(np.float32)
+    pre, post, comb = ours.weights(jnp.asarray(x))
+    rpost, rcomb, rcollapsed = ref(torch.tensor(x))
+    assert rel_err(post, rpost.detach().numpy()) < 1e-5
+    assert rel_err(comb, rcomb.detach().numpy()) < 1e-5
+    assert rel_err(collapse(jnp.asarray(x), pre), rcollapsed.detach().numpy()) < 1e-5
+    # Trap: hc_eps and rms_norm_eps are separate. Using rms_norm_eps for hc_eps must change comb.
+    _, swapped, _ = _hc_pair(hc_eps=1e-6, rms_eps=1e-6)
+    assert rel_err(swapped.weights(jnp.asarray(x))[2], rcomb.detach().numpy()) > 1e-3
+
+
+def test_mhc_comb_is_applied_transposed():
+    cfg, ours, ref = _hc_pair(hc_eps=1e-6, rms_eps=1e-6, seed=3)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, 4, cfg.hc_mult, cfg.hidden_size)).astype(np.float32)
+    out = rng.standard_normal((1, 4, cfg.hidden_size)).astype(np.float32)
+    _, post, comb = ours.weights(jnp.asarray(x))
+    new = HyperConnection.expand(jnp.asarray(out), jnp.asarray(x), post, comb)
+    c, p = np.asarray(comb), np.asarray(post)
+    expected = p[..., None] * out[:, :, None, :] + np.einsum("bsjk,bsjd->bskd", c, x)
+    wrong = p[..., None] * out[:, :, None, :] + np.einsum("bskj,bsjd->bskd", c, x)
+    assert rel_err(new, expected) < 1e-6
+    assert not np.allclose(c, np.swapaxes(c, -1, -2), atol=1e-3), "comb must not be symmetric for this test"
+    assert rel_err(wrong, expected) > 1e-3
+
+
+def test_mhc_runs_in_float32_for_bfloat16_streams():
+    cfg, ours, _ = _hc_pair(hc_eps=1e-6, rms_eps=1e-6, seed=4)
+    x = np.random.default_rng(5).standard_normal((1, 3, cfg.hc_mult, cfg.hidden_size)).astype(np.float32)
+    xb = jnp.asarray(x, jnp.bfloat16)
+    pre, post, comb = ours.weights(xb)
+    assert pre.dtype == post.dtype == comb.dtype == jnp.float32
+    pre32, _, comb32 = ours.weights(xb.astype(jnp.float32))
+    np.testing.assert_array_equal(np.asarray(comb), np.asarray(comb32))
+    assert ours.fn.get_value().dtype == jnp.float32
+
+
+# ------------------------------------------------------------------------------------------------ MoE
+
+
+def test_router_bias_selects_but_does_not_weight():
+    logits = jnp.asarray([[0.0, 1.0, 2.0, 3.0]])
+    bias = jnp.asarray([10.0, 0.0, 0.0, 0.0])
+    weights, idx = route(logits, 2, 1.5, bias=bias)
+    assert sorted(np.asarray(idx)[0].tolist()) == [0, 3]
+    s = np.sqrt(np.log1p(np.exp(np.asarray([0.0, 3.0]))))
+    got = dict(zip(np.asarray(idx)[0].tolist(), np.asarray(weights)[0].tolist(), strict=True))
+    np.testing.assert_allclose([got[0], got[3]], s / s.sum() * 1.5, rtol=1e-6)
+
+
+def test_shared_expert_clamps_like_transformers():
+    cfg = ModelConfig.tiny()
+    ours = SharedExpert(cfg, jnp.float32, KeyChain(0))
+    rng = np.random.default_rng(0)
+    ref = hf.DeepseekV4MLP(hf_config(cfg.to_hf_dict()))
+    with torch.no_grad():
+        for name, lin in (("w1", ref.gate_proj), ("w3", ref.up_proj), ("w2", ref.down_proj)):
+            w = rng.standard_normal(lin.weight.shape).astype(np.float32) * 0.5
+            lin.weight.copy_(torch.tensor(w))
+            getattr(ours, name).weight.set_value(jnp.asarray(w.T))
+    x = rng.standard_normal((9, cfg.hidden_size)).astype(np.float32) * 3  # pre-activations beyond +-10
+    with torch.no_grad():
+        gate = ref.gate_proj(torch.tensor(x)).numpy()
+    assert np.abs(gate).max() > cfg.swiglu_limit, "inputs must exercise the clamp"
+    expected = ref(torch.tensor(x)).detach().numpy()
+    assert rel_err(ours(jnp.asarray(x)), expected) < 1e-5
+    w1, w2, w3 = (np.asarray(getattr(ours, n).weight.get_value()) for n in ("w1", "w2", "w3"))
+    unclamped = jax.nn.silu(x @ w1) * (x @ w3)
+    assert rel_err(unclamped @ w2, expected) > 1e-2
+
+
+def test_clamped_swiglu_literal():
+    out = clamped_swiglu(jnp.asarray([20.0, -3.0]), jnp.asarray([-50.0, 4.0]), 10.0)
+    np.testing.assert_allclose(out, [jax.nn.silu(10.0) * -10.0, jax.nn.silu(-3.0) * 4.0], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------- windows and visibility
+
+
+def test_entry_visibility_literal():
+    # ratio 4: entry w is usable once its window closes, i.e. at position 4w + 3.
+    vis = np.asarray(entry_visible(jnp.arange(10), 3, 4)).astype(int)
+    expected = [[0, 0, 0]] * 3 + [[1, 0, 0]] * 4 + [[1, 1, 0]] * 3
+    np.testing.assert_array_equal(vis, expected)
+
+
+def test_sliding_window_mask_literal():
+    mask = np.asarray(window_mask(jnp.arange(5), jnp.arange(5), 3)).astype(int)
+    expected = [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1]]
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_hca_pooling_windows_literal():
+    # 2 windows of 2 tokens, 1 channel, equal gates: each entry is the mean of its own window.
+    c = jnp.asarray([1.0, 3.0, 10.0, 30.0]).reshape(1, 2, 2, 1)
+    out = pool_windows(c, jnp.zeros_like(c), overlap=False)
+    np.testing.assert_allclose(np.asarray(out).ravel(), [2.0, 20.0])
+
+
+def test_csa_pooling_first_window_and_overlap_literal():
+    # Channels: series A = [:1], series B = [1:]. Token values: A = 100 + t, B = t.
+    t = np.arange(6, dtype=np.float32)
+    c = jnp.asarray(np.stack([100 + t, t], -1).reshape(1, 3, 2, 2))  # 3 windows of m = 2
+    out = np.asarray(pool_windows(c, jnp.zeros_like(c), overlap=True)).ravel()
+    # Entry 0: only window 0's B slots (no previous window) -> mean(0, 1).
+    # Entry w > 0: window w-1's A slots and window w's B slots -> mean of 4 values.
+    np.testing.assert_allclose(out, [0.5, (100 + 101 + 2 + 3) / 4, (102 + 103 + 4 + 5) / 4])
