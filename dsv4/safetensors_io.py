@@ -254,8 +254,12 @@ def _atomic_write(path: Path, write_fn) -> None:
         raise
 
 
-def write_safetensors(path, tensors: dict[str, np.ndarray], dtypes: dict[str, str] | None = None,
-                      metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+    path,
+    tensors: dict[str, np.ndarray],
+    dtypes: dict[str, str] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write `tensors` (in insertion order) to a safetensors file, atomically.
 
     The dtype string comes from each array's numpy dtype unless `dtypes[name]` gives one (needed to
@@ -293,8 +297,9 @@ def _split_shards(tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[
     return groups
 
 
-def write_sharded_checkpoint(out_dir, tensors: dict[str, np.ndarray], dtypes: dict[str, str] | None,
-                             max_shard_bytes: int) -> list[str]:
+def write_sharded_checkpoint(
+    out_dir, tensors: dict[str, np.ndarray], dtypes: dict[str, str] | None, max_shard_bytes: int
+) -> list[str]:
     """Write `tensors` as model-XXXXX-of-YYYYY.safetensors shards plus model.safetensors.index.json.
 
     Tensors keep their insertion order; a shard is closed when the next tensor would push it past

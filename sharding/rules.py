@@ -71,7 +71,8 @@ def logical_to_spec(
 
 def single_device_mesh() -> Mesh:
     """A 1x1 mesh over the first device, with the axis names the rules table uses."""
-    return jax.make_mesh((1, 1), ("data", "expert"), axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:1])
+    devices = jax.devices()[:1]
+    return jax.make_mesh((1, 1), ("data", "expert"), axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
 def param_shardings(

@@ -390,13 +390,17 @@ def encode_release(tensors: dict[str, np.ndarray], scale_fmt: str = "ue8m0", exp
 def mtp_tensors(cfg: dict, seed: int) -> dict[str, np.ndarray]:
     """Random float release tensors `mtp.0.*`: one block of kind compress_ratios[-1] with a non-hash
     router, e_proj/h_proj [D, D], enorm/hnorm/norm [D] and its own hc_head_fn/base/scale."""
-    block_cfg = {**cfg, "num_hidden_layers": 1, "compress_ratios": cfg["compress_ratios"][-1:],
-                 "num_hash_layers": 0}
+    block_cfg = {
+        **cfg,
+        "num_hidden_layers": 1,
+        "compress_ratios": cfg["compress_ratios"][-1:],
+        "num_hash_layers": 0,
+    }
     block = build_hf_model(block_cfg, seed)
     rel = release_tensors_from_hf(block.state_dict())
     gen = torch.Generator().manual_seed(seed + 1)
     d = cfg["hidden_size"]
-    out = {f"mtp.0.{k[len('layers.0.'):]}": v for k, v in rel.items() if k.startswith("layers.0.")}
+    out = {f"mtp.0.{k[len('layers.0.') :]}": v for k, v in rel.items() if k.startswith("layers.0.")}
     out["mtp.0.e_proj.weight"] = _normal((d, d), _fan_in_std((d, d)), gen).numpy()
     out["mtp.0.h_proj.weight"] = _normal((d, d), _fan_in_std((d, d)), gen).numpy()
     out["mtp.0.enorm.weight"] = _normal((d,), 0.1, gen, mean=1.0).numpy()
@@ -414,8 +418,14 @@ def write_tiny_tokenizer(out_dir: Path, vocab_size: int) -> None:
     """A byte-level BPE tokenizer with the release's special tokens, padded to `vocab_size`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    specials = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
-                "<think>", "</think>"]
+    specials = [
+        "<｜begin▁of▁sentence｜>",
+        "<｜end▁of▁sentence｜>",
+        "<｜User｜>",
+        "<｜Assistant｜>",
+        "<think>",
+        "</think>",
+    ]
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
     if len(vocab) > vocab_size:
@@ -427,18 +437,30 @@ def write_tiny_tokenizer(out_dir: Path, vocab_size: int) -> None:
     pad = [f"<｜place▁holder▁no▁{i}｜>" for i in range(vocab_size - len(vocab))]
     tok.add_special_tokens(pad)
     tok.save(str(out_dir / "tokenizer.json"))
-    tok_cfg = {"add_bos_token": False, "add_eos_token": False, "bos_token": specials[0],
-               "eos_token": specials[1], "pad_token": specials[1], "model_max_length": 1048576,
-               "tokenizer_class": "PreTrainedTokenizerFast"}
+    tok_cfg = {
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "bos_token": specials[0],
+        "eos_token": specials[1],
+        "pad_token": specials[1],
+        "model_max_length": 1048576,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False))
 
 
 # ---------------------------------------------------------------------------------- writer
 
 
-def write_release_checkpoint(cfg: dict, out_dir, seed: int = 0, max_shard_bytes: int = 256 * 1024,
-                             scale_fmt: str = "ue8m0", expert_format: str = "fp4",
-                             with_tokenizer: bool = False) -> DeepseekV4ForCausalLM:
+def write_release_checkpoint(
+    cfg: dict,
+    out_dir,
+    seed: int = 0,
+    max_shard_bytes: int = 256 * 1024,
+    scale_fmt: str = "ue8m0",
+    expert_format: str = "fp4",
+    with_tokenizer: bool = False,
+) -> DeepseekV4ForCausalLM:
     """Write a release-layout checkpoint for `cfg` to `out_dir` and return its float32 HF oracle.
 
     The HF model holds exactly the dequantized values stored in the checkpoint. Writes
@@ -456,8 +478,13 @@ def write_release_checkpoint(cfg: dict, out_dir, seed: int = 0, max_shard_bytes:
     model.load_state_dict(hf_state_from_release(main, cfg), strict=True)
     write_sharded_checkpoint(out_dir, stored, dtypes, max_shard_bytes)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
-    gen_cfg = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "do_sample": True,
-               "temperature": 1.0, "top_p": 1.0}
+    gen_cfg = {
+        "bos_token_id": cfg["bos_token_id"],
+        "eos_token_id": cfg["eos_token_id"],
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_p": 1.0,
+    }
     (out_dir / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
     if with_tokenizer:
         write_tiny_tokenizer(out_dir, cfg["vocab_size"])

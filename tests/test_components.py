@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from release_fixture import hf_config
 from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf
 
 from dsv4.attention import entry_visible, pool_windows, window_mask
@@ -12,7 +13,6 @@ from dsv4.layers import apply_rope, rope_angles, rope_inv_freq
 from dsv4.mhc import HyperConnection, collapse
 from dsv4.moe import SharedExpert, clamped_swiglu, route
 from dsv4.params import KeyChain
-from release_fixture import hf_config
 
 
 def rel_err(a, b):

@@ -75,8 +75,9 @@ def test_negative_control_comb_not_transposed(monkeypatch, reference_logits):
         mixed = jnp.einsum("bskj,bsjd->bskd", comb, streams)
         return post[..., None] * block_out[:, :, None, :] + mixed
 
-    err = _broken_parity(monkeypatch, reference_logits, mhc.HyperConnection, "expand",
-                         staticmethod(expand_untransposed))
+    err = _broken_parity(
+        monkeypatch, reference_logits, mhc.HyperConnection, "expand", staticmethod(expand_untransposed)
+    )
     assert err > 100 * TOL
 
 

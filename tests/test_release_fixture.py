@@ -55,10 +55,18 @@ def _fp4(name, shape):
 def _attention(p, c, ratio, fp8):
     d, h, dh, q = c["hidden_size"], c["num_attention_heads"], c["head_dim"], c["q_lora_rank"]
     g, r = c["o_groups"], c["o_lora_rank"]
-    out = {p + "attn.attn_sink": ("F32", [h]), p + "attn.q_norm.weight": ("BF16", [q]),
-           p + "attn.kv_norm.weight": ("BF16", [dh])}
-    for name, shape in [("wq_a", [q, d]), ("wq_b", [h * dh, q]), ("wkv", [dh, d]),
-                        ("wo_a", [g * r, h * dh // g]), ("wo_b", [d, g * r])]:
+    out = {
+        p + "attn.attn_sink": ("F32", [h]),
+        p + "attn.q_norm.weight": ("BF16", [q]),
+        p + "attn.kv_norm.weight": ("BF16", [dh]),
+    }
+    for name, shape in [
+        ("wq_a", [q, d]),
+        ("wq_b", [h * dh, q]),
+        ("wkv", [dh, d]),
+        ("wo_a", [g * r, h * dh // g]),
+        ("wo_b", [d, g * r]),
+    ]:
         out.update(fp8(f"{p}attn.{name}.weight", shape))
     if ratio:
         width = (2 if ratio == 4 else 1) * dh
@@ -72,8 +80,12 @@ def _attention(p, c, ratio, fp8):
 
 
 def _compressor(p, ratio, width, dh, d):
-    return {p + "ape": ("F32", [ratio, width]), p + "wkv.weight": ("BF16", [width, d]),
-            p + "wgate.weight": ("BF16", [width, d]), p + "norm.weight": ("BF16", [dh])}
+    return {
+        p + "ape": ("F32", [ratio, width]),
+        p + "wkv.weight": ("BF16", [width, d]),
+        p + "wgate.weight": ("BF16", [width, d]),
+        p + "norm.weight": ("BF16", [dh]),
+    }
 
 
 def _moe(p, c, hash_layer, fp8, expert):
@@ -96,8 +108,13 @@ def _block(p, c, ratio, hash_layer, fp8, expert):
     mix = (2 + n) * n
     out = {p + "attn_norm.weight": ("BF16", [d]), p + "ffn_norm.weight": ("BF16", [d])}
     for site in ("attn", "ffn"):
-        out.update({f"{p}hc_{site}_fn": ("F32", [mix, n * d]), f"{p}hc_{site}_base": ("F32", [mix]),
-                    f"{p}hc_{site}_scale": ("F32", [3])})
+        out.update(
+            {
+                f"{p}hc_{site}_fn": ("F32", [mix, n * d]),
+                f"{p}hc_{site}_base": ("F32", [mix]),
+                f"{p}hc_{site}_scale": ("F32", [3]),
+            }
+        )
     out.update(_attention(p, c, ratio, fp8))
     out.update(_moe(p, c, hash_layer, fp8, expert))
     return out
@@ -105,8 +122,12 @@ def _block(p, c, ratio, hash_layer, fp8, expert):
 
 def _head(p, c):
     d, n = c["hidden_size"], c["hc_mult"]
-    return {p + "norm.weight": ("BF16", [d]), p + "hc_head_fn": ("F32", [n, n * d]),
-            p + "hc_head_base": ("F32", [n]), p + "hc_head_scale": ("F32", [1])}
+    return {
+        p + "norm.weight": ("BF16", [d]),
+        p + "hc_head_fn": ("F32", [n, n * d]),
+        p + "hc_head_base": ("F32", [n]),
+        p + "hc_head_scale": ("F32", [1]),
+    }
 
 
 def expected_layout(c, scale_fmt="ue8m0", expert_format="fp4"):
@@ -285,8 +306,11 @@ def test_oracle_holds_quantized_not_raw_weights(flash_ckpt):
     _, model, cfg = flash_ckpt
     raw = build_hf_model(cfg, seed=0).state_dict()  # the flash fixture uses seed 0
     got = model.state_dict()
-    for name in ("model.layers.0.self_attn.q_a_proj.weight", "model.layers.2.mlp.experts.gate_up_proj",
-                 "model.embed_tokens.weight"):
+    for name in (
+        "model.layers.0.self_attn.q_a_proj.weight",
+        "model.layers.2.mlp.experts.gate_up_proj",
+        "model.embed_tokens.weight",
+    ):
         assert not torch.equal(raw[name], got[name]), name
         torch.testing.assert_close(got[name], raw[name], rtol=0.3, atol=0.3 * raw[name].abs().max().item())
     assert torch.equal(raw["model.layers.0.attn_hc.fn"], got["model.layers.0.attn_hc.fn"])  # F32: as is

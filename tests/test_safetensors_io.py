@@ -229,8 +229,10 @@ def test_tensor_listed_but_absent_from_shard(tmp_path):
 
 def test_tensor_duplicated_in_two_shards(tmp_path):
     _, files = _sharded(tmp_path)
-    write_safetensors(tmp_path / files[1], {"layers.1.w": np.ones((5, 5), np.float32),
-                                            "layers.0.w": np.ones((5, 5), np.float32)})
+    write_safetensors(
+        tmp_path / files[1],
+        {"layers.1.w": np.ones((5, 5), np.float32), "layers.0.w": np.ones((5, 5), np.float32)},
+    )
     with pytest.raises(CheckpointError, match=rf"'layers\.0\.w'.*duplicated.*{files[0]}.*{files[1]}"):
         CheckpointIndex(tmp_path)
 
@@ -262,8 +264,9 @@ def test_tensor_in_shard_but_not_in_index(tmp_path):
 
 def test_unknown_dtype_in_shard_names_file_and_tensor(tmp_path):
     _, files = _sharded(tmp_path)
-    _write_raw(tmp_path / files[0], {"layers.0.w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}},
-               b"\0" * 8)
+    _write_raw(
+        tmp_path / files[0], {"layers.0.w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8
+    )
     with pytest.raises(CheckpointError, match=rf"{files[0]}.*'layers\.0\.w'.*C64"):
         CheckpointIndex(tmp_path)
 
