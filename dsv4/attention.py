@@ -19,6 +19,7 @@ from flax import nnx
 from dsv4.config import ModelConfig, RuntimeConfig
 from dsv4.layers import F32, Linear, RMSNorm, apply_rope, rms_norm, rope_angles, rope_inv_freq
 from dsv4.params import KeyChain, constant, normal, param
+from dsv4.quantized import materialize
 
 NEG_INF = -jnp.inf
 
@@ -300,7 +301,7 @@ class Attention(nnx.Module):
         """Grouped low-rank output projection: [B, S, H, K] -> [B, S, D]."""
         b, s = o.shape[:2]
         g = self.cfg.o_groups
-        wo_a = self.wo_a.get_value()
+        wo_a = materialize(self.wo_a.get_value())
         grouped = jnp.einsum(
             "bsgi,gio->bsgo", o.reshape(b, s, g, -1).astype(wo_a.dtype), wo_a, preferred_element_type=F32
         ).astype(wo_a.dtype)

@@ -12,6 +12,7 @@ from flax import nnx
 
 from dsv4.config import ModelConfig
 from dsv4.params import KeyChain, constant, normal, param
+from dsv4.quantized import materialize
 
 F32 = jnp.float32
 
@@ -23,7 +24,7 @@ class Linear(nnx.Module):
         self.weight = param(keys, (d_in, d_out), axes, dtype, normal(std))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = self.weight.get_value()
+        w = materialize(self.weight.get_value())
         return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=F32).astype(w.dtype)
 
 

@@ -12,6 +12,7 @@ from flax import nnx
 from dsv4.config import ModelConfig, RuntimeConfig
 from dsv4.layers import F32, Linear
 from dsv4.params import Buffer, KeyChain, constant, normal, param
+from dsv4.quantized import materialize
 
 
 def route(
@@ -82,9 +83,9 @@ class Experts(nnx.Module):
 
     def __call__(self, x: jax.Array, weights: jax.Array, idx: jax.Array) -> jax.Array:
         """x [N, D], weights/idx [N, K] -> [N, D] float32; every (token, choice) pair is computed."""
-        w1 = self.w1.get_value()
+        w1, w3, w2 = (materialize(w.get_value()) for w in (self.w1, self.w3, self.w2))
         order, tokens, group_sizes = sort_by_expert(idx, w1.shape[0])
-        y = expert_ffn(x[tokens], w1, self.w3.get_value(), self.w2.get_value(), group_sizes, self.limit)
+        y = expert_ffn(x[tokens], w1, w3, w2, group_sizes, self.limit)
         return combine(y, order, tokens, weights, x.shape[0])
 
 
