@@ -302,7 +302,5 @@ class Attention(nnx.Module):
         b, s = o.shape[:2]
         g = self.cfg.o_groups
         wo_a = materialize(self.wo_a.get_value())
-        grouped = jnp.einsum(
-            "bsgi,gio->bsgo", o.reshape(b, s, g, -1).astype(wo_a.dtype), wo_a, preferred_element_type=F32
-        ).astype(wo_a.dtype)
+        grouped = jnp.einsum("bsgi,gio->bsgo", o.reshape(b, s, g, -1).astype(wo_a.dtype), wo_a)
         return self.wo_b(grouped.reshape(b, s, -1))

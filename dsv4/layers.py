@@ -25,7 +25,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = materialize(self.weight.get_value())
-        return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=F32).astype(w.dtype)
+        return jnp.matmul(x.astype(w.dtype), w)
 
 
 class RMSNorm(nnx.Module):

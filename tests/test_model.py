@@ -1,0 +1,115 @@
+"""Model-level properties: parameter counts of the full configs, sparsity of the default path, MTP, dtypes."""
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import dsv4
+from dsv4.config import ModelConfig, RuntimeConfig
+from dsv4.model import abstract_model, init_model
+
+
+def _float_counts(cfg):
+    """(main-model float weights incl. gate.bias excl. tid2eid, routed-expert weights, MTP weights)."""
+    _, state = nnx.split(abstract_model(cfg, RuntimeConfig(dtype="bfloat16")))
+    main = experts = mtp = 0
+    for path, var in nnx.to_flat_state(state):
+        x = var.get_value()
+        assert isinstance(x, jax.ShapeDtypeStruct), "abstract tree must not allocate"
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            continue
+        n = int(np.prod(x.shape))
+        if path[0] == "mtp":
+            mtp += n
+        else:
+            main += n
+            experts += n if path[-1] in ("w1", "w2", "w3") and "experts" in path else 0
+    return main, experts, mtp
+
+
+@pytest.mark.parametrize(
+    "preset, main, experts",
+    [("flash", 284_332_240_471, 277_025_390_592), ("pro", 1_572_997_201_763, 1_547_396_186_112)],
+)
+def test_full_config_parameter_counts(preset, main, experts):
+    got_main, got_experts, got_mtp = _float_counts(getattr(ModelConfig, preset)())
+    assert (got_main, got_experts) == (main, experts)
+    # MTP: checkpoint_format.md gives 6.61B (Flash) and 25.84B (Pro).
+    assert round(got_mtp / 1e9, 2) == {"flash": 6.61, "pro": 25.84}[preset]
+
+
+def _intermediate_shapes(fn, *args):
+    """Every array shape produced anywhere in the traced program (sub-jaxprs included)."""
+    shapes = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            shapes.extend(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return shapes
+
+
+def _has_quadratic(shapes, s):
+    """True when some array has a query-length axis and a key axis of length S or S/4."""
+    return any(s in shape and shape.count(s) + shape.count(s // 4) >= 2 for shape in shapes)
+
+
+@pytest.mark.parametrize("impl, expect_quadratic", [("xla", False), ("reference", True)])
+def test_default_path_builds_no_quadratic_array(impl, expect_quadratic):
+    s = 1000  # 250 CSA entries, 7 HCA entries; sizes chosen to differ from every weight dimension
+    cfg = ModelConfig.tiny(sliding_window=16, index_topk=8)
+    model = init_model(cfg, RuntimeConfig(dtype="float32", attention_impl=impl, query_block=32))
+    graphdef, state = nnx.split(model)
+    tokens = jnp.zeros((1, s), jnp.int32)
+    shapes = _intermediate_shapes(lambda st, t: nnx.merge(graphdef, st)(t), state, tokens)
+    assert _has_quadratic(shapes, s) is expect_quadratic
+
+
+def test_mtp_logits_depend_on_next_token_and_not_beyond():
+    cfg = ModelConfig.tiny()
+    model = init_model(cfg, RuntimeConfig(dtype="float32", query_block=16), seed=1)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 40))
+    main, mtp = dsv4.forward_with_mtp(model, tokens)
+    assert mtp.shape == (1, 39, cfg.vocab_size)
+    np.testing.assert_allclose(main, dsv4.forward(model, tokens), rtol=1e-6, atol=1e-6)
+    t = 20
+    changed = tokens.copy()
+    changed[0, t + 1] = (changed[0, t + 1] + 1) % cfg.vocab_size  # the token MTP at t conditions on
+    _, mtp2 = dsv4.forward_with_mtp(model, changed)
+    np.testing.assert_allclose(mtp2[:, :t], mtp[:, :t], rtol=1e-5, atol=1e-6)  # earlier rows unaffected
+    assert not np.allclose(mtp2[:, t], mtp[:, t], atol=1e-4)
+
+
+def test_mtp_weights_load_from_checkpoint(flash_ckpt):
+    from dsv4.safetensors_io import CheckpointIndex
+
+    path, _, _ = flash_ckpt
+    model = dsv4.load_hf(path, dtype="float32")
+    index = CheckpointIndex(path)
+    np.testing.assert_array_equal(
+        np.asarray(model.mtp[0].enorm.weight.get_value()), index.read("mtp.0.enorm.weight").astype(np.float32)
+    )
+    np.testing.assert_array_equal(
+        np.asarray(model.mtp[0].block.hc_attn.fn.get_value()), index.read("mtp.0.hc_attn_fn")
+    )
+
+
+def test_bfloat16_load_keeps_precision_sensitive_weights_in_float32(flash_ckpt):
+    path, hf_model, cfg = flash_ckpt
+    model = dsv4.load_hf(path, dtype="bfloat16")
+    layer = model.layers[2]
+    assert layer.attn.wq_a.weight.get_value().dtype == jnp.bfloat16
+    for var in (layer.hc_attn.fn, layer.hc_ffn.base, layer.attn.attn_sink, layer.attn.compressor.ape,
+                layer.ffn.gate.bias, model.hc_head.fn):
+        assert var.get_value().dtype == jnp.float32
+    tokens = np.random.default_rng(3).integers(0, cfg["vocab_size"], (2, 200))
+    low = dsv4.forward(model, tokens)
+    high = dsv4.forward(dsv4.load_hf(path, dtype="float32"), tokens)
+    err = float(jnp.linalg.norm(low - high) / jnp.linalg.norm(high))
+    assert err < 0.05, err  # bfloat16 weights and activations: measured about 1e-2
