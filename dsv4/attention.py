@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsv4.cache import CompressorState, DenseStore, LayerCache, _scatter_rows
 from dsv4.config import ModelConfig, RuntimeConfig
 from dsv4.layers import F32, Linear, RMSNorm, apply_rope, rms_norm, rope_angles, rope_inv_freq
 from dsv4.params import KeyChain, constant, normal, param
@@ -58,19 +59,67 @@ class Compressor(nnx.Module):
         self.ape = param(keys, (ratio, width), ("compress_slot", "compress_dim"), F32, normal(0.02))
         self.norm = RMSNorm(dim, cfg.rms_norm_eps, keys, axis="kv_dim")
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, S, D] -> entries [B, S // ratio, dim] with RoPE (compress table) at w * ratio."""
-        b, s, _ = x.shape
-        m, t = self.ratio, s // self.ratio
-        x = x[:, : t * m]
+    @property
+    def history(self) -> int:
+        """Raw tokens kept between calls: the window filling now, plus the previous one for CSA."""
+        return self.ratio * (2 if self.overlap else 1)
+
+    def empty_state(self, batch: int, rows: int, dtype) -> CompressorState:
+        """A transient state holding `rows` entries in `dtype` (the whole-sequence forward uses this)."""
         width = self.ape.get_value().shape[-1]
-        if t == 0:
-            return jnp.zeros((b, 0, self.norm.weight.get_value().shape[0]), x.dtype)
-        c = self.wkv(x).reshape(b, t, m, width)
-        z = self.wgate(x).astype(F32).reshape(b, t, m, width) + self.ape.get_value()
-        entries = self.norm(pool_windows(c, z, self.overlap).astype(x.dtype))
-        cos, sin = rope_angles(jnp.arange(t) * m, rope_inv_freq(self.cfg, compressed=True))
-        return apply_rope(entries, cos, sin)
+        raw = jnp.zeros((batch, self.history, width), F32)
+        dim = self.norm.weight.get_value().shape[0]
+        return CompressorState(raw, raw, DenseStore(jnp.zeros((batch, rows, dim), dtype)))
+
+    def update(self, x: jax.Array, start: jax.Array, n: jax.Array, state: CompressorState) -> CompressorState:
+        """Consume a chunk and emit every window it completes.
+
+        x [B, C, D] holds tokens at positions start[b] + i, of which the first n[b] are real.
+        Window w (positions [w*m, (w+1)*m)) is emitted when its last token arrives: the entry is
+        pooled, normalised, RoPE'd (compress table) at position w*m and written to row w.
+        """
+        m, hist = self.ratio, self.history
+        b, c_len, _ = x.shape
+        ape = self.ape.get_value()
+        pos = start[:, None] + jnp.arange(c_len)  # [B, C]
+        c = self.wkv(x).astype(F32)  # [B, C, C_w]
+        z = self.wgate(x).astype(F32) + ape[pos % m]
+        base = (start // m) * m - (m if self.overlap else 0)  # first position of the aligned span
+        span = -(-(hist + c_len) // m) * m
+        cal, zal = _align_tokens(state.raw_kv, state.raw_gate, c, z, base, start, n, span)
+        windows = span // m
+        pooled = pool_windows(cal.reshape(b, windows, m, -1), zal.reshape(b, windows, m, -1), self.overlap)
+        w_abs = base[:, None] // m + jnp.arange(windows)  # [B, U] absolute window index
+        cos, sin = rope_angles(w_abs * m, rope_inv_freq(self.cfg, compressed=True))
+        entries = apply_rope(self.norm(pooled.astype(x.dtype)), cos, sin)
+        last = w_abs * m + m - 1
+        emit = (last >= start[:, None]) & (last < (start + n)[:, None]) & (w_abs >= 0)
+        stored = state.entries.write(jnp.where(emit, w_abs, jnp.iinfo(jnp.int32).max), entries)
+        keep = (jnp.arange(c_len) < n[:, None]) & (jnp.arange(c_len) >= (n - hist)[:, None])
+        slots = jnp.where(keep, pos % hist, hist)  # out of range -> dropped
+        return CompressorState(
+            _scatter_rows(state.raw_kv, slots, c), _scatter_rows(state.raw_gate, slots, z), stored
+        )
+
+
+def _align_tokens(raw_kv, raw_gate, c, z, base, start, n, span):
+    """Values and gate logits of positions base[b] .. base[b] + span - 1, window-aligned per row.
+
+    Positions before `start` come from the raw ring, the next n[b] from the chunk; positions
+    before 0 or past the real tokens get value 0 and logit -inf. Returns two [B, span, C_w].
+    """
+    hist, c_len = raw_kv.shape[1], c.shape[1]
+    pos = base[:, None] + jnp.arange(span)  # [B, span]
+    idx = pos - start[:, None]  # index into the chunk
+    from_ring = (idx < 0) & (pos >= 0)
+    in_chunk = (idx >= 0) & (idx < n[:, None])
+
+    def pick(ring, chunk, fill):
+        r = jnp.take_along_axis(ring, (pos % hist)[..., None], axis=1)
+        k = jnp.take_along_axis(chunk, jnp.clip(idx, 0, c_len - 1)[..., None], axis=1)
+        return jnp.where(from_ring[..., None], r, jnp.where(in_chunk[..., None], k, fill))
+
+    return pick(raw_kv, c, 0.0), pick(raw_gate, z, NEG_INF)
 
 
 # ------------------------------------------------------------------------------------------- indexer
@@ -131,20 +180,15 @@ class Indexer(nnx.Module):
         self.weights_proj = Linear(cfg.hidden_size, heads, ("embed", "index_heads"), dtype, keys)
         self.compressor = Compressor(cfg, dim, ratio, True, dtype, keys)
 
-    def scoring_inputs(self, x, qr, positions):
-        """Queries [B,S,I,J] (RoPE'd), head weights [B,S,I] (scales folded in), keys [B,T,J]."""
+    def select(self, x, qr, positions, keys, block: int) -> jax.Array:
+        """Top-k entry indices [B, S, min(index_topk, T)] (-1 = invalid) against index keys [B, T, J]."""
         cfg = self.cfg
         b, s, _ = x.shape
         heads, dim = cfg.index_n_heads, cfg.index_head_dim
         cos, sin = rope_angles(positions, rope_inv_freq(cfg, compressed=True))
         q = apply_rope(self.wq_b(qr).reshape(b, s, heads, dim), cos[:, :, None], sin[:, :, None])
         w = self.weights_proj(x).astype(F32) * (dim**-0.5 * heads**-0.5)
-        return q, w, self.compressor(x)
-
-    def __call__(self, x, qr, positions, block: int) -> jax.Array:
-        """Top-k entry indices [B, S, min(index_topk, T)], -1 where invalid."""
-        q, w, keys = self.scoring_inputs(x, qr, positions)
-        return indexer_topk(q, keys, w, positions, self.compressor.ratio, self.cfg.index_topk, block)
+        return indexer_topk(q, keys, w, positions, self.compressor.ratio, cfg.index_topk, block)
 
 
 # ------------------------------------------------------------------------------------ attention core
@@ -164,9 +208,9 @@ def _combine_with_sink(logits, values, sink):
 
 
 def window_mask(q_idx: jax.Array, k_idx: jax.Array, window: int) -> jax.Array:
-    """[Q, Kn] True where key index k is inside query q's sliding window (q-W < k <= q, k >= 0)."""
+    """[Q, Kn] True where key k is inside query q's sliding window (q-W < k <= q)."""
     q_idx, k_idx = q_idx[:, None], k_idx[None, :]
-    return (k_idx <= q_idx) & (k_idx > q_idx - window) & (k_idx >= 0)
+    return (k_idx <= q_idx) & (k_idx > q_idx - window)
 
 
 def entry_visible(positions: jax.Array, num_entries: int, ratio: int) -> jax.Array:
@@ -186,65 +230,88 @@ def _entry_part(q_blk, pos_blk, idx_blk, entries, ratio, scale):
     return logits, lambda p: jnp.einsum("bqhn,bqnk->bqhk", p, gathered)
 
 
-def sparse_attention(q, kv, sink, positions, window, entries=None, entry_idx=None, ratio=1, block=128):
-    """Blockwise attention over the sliding window and (optionally) compressed entries.
+def _uses_entries(entries, entry_idx) -> bool:
+    return entries is not None and entries.shape[1] > 0 and (entry_idx is None or entry_idx.shape[-1] > 0)
 
-    q [B, S, H, K]; kv [B, S, K] (K = V); sink [H]; positions [B, S] (the query positions, which
-    are also the key positions: this is the whole-sequence form). entries [B, T, K] with either
-    entry_idx [B, S, N] (CSA, -1 = invalid) or None (HCA: all entries, causal). Returns
-    [B, S, H, K] float32.
+
+def sparse_attention(q, kv, prev, start, sink, window, entries=None, entry_idx=None, ratio=1, block=128):
+    """Blockwise attention of a chunk over its sliding window and (optionally) compressed entries.
+
+    q [B, S, H, K] and kv [B, S, K] (K = V) of the chunk's tokens at positions start[b] + i;
+    prev [B, W-1, K]: the keys of positions start[b]-W+1 .. start[b]-1 (invalid where negative);
+    sink [H]. entries [B, T, K] with either entry_idx [B, S, N] (CSA, -1 = invalid) or None (HCA:
+    every entry complete at the query position). Each query block of `block` reads one
+    (block + W - 1)-key slice, so memory is O(S*W), never O(S^2). Returns [B, S, H, K] float32.
     """
     b, s, h, dk = q.shape
     scale = dk**-0.5
-    q, kv = q.astype(F32), kv.astype(F32)
     block = max(1, min(block, s))
-    kv_pad = jnp.pad(kv, ((0, 0), (window - 1, -(-s // block) * block - s), (0, 0)))
+    n_blocks = -(-s // block)
+    keys_all = jnp.concatenate([prev.astype(F32), kv.astype(F32)], axis=1)  # key i at start - (W-1) + i
+    keys_all = jnp.pad(keys_all, ((0, 0), (0, n_blocks * block - s), (0, 0)))
     span = block + window - 1
-    has_idx = entry_idx is not None
+    positions = start[:, None] + jnp.arange(s)
+    use_entries = _uses_entries(entries, entry_idx)
+    has_idx = use_entries and entry_idx is not None
 
     def one_block(args):
         j, q_blk, pos_blk, *idx = args
         j = j[0, 0]
-        keys = jax.lax.dynamic_slice_in_dim(kv_pad, j * block, span, axis=1)  # [B, span, K]
-        k_idx = j * block - (window - 1) + jnp.arange(span)
-        mask = window_mask(j * block + jnp.arange(block), k_idx, window) & (k_idx < s)
-        logits = jnp.einsum("bqhk,bsk->bqhs", q_blk, keys) * scale
-        parts = [jnp.where(mask[None, :, None, :], logits, NEG_INF)]
+        keys = jax.lax.dynamic_slice_in_dim(keys_all, j * block, span, axis=1)  # [B, span, K]
+        k_rel = j * block - (window - 1) + jnp.arange(span)  # key index relative to the chunk
+        mask = window_mask(j * block + jnp.arange(block), k_rel, window) & (k_rel < s)
+        mask = mask[None] & ((start[:, None] + k_rel) >= 0)[:, None, :]  # [B, Q, span]
+        logits = jnp.einsum("bqhk,bsk->bqhs", q_blk.astype(F32), keys) * scale
+        parts = [jnp.where(mask[:, :, None, :], logits, NEG_INF)]
         values = [lambda p: jnp.einsum("bqhs,bsk->bqhk", p, keys)]
-        if entries is not None and entries.shape[1] and (not has_idx or entry_idx.shape[-1]):
-            lg, val = _entry_part(
-                q_blk, pos_blk, idx[0] if has_idx else None, entries.astype(F32), ratio, scale
-            )
+        if use_entries:
+            idx_blk = idx[0] if has_idx else None
+            lg, val = _entry_part(q_blk.astype(F32), pos_blk, idx_blk, entries.astype(F32), ratio, scale)
             parts.append(lg)
             values.append(val)
         return _combine_with_sink(parts, values, sink.astype(F32))
 
-    n_blocks = -(-s // block)
     block_ids = jnp.broadcast_to(jnp.repeat(jnp.arange(n_blocks), block)[None, :s], (b, s))
     arrays = (block_ids, q, positions) + ((entry_idx,) if has_idx else ())
     return _map_query_blocks(one_block, arrays, block)
 
 
-def dense_attention(q, kv, sink, positions, window, entries=None, entry_idx=None, ratio=1):
-    """Reference: the same attention with dense [S, S] and [S, T] masks. Same signature as above."""
+def dense_attention(q, kv, prev, start, sink, window, entries=None, entry_idx=None, ratio=1):
+    """Reference: the same attention with dense [S, W-1+S] and [S, T] masks. Same arguments as above."""
     s, dk = q.shape[1], q.shape[-1]
     scale = dk**-0.5
-    q, kv = q.astype(F32), kv.astype(F32)
-    logits = jnp.einsum("bqhk,bsk->bqhs", q, kv) * scale
-    mask = window_mask(jnp.arange(s), jnp.arange(s), window)
-    parts = [jnp.where(mask[None, :, None, :], logits, NEG_INF)]
-    values = [lambda p: jnp.einsum("bqhs,bsk->bqhk", p, kv)]
-    if entries is not None and entries.shape[1]:
+    q = q.astype(F32)
+    keys = jnp.concatenate([prev.astype(F32), kv.astype(F32)], axis=1)
+    k_rel = jnp.arange(keys.shape[1]) - (window - 1)
+    mask = window_mask(jnp.arange(s), k_rel, window)[None] & ((start[:, None] + k_rel) >= 0)[:, None, :]
+    logits = jnp.einsum("bqhk,bsk->bqhs", q, keys) * scale
+    parts = [jnp.where(mask[:, :, None, :], logits, NEG_INF)]
+    values = [lambda p: jnp.einsum("bqhs,bsk->bqhk", p, keys)]
+    if _uses_entries(entries, entry_idx):
         t = entries.shape[1]
         entries = entries.astype(F32)
-        visible = entry_visible(positions, t, ratio)  # [B, S, T]
+        visible = entry_visible(start[:, None] + jnp.arange(s), t, ratio)  # [B, S, T]
         if entry_idx is not None:  # dense selection mask from the top-k indices
-            chosen = jnp.any(entry_idx[..., None] == jnp.arange(t), axis=-2)
-            visible = visible & chosen
+            visible = visible & jnp.any(entry_idx[..., None] == jnp.arange(t), axis=-2)
         lg = jnp.einsum("bqhk,btk->bqht", q, entries) * scale
         parts.append(jnp.where(visible[:, :, None, :], lg, NEG_INF))
         values.append(lambda p: jnp.einsum("bqht,btk->bqhk", p, entries))
     return _combine_with_sink(parts, values, sink.astype(F32))
+
+
+def window_before(ring: jax.Array, start: jax.Array) -> jax.Array:
+    """The W-1 keys before each chunk, oldest first: ring [B, W, K] (slot = pos % W) -> [B, W-1, K]."""
+    w = ring.shape[1]
+    slots = (start[:, None] - (w - 1) + jnp.arange(w - 1)) % w
+    return jnp.take_along_axis(ring, slots[..., None], axis=1)
+
+
+def write_window(ring: jax.Array, kv: jax.Array, start: jax.Array, n: jax.Array) -> jax.Array:
+    """Store the chunk's real keys in the ring (only the last W of them can matter)."""
+    w, c_len = ring.shape[1], kv.shape[1]
+    i = jnp.arange(c_len)
+    keep = (i < n[:, None]) & (i >= (n - w)[:, None])
+    return _scatter_rows(ring, jnp.where(keep, (start[:, None] + i) % w, w), kv.astype(ring.dtype))
 
 
 # ------------------------------------------------------------------------------------------ attention
@@ -269,22 +336,39 @@ class Attention(nnx.Module):
         self.compressor = None if ratio == 0 else Compressor(cfg, k, ratio, self.kind == "csa", dtype, keys)
         self.indexer = Indexer(cfg, ratio, dtype, keys) if self.kind == "csa" else None
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """x [B, S, D] (after attn_norm), positions [B, S] -> [B, S, D]."""
+    def empty_cache(self, batch: int, length: int, dtype) -> LayerCache:
+        """Transient per-layer state for a whole-sequence forward of `length` tokens."""
+        window = jnp.zeros((batch, self.cfg.sliding_window, self.cfg.head_dim), dtype)
+        comp = self.compressor.empty_state(batch, length // self.ratio, dtype) if self.compressor else None
+        index = (
+            self.indexer.compressor.empty_state(batch, length // self.ratio, dtype) if self.indexer else None
+        )
+        return LayerCache(window, comp, index)
+
+    def __call__(self, x: jax.Array, start: jax.Array, n: jax.Array, cache: LayerCache) -> tuple:
+        """x [B, C, D] (after attn_norm) at positions start[b] + i, n[b] real -> ([B, C, D], cache)."""
         cfg = self.cfg
         b, s, _ = x.shape
+        positions = start[:, None] + jnp.arange(s)
         cos, sin = rope_angles(positions, rope_inv_freq(cfg, compressed=self.ratio > 0))
         qr = self.q_norm(self.wq_a(x))
         q = rms_norm(self.wq_b(qr).reshape(b, s, cfg.num_attention_heads, cfg.head_dim), cfg.rms_norm_eps)
         q = apply_rope(q, cos[:, :, None], sin[:, :, None])
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
-        entries = self.compressor(x) if self.compressor is not None else None
-        entry_idx = self.indexer(x, qr, positions, self.rt.query_block) if self.indexer is not None else None
+        comp = index = entries = entry_idx = None
+        if self.compressor is not None:
+            comp = self.compressor.update(x, start, n, cache.compressor)
+            entries = comp.entries.read()
+        if self.indexer is not None:
+            index = self.indexer.compressor.update(x, start, n, cache.indexer)
+            entry_idx = self.indexer.select(x, qr, positions, index.entries.read(), self.rt.query_block)
+        prev = window_before(cache.window, start)
         args = (
             q,
             kv,
+            prev,
+            start,
             self.attn_sink.get_value(),
-            positions,
             cfg.sliding_window,
             entries,
             entry_idx,
@@ -295,7 +379,7 @@ class Attention(nnx.Module):
         else:
             o = sparse_attention(*args, block=self.rt.query_block)
         o = apply_rope(o.astype(x.dtype), cos[:, :, None], sin[:, :, None], inverse=True)
-        return self.project_out(o)
+        return self.project_out(o), LayerCache(write_window(cache.window, kv, start, n), comp, index)
 
     def project_out(self, o: jax.Array) -> jax.Array:
         """Grouped low-rank output projection: [B, S, H, K] -> [B, S, D]."""

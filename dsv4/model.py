@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv4.attention import Attention
+from dsv4.cache import LayerCache
 from dsv4.config import ModelConfig, RuntimeConfig
 from dsv4.layers import F32, Linear, RMSNorm
 from dsv4.mhc import HyperConnection, HyperHead, collapse
@@ -41,14 +42,19 @@ class Block(nnx.Module):
         self.hc_attn = HyperConnection(cfg, keys)
         self.hc_ffn = HyperConnection(cfg, keys)
 
-    def __call__(self, streams: jax.Array, positions: jax.Array, token_ids: jax.Array) -> jax.Array:
-        """streams [B, S, N, D] -> [B, S, N, D]."""
+    def __call__(self, streams, start, n, token_ids, cache: LayerCache | None = None):
+        """streams [B, C, N, D] at positions start[b] + i (n[b] real) -> (streams, cache).
+
+        With `cache=None` this is a whole-sequence forward from position 0 (a transient cache).
+        """
+        if cache is None:
+            cache = self.attn.empty_cache(streams.shape[0], streams.shape[1], streams.dtype)
         pre, post, comb = self.hc_attn.weights(streams)
-        out = self.attn(self.attn_norm(collapse(streams, pre)), positions)
+        out, cache = self.attn(self.attn_norm(collapse(streams, pre)), start, n, cache)
         streams = HyperConnection.expand(out, streams, post, comb)
         pre, post, comb = self.hc_ffn.weights(streams)
         out = self.ffn(self.ffn_norm(collapse(streams, pre)), token_ids)
-        return HyperConnection.expand(out, streams, post, comb)
+        return HyperConnection.expand(out, streams, post, comb), cache
 
 
 class MTPBlock(nnx.Module):
@@ -64,11 +70,13 @@ class MTPBlock(nnx.Module):
         self.hc_head = HyperHead(cfg, keys)
         self.norm = RMSNorm(d, cfg.rms_norm_eps, keys)
 
-    def __call__(self, streams, next_embed, positions, next_ids) -> jax.Array:
+    def __call__(self, streams, next_embed, next_ids) -> jax.Array:
         """streams [B,S,N,D] (main model, before hc_head), next_embed [B,S,D] -> hidden [B,S,D]."""
         e = self.e_proj(self.enorm(next_embed))
         h = self.h_proj(self.hnorm(streams))
-        x = self.block(h + e[:, :, None, :], positions, next_ids)
+        b, s = next_ids.shape
+        start, n = jnp.zeros((b,), jnp.int32), jnp.full((b,), s, jnp.int32)
+        x, _ = self.block(h + e[:, :, None, :], start, n, next_ids)
         return self.norm(self.hc_head(x))
 
 
@@ -91,24 +99,38 @@ class DeepseekV4(nnx.Module):
         self.head = Table(v, d, dtype, keys, std=0.02)
         self.mtp = nnx.List([MTPBlock(cfg, rt, keys) for _ in range(cfg.num_mtp_layers)])
 
-    def streams(self, tokens: jax.Array) -> jax.Array:
-        """The residual streams after the last block: tokens [B, S] -> [B, S, N, D]."""
+    def run(self, tokens, start, n, caches=None):
+        """The residual streams after the last block for a chunk: tokens [B, C] -> ([B, C, N, D], caches).
+
+        start [B]: position of each row's first token; n [B]: real tokens per row (right padding).
+        `caches` is a tuple of LayerCache, or None for a whole-sequence forward from position 0.
+        """
         b, s = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         x = self.embed.weight.get_value()[tokens]
         x = jnp.broadcast_to(x[:, :, None, :], (b, s, self.cfg.hc_mult, x.shape[-1]))
-        for layer in self.layers:
-            x = layer(x, positions, tokens)
-        return x
+        new_caches = []
+        for i, layer in enumerate(self.layers):
+            x, cache = layer(x, start, n, tokens, None if caches is None else caches[i])
+            new_caches.append(cache)
+        return x, tuple(new_caches)
+
+    def streams(self, tokens: jax.Array) -> jax.Array:
+        """Whole-sequence residual streams after the last block: tokens [B, S] -> [B, S, N, D]."""
+        b, s = tokens.shape
+        return self.run(tokens, jnp.zeros((b,), jnp.int32), jnp.full((b,), s, jnp.int32))[0]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [B, S, D] -> float32 logits [B, S, V] through the shared head."""
         head = self.head.weight.get_value()
         return jnp.einsum("bsd,vd->bsv", hidden.astype(head.dtype), head, preferred_element_type=F32)
 
+    def head_logits(self, streams: jax.Array) -> jax.Array:
+        """Final streams [B, S, N, D] -> float32 logits [B, S, V] (hc_head, norm, head)."""
+        return self.logits(self.norm(self.hc_head(streams)))
+
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens int32 [B, S] -> logits float32 [B, S, V]."""
-        return self.logits(self.norm(self.hc_head(self.streams(tokens))))
+        return self.head_logits(self.streams(tokens))
 
     def forward_with_mtp(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Main logits [B, S, V] and MTP logits [B, S-1, V], where mtp[:, t] predicts token t + 2.
@@ -118,11 +140,9 @@ class DeepseekV4(nnx.Module):
         if not len(self.mtp):
             raise ValueError("this config has no MTP block (num_nextn_predict_layers = 0)")
         streams = self.streams(tokens)
-        main = self.logits(self.norm(self.hc_head(streams)))
-        b, s = tokens.shape
+        main = self.head_logits(streams)
         nxt = tokens[:, 1:]
-        positions = jnp.broadcast_to(jnp.arange(s - 1, dtype=jnp.int32), (b, s - 1))
-        hidden = self.mtp[0](streams[:, :-1], self.embed.weight.get_value()[nxt], positions, nxt)
+        hidden = self.mtp[0](streams[:, :-1], self.embed.weight.get_value()[nxt], nxt)
         return main, self.logits(hidden)
 
 

@@ -1,0 +1,237 @@
+"""The DeepSeek-V4 KV cache: a functional pytree with fixed shapes for a given (batch, max length).
+
+Per layer (letters: B batch, W sliding window, K head dim, J indexer head dim, m ratio, C_w the
+compressor width = K for HCA or 2K for CSA (two series), P = history ring length):
+
+- `window` [B, W, K], storage dtype, axes (batch, -, kv_dim); every layer. A ring: the key of
+  position p sits in slot p % W.
+- `compressor.raw_kv` / `raw_gate` [B, P, C_w], float32, axes (batch, -, compress_dim); CSA and
+  HCA layers. The last P tokens' wkv(x) and wgate(x) + ape, slot = position % P.
+- `compressor.entries` [B, max_len // m, K], storage format, axes (batch, -, kv_dim): the
+  compressed entries, entry w in row w.
+- `indexer.*`: the same for the CSA indexer's own compressor, with K -> J.
+
+P = 2m for CSA (the previous complete window's A-series is needed by the next entry, plus the
+window filling now) and m for HCA. `lengths` [B] int32 counts the tokens each sequence consumed;
+everything else is derived from it: entry count = lengths // m, ring slots = position % size.
+
+Alignment convention: every sequence has its own positions 0, 1, 2, ... (no left padding). A
+prefill chunk is right-padded: row b holds `n[b]` real tokens, the rest is ignored (never written
+to the cache, never visible to real tokens). Compression windows are aligned to absolute
+positions per sequence (window w covers positions [w*m, (w+1)*m)), as in the release.
+
+Storage formats (runtime choice, `fmt`): "bfloat16" (default), "float32" (exact, for tests) and
+"compact": each K-wide entry as K-R FP8 E4M3 values with one E8M0 scale per 64, plus R BF16 RoPE
+values (448 + 7 + 128 bytes for K = 512); indexer keys as FP4 (e2m1) with one E8M0 scale per 32.
+The raw rings stay float32 in every format: they are constant-size and feed the pooling softmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv4.config import ModelConfig
+
+FORMATS = ("bfloat16", "float32", "compact")
+FP8_BLOCK = 64
+FP4_GROUP = 32
+_FP4_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+
+def _pytree(cls):
+    """Register a dataclass as a pytree whose fields are all children."""
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    return jax.tree_util.register_dataclass(cls, data_fields=fields, meta_fields=[])
+
+
+# ------------------------------------------------------------------------------- entry storage
+
+
+@_pytree
+class DenseStore:
+    """Entries stored as they are: values [B, T, d]."""
+
+    values: jax.Array
+
+    def read(self) -> jax.Array:
+        return self.values
+
+    def write(self, rows: jax.Array, new: jax.Array) -> DenseStore:
+        """Set values[b, rows[b, u]] = new[b, u]; rows out of range are dropped."""
+        return DenseStore(_scatter_rows(self.values, rows, new.astype(self.values.dtype)))
+
+
+@_pytree
+class Fp8Store:
+    """Compact entries: [B, T, d-R] FP8 E4M3, [B, T, ceil((d-R)/64)] E8M0 scales, [B, T, R] BF16 RoPE."""
+
+    nope: jax.Array
+    scales: jax.Array
+    rope: jax.Array
+
+    def read(self) -> jax.Array:
+        nope = _blockwise(self.nope.astype(jnp.float32), FP8_BLOCK) * _e8m0(self.scales)[..., None]
+        nope = nope.reshape(*nope.shape[:-2], -1)[..., : self.nope.shape[-1]]
+        return jnp.concatenate([nope, self.rope.astype(jnp.float32)], axis=-1)
+
+    def write(self, rows, new) -> Fp8Store:
+        r = self.rope.shape[-1]
+        q, s = quantize_fp8_blocks(new[..., :-r].astype(jnp.float32))
+        return Fp8Store(
+            _scatter_rows(self.nope, rows, q),
+            _scatter_rows(self.scales, rows, s),
+            _scatter_rows(self.rope, rows, new[..., -r:].astype(self.rope.dtype)),
+        )
+
+
+@_pytree
+class Fp4Store:
+    """Compact indexer keys: [B, T, J/2] packed e2m1 codes (low nibble first) + [B, T, J/32] E8M0 scales."""
+
+    packed: jax.Array
+    scales: jax.Array
+
+    def read(self) -> jax.Array:
+        codes = jnp.stack([self.packed & 0xF, self.packed >> 4], axis=-1).reshape(*self.packed.shape[:-1], -1)
+        values = jnp.asarray(_FP4_VALUES)[codes.astype(jnp.int32)]
+        return (_blockwise(values, FP4_GROUP) * _e8m0(self.scales)[..., None]).reshape(values.shape)
+
+    def write(self, rows, new) -> Fp4Store:
+        packed, scales = quantize_fp4_groups(new.astype(jnp.float32))
+        return Fp4Store(_scatter_rows(self.packed, rows, packed), _scatter_rows(self.scales, rows, scales))
+
+
+def _scatter_rows(values: jax.Array, rows: jax.Array, new: jax.Array) -> jax.Array:
+    """values [B, T, ...], rows [B, U] int32, new [B, U, ...]: per-row scatter, out-of-range dropped."""
+    batch = jnp.broadcast_to(jnp.arange(values.shape[0])[:, None], rows.shape)
+    return values.at[batch, rows].set(new, mode="drop")
+
+
+def _blockwise(x: jax.Array, block: int) -> jax.Array:
+    """[..., d] -> [..., ceil(d/block), block] (zero-padded)."""
+    d = x.shape[-1]
+    n = -(-d // block)
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n * block - d)])
+    return x.reshape(*x.shape[:-1], n, block)
+
+
+def _e8m0(b: jax.Array) -> jax.Array:
+    return jnp.exp2(b.astype(jnp.float32) - 127.0)
+
+
+def _pow2_scale(amax: jax.Array, top: float) -> jax.Array:
+    """E8M0 byte of the smallest power of two s with amax / s <= top (1.0 for an all-zero block)."""
+    exponent = jnp.ceil(jnp.log2(jnp.maximum(amax, 1e-30) / top))
+    exponent = jnp.where(amax > 0, exponent, 0.0)
+    return jnp.clip(exponent + 127, 0, 254).astype(jnp.uint8)
+
+
+def quantize_fp8_blocks(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [..., d] -> (FP8 E4M3 [..., d], E8M0 scale bytes [..., ceil(d/64)]), power-of-two scales."""
+    blocks = _blockwise(x, FP8_BLOCK)
+    scales = _pow2_scale(jnp.max(jnp.abs(blocks), axis=-1), 448.0)
+    q = jnp.clip(blocks / _e8m0(scales)[..., None], -448, 448).astype(jnp.float8_e4m3fn)
+    return q.reshape(*q.shape[:-2], -1)[..., : x.shape[-1]], scales
+
+
+def quantize_fp4_groups(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [..., J] (J even) -> (packed e2m1 codes uint8 [..., J/2], E8M0 scale bytes [..., ceil(J/32)])."""
+    groups = _blockwise(x, FP4_GROUP)
+    scales = _pow2_scale(jnp.max(jnp.abs(groups), axis=-1), 6.0)
+    scaled = (groups / _e8m0(scales)[..., None]).reshape(*x.shape[:-1], -1)[..., : x.shape[-1]]
+    codes = jnp.argmin(jnp.abs(scaled[..., None] - jnp.asarray(_FP4_VALUES)), axis=-1).astype(jnp.uint8)
+    pairs = codes.reshape(*codes.shape[:-1], -1, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).astype(jnp.uint8), scales
+
+
+def empty_store(batch: int, rows: int, dim: int, rope: int, fmt: str, is_index_key: bool):
+    """An all-zero entry store of `rows` entries of width `dim` in the given format."""
+    if fmt == "compact" and is_index_key:
+        return Fp4Store(
+            jnp.zeros((batch, rows, dim // 2), jnp.uint8),
+            jnp.full((batch, rows, -(-dim // FP4_GROUP)), 127, jnp.uint8),
+        )
+    if fmt == "compact":
+        return Fp8Store(
+            jnp.zeros((batch, rows, dim - rope), jnp.float8_e4m3fn),
+            jnp.full((batch, rows, -(-(dim - rope) // FP8_BLOCK)), 127, jnp.uint8),
+            jnp.zeros((batch, rows, rope), jnp.bfloat16),
+        )
+    return DenseStore(jnp.zeros((batch, rows, dim), jnp.dtype(fmt)))
+
+
+# ------------------------------------------------------------------------------------ the cache
+
+
+@_pytree
+class CompressorState:
+    """One compressor's running state: raw-token ring and the compressed entries emitted so far."""
+
+    raw_kv: jax.Array  # [B, P, C_w] float32, slot = position % P
+    raw_gate: jax.Array  # [B, P, C_w] float32 (ape included)
+    entries: DenseStore | Fp8Store | Fp4Store  # [B, max_len // m, d]
+
+
+@_pytree
+class LayerCache:
+    """One layer: the sliding-window ring, plus compressor (CSA/HCA) and indexer (CSA) states."""
+
+    window: jax.Array  # [B, W, K], slot = position % W
+    compressor: CompressorState | None
+    indexer: CompressorState | None
+
+
+@_pytree
+class Cache:
+    """The whole model's cache: `lengths` [B] int32 and one LayerCache per main layer."""
+
+    lengths: jax.Array
+    layers: tuple[LayerCache, ...]
+
+
+def compressor_state(batch, max_len, ratio, dim, overlap, rope, fmt, is_index_key) -> CompressorState:
+    """An empty compressor state able to hold `max_len // ratio` entries."""
+    width = dim * (2 if overlap else 1)
+    history = ratio * (2 if overlap else 1)
+    return CompressorState(
+        jnp.zeros((batch, history, width), jnp.float32),
+        jnp.zeros((batch, history, width), jnp.float32),
+        empty_store(batch, max_len // ratio, dim, rope, fmt, is_index_key),
+    )
+
+
+def layer_cache(cfg: ModelConfig, ratio: int, batch: int, max_len: int, fmt: str) -> LayerCache:
+    """An empty cache for one layer of compression ratio `ratio` (0, 4 or 128)."""
+    window_dtype = jnp.float32 if fmt == "float32" else jnp.bfloat16
+    window = jnp.zeros((batch, cfg.sliding_window, cfg.head_dim), window_dtype)
+    comp = index = None
+    r = cfg.qk_rope_head_dim
+    if ratio:
+        overlap = ratio == 4
+        comp = compressor_state(batch, max_len, ratio, cfg.head_dim, overlap, r, fmt, False)
+        if overlap:
+            index = compressor_state(batch, max_len, ratio, cfg.index_head_dim, True, r, fmt, True)
+    return LayerCache(window, comp, index)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, fmt: str = "bfloat16") -> Cache:
+    """An empty cache for `batch` sequences of up to `max_len` tokens each."""
+    if fmt not in FORMATS:
+        raise ValueError(f"cache format {fmt!r} is not one of {FORMATS}")
+    if batch < 1 or max_len < 1:
+        raise ValueError(f"cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
+    layers = tuple(
+        layer_cache(cfg, cfg.compress_ratios[i], batch, max_len, fmt) for i in range(cfg.num_hidden_layers)
+    )
+    return Cache(jnp.zeros((batch,), jnp.int32), layers)
+
+
+def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, fmt: str = "bfloat16") -> int:
+    """Bytes of the cache for (batch, max_len), from the field shapes (jax.eval_shape; nothing allocated)."""
+    shapes = jax.eval_shape(lambda: init_cache(cfg, batch, max_len, fmt))
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
