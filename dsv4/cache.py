@@ -29,6 +29,7 @@ The raw rings stay float32 in every format: they are constant-size and feed the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -186,12 +187,16 @@ class LayerCache:
     indexer: CompressorState | None
 
 
-@_pytree
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["lengths", "layers"], meta_fields=["max_len"]
+)
+@dataclasses.dataclass(frozen=True)
 class Cache:
-    """The whole model's cache: `lengths` [B] int32 and one LayerCache per main layer."""
+    """The whole model's cache: `lengths` [B] int32, one LayerCache per main layer, and `max_len`."""
 
     lengths: jax.Array
     layers: tuple[LayerCache, ...]
+    max_len: int
 
 
 def compressor_state(batch, max_len, ratio, dim, overlap, rope, fmt, is_index_key) -> CompressorState:
@@ -228,7 +233,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, fmt: str = "bfloat16"
     layers = tuple(
         layer_cache(cfg, cfg.compress_ratios[i], batch, max_len, fmt) for i in range(cfg.num_hidden_layers)
     )
-    return Cache(jnp.zeros((batch,), jnp.int32), layers)
+    return Cache(jnp.zeros((batch,), jnp.int32), layers, max_len)
 
 
 def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, fmt: str = "bfloat16") -> int:

@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dsv4.cache import Cache
@@ -27,8 +28,8 @@ def extend(model: DeepseekV4, tokens: jax.Array, lengths: jax.Array, cache: Cach
     if last_only:
         last = jnp.clip(lengths - 1, 0, tokens.shape[1] - 1)
         streams = jnp.take_along_axis(streams, last[:, None, None, None], axis=1)
-        return model.head_logits(streams)[:, 0], Cache(start + lengths, layers)
-    return model.head_logits(streams), Cache(start + lengths, layers)
+        return model.head_logits(streams)[:, 0], Cache(start + lengths, layers, cache.max_len)
+    return model.head_logits(streams), Cache(start + lengths, layers, cache.max_len)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(4,))
@@ -45,16 +46,50 @@ def decode_fn(graphdef, state, tokens, cache):
     return logits[:, 0], cache
 
 
+def check_tokens(tokens, lengths, cache: Cache, vocab_size: int) -> None:
+    """Host-side validation before any device work: clear errors instead of silent garbage."""
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    if tokens.ndim != 2 or tokens.shape[1] == 0:
+        raise ValueError(f"tokens must be a non-empty [batch, length] array, got shape {tokens.shape}")
+    if tokens.shape[0] != cache.lengths.shape[0]:
+        raise ValueError(
+            f"tokens have batch {tokens.shape[0]} but the cache was made for {cache.lengths.shape[0]}"
+        )
+    if np.any(lengths < 0) or np.any(lengths > tokens.shape[1]):
+        raise ValueError(f"lengths {lengths.tolist()} must lie in [0, {tokens.shape[1]}]")
+    real = np.arange(tokens.shape[1])[None] < lengths[:, None]
+    bad = real & ((tokens < 0) | (tokens >= vocab_size))
+    if bad.any():
+        b, i = np.argwhere(bad)[0]
+        raise ValueError(
+            f"token id {tokens[b, i]} at row {b}, position {i} is outside the vocabulary [0, {vocab_size})"
+        )
+    total = np.asarray(cache.lengths) + lengths
+    if np.any(total > cache.max_len):
+        row = int(np.argmax(total))
+        raise ValueError(
+            f"row {row} would reach {total[row]} tokens, past the cache's max_len {cache.max_len}"
+        )
+
+
 def prefill(model: DeepseekV4, tokens, cache: Cache, lengths=None, last_only: bool = False):
-    """Append a chunk to every sequence: tokens [B, C] int32 -> (logits [B, C, V], cache). Donates `cache`."""
-    tokens = jnp.asarray(tokens, jnp.int32)
+    """Append a chunk to every sequence: tokens [B, C] int32 -> (logits [B, C, V], cache). Donates `cache`.
+
+    `lengths` [B] gives each row's real tokens (right padding; default: all C). Raises ValueError
+    on an empty chunk, an out-of-vocabulary id or a chunk that would overflow the cache.
+    """
+    tokens = np.asarray(tokens)
     if lengths is None:
-        lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+        lengths = np.full((tokens.shape[0],) if tokens.ndim else (1,), tokens.shape[-1] if tokens.ndim else 0)
+    check_tokens(tokens, lengths, cache, model.cfg.vocab_size)
     graphdef, state = nnx.split(model)
-    return prefill_fn(graphdef, state, tokens, jnp.asarray(lengths, jnp.int32), cache, last_only)
+    tokens, lengths = jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32)
+    return prefill_fn(graphdef, state, tokens, lengths, cache, last_only)
 
 
 def decode_step(model: DeepseekV4, tokens, cache: Cache):
     """One token per sequence: tokens [B] int32 -> (logits [B, V], cache). Donates `cache`."""
+    tokens = np.asarray(tokens).reshape(-1)
+    check_tokens(tokens[:, None], np.ones_like(tokens), cache, model.cfg.vocab_size)
     graphdef, state = nnx.split(model)
-    return decode_fn(graphdef, state, jnp.asarray(tokens, jnp.int32).reshape(-1), cache)
+    return decode_fn(graphdef, state, jnp.asarray(tokens, jnp.int32), cache)
