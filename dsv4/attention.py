@@ -43,7 +43,9 @@ def pool_windows(c: jax.Array, z: jax.Array, overlap: bool) -> jax.Array:
         prev_z = jnp.pad(z[:, :-1, :, :d], ((0, 0), (1, 0), (0, 0), (0, 0)), constant_values=NEG_INF)
         c = jnp.concatenate([prev_c, c[..., d:]], axis=2)  # [B, T, 2m, d]
         z = jnp.concatenate([prev_z, z[..., d:]], axis=2)
-    weights = jax.nn.softmax(z.astype(F32), axis=2)
+    z = z.astype(F32)
+    empty = jnp.all(z == NEG_INF, axis=2, keepdims=True)  # a window with no token yet (never emitted)
+    weights = jax.nn.softmax(jnp.where(empty, 0.0, z), axis=2)  # finite there, so no NaN in gradients
     return jnp.sum(weights * c.astype(F32), axis=2)
 
 
@@ -143,14 +145,46 @@ def indexer_topk(
 
     def one_block(args):
         q_blk, w_blk, pos_blk = args  # [B, Q, I, J], [B, Q, I], [B, Q]
-        dots = jnp.einsum("bqij,btj->bqit", q_blk.astype(F32), keys.astype(F32))
-        scores = jnp.einsum("bqit,bqi->bqt", jax.nn.relu(dots), w_blk.astype(F32))
-        visible = ((pos_blk + 1) // ratio)[..., None]  # [B, Q, 1]
-        scores = jnp.where(jnp.arange(t) < visible, scores, NEG_INF)
+        scores = index_scores(q_blk, keys, w_blk, pos_blk, ratio)
         idx = jax.lax.top_k(scores, k)[1]
-        return jnp.where(idx < visible, idx, -1).astype(jnp.int32)
+        return jnp.where(idx < ((pos_blk + 1) // ratio)[..., None], idx, -1).astype(jnp.int32)
 
     return _map_query_blocks(one_block, (q, weights, positions), block)
+
+
+def index_scores(q_blk, keys, w_blk, pos_blk, ratio: int) -> jax.Array:
+    """I(t, s) for one query block, -inf where entry s is not complete at t: [B, Q, T] float32."""
+    dots = jnp.einsum("bqij,btj->bqit", q_blk.astype(F32), keys.astype(F32))
+    scores = jnp.einsum("bqit,bqi->bqt", jax.nn.relu(dots), w_blk.astype(F32))
+    return jnp.where(entry_visible(pos_blk, keys.shape[1], ratio), scores, NEG_INF)
+
+
+def indexer_kl(q, entries, iq, keys, iw, positions, ratio: int, block: int) -> jax.Array:
+    """The lightning indexer's training loss: KL(main || indexer) over the visible compressed entries.
+
+    The target, held fixed (stop_gradient), is the main attention's distribution over the visible
+    entries (per-head softmax of q.e / sqrt(K), averaged over heads); the indexer's distribution is
+    softmax_s I(t, s). q [B,S,H,K], entries [B,T,K], iq [B,S,I,J], keys [B,T,J], iw [B,S,I].
+    Computed `block` queries at a time: no [S, T] array is kept. Returns the sum over queries that
+    see at least one entry, and their count (float32 scalars).
+    """
+    q, entries = jax.lax.stop_gradient(q.astype(F32)), jax.lax.stop_gradient(entries.astype(F32))
+    scale = q.shape[-1] ** -0.5
+
+    def one_block(args):
+        q_blk, iq_blk, iw_blk, pos_blk = args
+        visible = entry_visible(pos_blk, entries.shape[1], ratio)  # [B, Q, T]
+        main = jnp.einsum("bqhk,btk->bqht", q_blk, entries) * scale
+        main = jnp.where(visible[:, :, None, :], main, NEG_INF)
+        target = jnp.mean(jax.nn.softmax(main, axis=-1), axis=2)  # [B, Q, T]
+        log_q = jax.nn.log_softmax(index_scores(iq_blk, keys, iw_blk, pos_blk, ratio), axis=-1)
+        terms = jnp.where(visible, target * (jnp.log(jnp.where(visible, target, 1.0)) - log_q), 0.0)
+        has_any = visible[..., 0]
+        kl = jnp.where(has_any, jnp.sum(terms, axis=-1), 0.0)
+        return jnp.stack([kl, has_any.astype(F32)], axis=-1)  # [B, Q, 2]
+
+    out = _map_query_blocks(one_block, (q, iq, iw, positions), block)
+    return jnp.sum(out[..., 0]), jnp.sum(out[..., 1])
 
 
 def _map_query_blocks(fn, arrays, block: int):
@@ -180,15 +214,18 @@ class Indexer(nnx.Module):
         self.weights_proj = Linear(cfg.hidden_size, heads, ("embed", "index_heads"), dtype, keys)
         self.compressor = Compressor(cfg, dim, ratio, True, dtype, keys)
 
-    def select(self, x, qr, positions, keys, block: int) -> jax.Array:
-        """Top-k entry indices [B, S, min(index_topk, T)] (-1 = invalid) against index keys [B, T, J]."""
+    def queries(self, x, qr, positions) -> tuple[jax.Array, jax.Array]:
+        """Indexer queries [B, S, I, J] (RoPE'd, compress table) and head weights [B, S, I] (scales folded in)."""
         cfg = self.cfg
         b, s, _ = x.shape
         heads, dim = cfg.index_n_heads, cfg.index_head_dim
         cos, sin = rope_angles(positions, rope_inv_freq(cfg, compressed=True))
         q = apply_rope(self.wq_b(qr).reshape(b, s, heads, dim), cos[:, :, None], sin[:, :, None])
-        w = self.weights_proj(x).astype(F32) * (dim**-0.5 * heads**-0.5)
-        return indexer_topk(q, keys, w, positions, self.compressor.ratio, cfg.index_topk, block)
+        return q, self.weights_proj(x).astype(F32) * (dim**-0.5 * heads**-0.5)
+
+    def select(self, q, w, keys, positions, block: int) -> jax.Array:
+        """Top-k entry indices [B, S, min(index_topk, T)] (-1 = invalid) against index keys [B, T, J]."""
+        return indexer_topk(q, keys, w, positions, self.compressor.ratio, self.cfg.index_topk, block)
 
 
 # ------------------------------------------------------------------------------------ attention core
@@ -359,9 +396,15 @@ class Attention(nnx.Module):
         if self.compressor is not None:
             comp = self.compressor.update(x, start, n, cache.compressor)
             entries = comp.entries.read()
-        if self.indexer is not None:
-            index = self.indexer.compressor.update(x, start, n, cache.indexer)
-            entry_idx = self.indexer.select(x, qr, positions, index.entries.read(), self.rt.query_block)
+        if self.indexer is not None:  # its inputs are cut from the LM gradient: top-k is not differentiable
+            xs, qrs = jax.lax.stop_gradient(x), jax.lax.stop_gradient(qr)
+            index = self.indexer.compressor.update(xs, start, n, cache.indexer)
+            keys = index.entries.read()
+            iq, iw = self.indexer.queries(xs, qrs, positions)
+            entry_idx = self.indexer.select(iq, iw, keys, positions, self.rt.query_block)
+            if self.rt.train_stats:
+                kl = indexer_kl(q, entries, iq, keys, iw, positions, self.ratio, self.rt.query_block)
+                self.sow(nnx.Intermediate, "indexer_kl", kl)
         prev = window_before(cache.window, start)
         args = (
             q,

@@ -109,6 +109,8 @@ class Fp4Store:
 
 def _scatter_rows(values: jax.Array, rows: jax.Array, new: jax.Array) -> jax.Array:
     """values [B, T, ...], rows [B, U] int32, new [B, U, ...]: per-row scatter, out-of-range dropped."""
+    if values.shape[1] == 0:  # nothing can land (a sequence shorter than one window)
+        return values
     batch = jnp.broadcast_to(jnp.arange(values.shape[0])[:, None], rows.shape)
     return values.at[batch, rows].set(new, mode="drop")
 

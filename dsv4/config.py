@@ -727,11 +727,20 @@ class RuntimeConfig:
     dtype: parameter and compute dtype of the main weights ("float32" | "bfloat16").
     attention_impl: "xla" | "reference" | "pallas".
     query_block: query block size of the blockwise attention and indexer paths.
+    train_stats: for training, CSA layers compute the lightning indexer's KL loss (`sow`n as the
+        `nnx.Intermediate` "indexer_kl": (sum, count)) and top-k MoE layers their "expert_load".
+    mesh: a `jax.sharding.Mesh` with axes (data, expert, tensor) (`sharding.mesh.make_mesh`), or
+        None for one device. Mesh is hashable, so the config stays a valid static argument.
+    strategy: a `sharding.rules` strategy name ("dp_ep", "dp_ep_a2a", "tp_ep", "replicated") or a
+        `sharding.rules.Strategy`: how parameters, caches and the routed experts use the mesh.
     """
 
     dtype: str = "bfloat16"
     attention_impl: str = "xla"
     query_block: int = 128
+    train_stats: bool = False
+    mesh: Any = None
+    strategy: Any = "dp_ep"
 
     def __post_init__(self):
         if self.dtype not in _RUNTIME_DTYPES:
@@ -742,6 +751,7 @@ class RuntimeConfig:
             )
         if not _is_int(self.query_block) or self.query_block < 1:
             raise ConfigError(f"query_block: must be a positive integer, got {self.query_block!r}")
+        _check_sharding(self.mesh, self.strategy)
 
     @property
     def jnp_dtype(self):
@@ -749,3 +759,23 @@ class RuntimeConfig:
         import jax.numpy as jnp
 
         return jnp.dtype(self.dtype)
+
+
+def _check_sharding(mesh, strategy) -> None:
+    """ConfigError for an unknown strategy, or a strategy naming a mesh axis the mesh lacks."""
+    from jax.sharding import Mesh
+
+    from sharding.rules import check_mesh_axes, get_strategy  # sharding imports dsv4: import when used
+
+    try:
+        strat = get_strategy(strategy)
+    except ValueError as err:
+        raise ConfigError(f"strategy: {err}") from None
+    if mesh is None:
+        return
+    if not isinstance(mesh, Mesh):
+        raise ConfigError(f"mesh: must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
+    try:
+        check_mesh_axes(strat.rules, mesh, f"strategy {strat.name!r}")
+    except ValueError as err:
+        raise ConfigError(f"mesh: {err}") from None

@@ -74,19 +74,36 @@ def combine(y_sorted, order, tokens, weights, num_tokens):
 class Experts(nnx.Module):
     """Routed experts stacked along E: w1 (gate) [E, D, F], w3 (up) [E, D, F], w2 (down) [E, F, D]."""
 
-    def __init__(self, cfg: ModelConfig, dtype, keys: KeyChain):
+    def __init__(self, cfg: ModelConfig, dtype, keys: KeyChain, rt: RuntimeConfig | None = None):
         self.limit = cfg.swiglu_limit
+        self.rt = rt
         e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.w1 = param(keys, (e, d, f), ("experts", "embed", "expert_hidden"), dtype, normal(0.02))
         self.w3 = param(keys, (e, d, f), ("experts", "embed", "expert_hidden"), dtype, normal(0.02))
         self.w2 = param(keys, (e, f, d), ("experts", "expert_hidden", "embed"), dtype, normal(0.02))
 
     def __call__(self, x: jax.Array, weights: jax.Array, idx: jax.Array) -> jax.Array:
-        """x [N, D], weights/idx [N, K] -> [N, D] float32; every (token, choice) pair is computed."""
+        """x [N, D], weights/idx [N, K] -> [N, D] float32; every (token, choice) pair is computed.
+
+        With a mesh whose expert axes have more than one device (`rt.mesh`, `rt.strategy`), the
+        experts run expert-parallel (`sharding.expert_parallel`); otherwise on one device here.
+        """
+        plan = self._expert_parallel()
+        if plan is not None:
+            values = (w.get_value() for w in (self.w1, self.w3, self.w2))
+            return plan(x, weights, idx, *values, self.limit)
         w1, w3, w2 = (materialize(w.get_value()) for w in (self.w1, self.w3, self.w2))
         order, tokens, group_sizes = sort_by_expert(idx, w1.shape[0])
         y = expert_ffn(x[tokens], w1, w3, w2, group_sizes, self.limit)
         return combine(y, order, tokens, weights, x.shape[0])
+
+    def _expert_parallel(self):
+        """The expert-parallel plan of this runtime's mesh, or None (no mesh, or experts not split)."""
+        if self.rt is None or self.rt.mesh is None:
+            return None
+        from sharding.expert_parallel import ExpertParallel  # sharding imports dsv4: import when used
+
+        return ExpertParallel.plan(self.rt.mesh, self.rt.strategy)
 
 
 class SharedExpert(nnx.Module):
@@ -110,7 +127,7 @@ class Gate(nnx.Module):
     def __init__(self, cfg: ModelConfig, hashed: bool, dtype, keys: KeyChain):
         self.cfg, self.hashed = cfg, hashed
         self.weight = param(
-            keys, (cfg.hidden_size, cfg.n_routed_experts), ("embed", "experts"), dtype, normal(0.02)
+            keys, (cfg.hidden_size, cfg.n_routed_experts), ("embed", "router_experts"), dtype, normal(0.02)
         )
         if hashed:
             table = jax.random.randint(
@@ -118,7 +135,7 @@ class Gate(nnx.Module):
             )
             self.tid2eid = Buffer(table, axes=("vocab", "expert_slot"))
         else:
-            self.bias = param(keys, (cfg.n_routed_experts,), ("experts",), F32, constant(0.0))
+            self.bias = param(keys, (cfg.n_routed_experts,), ("router_experts",), F32, constant(0.0))
 
     def __call__(self, x: jax.Array, token_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [N, D], token_ids [N] -> (weights [N, K], expert ids [N, K])."""
@@ -139,8 +156,9 @@ class MoE(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, hashed: bool, keys: KeyChain):
         dtype = rt.jnp_dtype
+        self.report_load, self.num_experts = rt.train_stats and not hashed, cfg.n_routed_experts
         self.gate = Gate(cfg, hashed, dtype, keys)
-        self.experts = Experts(cfg, dtype, keys)
+        self.experts = Experts(cfg, dtype, keys, rt)
         self.shared_experts = SharedExpert(cfg, dtype, keys) if cfg.n_shared_experts else None
 
     def __call__(self, x: jax.Array, token_ids: jax.Array) -> jax.Array:
@@ -148,6 +166,8 @@ class MoE(nnx.Module):
         b, s, d = x.shape
         flat = x.reshape(b * s, d)
         weights, idx = self.gate(flat, token_ids.reshape(-1))
+        if self.report_load:  # per-expert token counts, for auxiliary-loss-free bias balancing
+            self.sow(nnx.Intermediate, "expert_load", jnp.bincount(idx.reshape(-1), length=self.num_experts))
         y = self.experts(flat, weights, idx)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat).astype(F32)
