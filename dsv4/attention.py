@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import pallas_kernels
 from dsv4.cache import CompressorState, DenseStore, LayerCache, _scatter_rows
 from dsv4.config import ModelConfig, RuntimeConfig
 from dsv4.layers import F32, Linear, RMSNorm, apply_rope, rms_norm, rope_angles, rope_inv_freq
@@ -99,9 +100,7 @@ class Compressor(nnx.Module):
         stored = state.entries.write(jnp.where(emit, w_abs, jnp.iinfo(jnp.int32).max), entries)
         keep = (jnp.arange(c_len) < n[:, None]) & (jnp.arange(c_len) >= (n - hist)[:, None])
         slots = jnp.where(keep, pos % hist, hist)  # out of range -> dropped
-        return CompressorState(
-            _scatter_rows(state.raw_kv, slots, c), _scatter_rows(state.raw_gate, slots, z), stored
-        )
+        return CompressorState(_scatter_rows(state.raw_kv, slots, c), _scatter_rows(state.raw_gate, slots, z), stored)
 
 
 def _align_tokens(raw_kv, raw_gate, c, z, base, start, n, span):
@@ -223,9 +222,12 @@ class Indexer(nnx.Module):
         q = apply_rope(self.wq_b(qr).reshape(b, s, heads, dim), cos[:, :, None], sin[:, :, None])
         return q, self.weights_proj(x).astype(F32) * (dim**-0.5 * heads**-0.5)
 
-    def select(self, q, w, keys, positions, block: int) -> jax.Array:
+    def select(self, q, w, keys, positions, rt: RuntimeConfig) -> jax.Array:
         """Top-k entry indices [B, S, min(index_topk, T)] (-1 = invalid) against index keys [B, T, J]."""
-        return indexer_topk(q, keys, w, positions, self.compressor.ratio, self.cfg.index_topk, block)
+        ratio, k = self.compressor.ratio, self.cfg.index_topk
+        if rt.attention_impl == "pallas":
+            return pallas_kernels.indexer_topk(q, keys.astype(q.dtype), w, positions, ratio, k, interpret=_interpret())
+        return indexer_topk(q, keys, w, positions, ratio, k, rt.query_block)
 
 
 # ------------------------------------------------------------------------------------ attention core
@@ -336,6 +338,29 @@ def dense_attention(q, kv, prev, start, sink, window, entries=None, entry_idx=No
     return _combine_with_sink(parts, values, sink.astype(F32))
 
 
+def _interpret() -> bool:
+    """Pallas kernels run compiled on GPU and TPU, in the Pallas interpreter elsewhere (CPU tests)."""
+    return jax.default_backend() not in ("gpu", "tpu")
+
+
+def _pallas_attention(q, kv, prev, start, sink, window, entries=None, entry_idx=None, ratio=1):
+    """The fused Pallas kernel with the arguments of `sparse_attention` (inverse RoPE left outside)."""
+    dtype = q.dtype
+    entries = None if entries is None else entries.astype(dtype)
+    return pallas_kernels.sparse_attention(
+        q,
+        kv.astype(dtype),
+        prev.astype(dtype),
+        start.astype(jnp.int32),
+        sink,
+        window,
+        entries,
+        entry_idx,
+        ratio or 1,  # sliding-only layers have no entries; the kernel wants a valid ratio
+        interpret=_interpret(),
+    )
+
+
 def window_before(ring: jax.Array, start: jax.Array) -> jax.Array:
     """The W-1 keys before each chunk, oldest first: ring [B, W, K] (slot = pos % W) -> [B, W-1, K]."""
     w = ring.shape[1]
@@ -377,9 +402,7 @@ class Attention(nnx.Module):
         """Transient per-layer state for a whole-sequence forward of `length` tokens."""
         window = jnp.zeros((batch, self.cfg.sliding_window, self.cfg.head_dim), dtype)
         comp = self.compressor.empty_state(batch, length // self.ratio, dtype) if self.compressor else None
-        index = (
-            self.indexer.compressor.empty_state(batch, length // self.ratio, dtype) if self.indexer else None
-        )
+        index = self.indexer.compressor.empty_state(batch, length // self.ratio, dtype) if self.indexer else None
         return LayerCache(window, comp, index)
 
     def __call__(self, x: jax.Array, start: jax.Array, n: jax.Array, cache: LayerCache) -> tuple:
@@ -401,7 +424,7 @@ class Attention(nnx.Module):
             index = self.indexer.compressor.update(xs, start, n, cache.indexer)
             keys = index.entries.read()
             iq, iw = self.indexer.queries(xs, qrs, positions)
-            entry_idx = self.indexer.select(iq, iw, keys, positions, self.rt.query_block)
+            entry_idx = self.indexer.select(iq, iw, keys, positions, self.rt)
             if self.rt.train_stats:
                 kl = indexer_kl(q, entries, iq, keys, iw, positions, self.ratio, self.rt.query_block)
                 self.sow(nnx.Intermediate, "indexer_kl", kl)
@@ -419,6 +442,8 @@ class Attention(nnx.Module):
         )
         if self.rt.attention_impl == "reference":
             o = dense_attention(*args)
+        elif self.rt.attention_impl == "pallas":
+            o = _pallas_attention(*args)
         else:
             o = sparse_attention(*args, block=self.rt.query_block)
         o = apply_rope(o.astype(x.dtype), cos[:, :, None], sin[:, :, None], inverse=True)
