@@ -55,14 +55,51 @@ def sort_by_expert(idx: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Arr
     return order, order // idx.shape[-1], group_sizes
 
 
-def expert_ffn(x_sorted, w1, w3, w2, group_sizes, limit):
-    """Per-expert clamped SwiGLU over expert-sorted rows: [M, D] -> [M, D] (ragged_dot, no loop)."""
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str = "auto") -> jax.Array:
+    """Rows of x [M, D] sorted by group times their group's matrix w [E, D, F] -> [M, F] float32.
+
+    "ragged_dot" is `jax.lax.ragged_dot` (a grouped GEMM on GPU and TPU). Its CPU lowering
+    multiplies every row by every expert and masks, so "auto" uses "tiled" on CPU: each group is
+    padded to whole tiles of TILE rows and every tile multiplies by its own expert only.
+    """
+    if impl == "auto":
+        impl = "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+    if impl == "ragged_dot":
+        return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=F32)
+    return _tiled_grouped_matmul(x, w, group_sizes)
+
+
+TILE = 64
+
+
+def _tiled_grouped_matmul(x, w, group_sizes):
+    m, e = x.shape[0], w.shape[0]
+    padded_sizes = -(-group_sizes // TILE) * TILE
+    n_tiles = -(-(m + e * (TILE - 1)) // TILE)  # static bound on sum(padded_sizes) / TILE
+    starts = jnp.cumsum(group_sizes) - group_sizes
+    padded_starts = jnp.cumsum(padded_sizes) - padded_sizes
+    group = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(m), side="right")  # [M]
+    dest = padded_starts[group] + jnp.arange(m) - starts[group]  # row -> padded row
+    x_pad = jnp.zeros((n_tiles * TILE, x.shape[1]), x.dtype).at[dest].set(x)
+    tile_group = jnp.searchsorted(jnp.cumsum(padded_sizes), jnp.arange(n_tiles) * TILE, side="right")
+    tile_group = jnp.minimum(tile_group, e - 1)  # tiles past the last group hold only zero rows
+
+    def one_tile(args):
+        rows, g = args  # [TILE, D], expert id
+        return jnp.matmul(rows, w[g], preferred_element_type=F32)
+
+    y = jax.lax.map(one_tile, (x_pad.reshape(n_tiles, TILE, -1), tile_group), batch_size=16)
+    return y.reshape(n_tiles * TILE, -1)[dest]
+
+
+def expert_ffn(x_sorted, w1, w3, w2, group_sizes, limit, impl: str = "auto"):
+    """Per-expert clamped SwiGLU over expert-sorted rows: [M, D] -> [M, D] float32 (no dense all-experts product)."""
     dtype = w1.dtype
     x_sorted = x_sorted.astype(dtype)
-    gate = jax.lax.ragged_dot(x_sorted, w1, group_sizes, preferred_element_type=F32)
-    up = jax.lax.ragged_dot(x_sorted, w3, group_sizes, preferred_element_type=F32)
+    gate = grouped_matmul(x_sorted, w1, group_sizes, impl)
+    up = grouped_matmul(x_sorted, w3, group_sizes, impl)
     hidden = clamped_swiglu(gate, up, limit).astype(dtype)
-    return jax.lax.ragged_dot(hidden, w2, group_sizes, preferred_element_type=F32)
+    return grouped_matmul(hidden, w2, group_sizes, impl)
 
 
 def combine(y_sorted, order, tokens, weights, num_tokens):

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from release_fixture import hf_config
 from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf
@@ -11,7 +12,7 @@ from dsv4.attention import entry_visible, pool_windows, window_mask
 from dsv4.config import ModelConfig
 from dsv4.layers import apply_rope, rope_angles, rope_inv_freq
 from dsv4.mhc import HyperConnection, collapse
-from dsv4.moe import SharedExpert, clamped_swiglu, route
+from dsv4.moe import SharedExpert, clamped_swiglu, grouped_matmul, route
 from dsv4.params import KeyChain
 
 
@@ -185,3 +186,16 @@ def test_csa_pooling_first_window_and_overlap_literal():
     # Entry 0: only window 0's B slots (no previous window) -> mean(0, 1).
     # Entry w > 0: window w-1's A slots and window w's B slots -> mean of 4 values.
     np.testing.assert_allclose(out, [0.5, (100 + 101 + 2 + 3) / 4, (102 + 103 + 4 + 5) / 4])
+
+
+@pytest.mark.parametrize("sizes", [[0, 20, 0, 17, 0], [1, 0, 0, 0, 0], [70, 3, 0, 129, 1]])
+def test_tiled_grouped_matmul_equals_ragged_dot(sizes):
+    rng = np.random.default_rng(len(sizes) + sum(sizes))
+    gs = np.asarray(sizes, np.int32)
+    x = jnp.asarray(rng.standard_normal((int(gs.sum()), 16)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((len(sizes), 16, 24)), jnp.float32)
+    ragged = grouped_matmul(x, w, gs, "ragged_dot")
+    tiled = grouped_matmul(x, w, gs, "tiled")
+    np.testing.assert_allclose(tiled, ragged, rtol=1e-5, atol=1e-5)
+    row, g = len(x) - 1, int(np.flatnonzero(gs)[-1])  # the last row belongs to the last non-empty group
+    np.testing.assert_allclose(tiled[row], np.asarray(x[row]) @ np.asarray(w[g]), rtol=1e-5, atol=1e-5)
