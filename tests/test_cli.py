@@ -1,0 +1,265 @@
+"""Tokenizer and chat layout, the embedded default checkpoint, and the dsv4-generate / dsv4-info CLIs."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dsv4
+from dsv4 import cache as kv_cache
+from dsv4 import cli
+from dsv4.config import ModelConfig
+from dsv4.safetensors_io import CheckpointIndex
+from dsv4.tokenizer import SPECIAL_TOKENS, TokenizerError, format_chat, load_tokenizer
+
+DEFAULT = cli.default_checkpoint_dir()
+
+
+# ------------------------------------------------------------------------------------ chat layout
+
+
+def test_chat_layouts_literal():
+    user = [{"role": "user", "content": "Hi"}]
+    assert format_chat(user) == "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜></think>"
+    assert format_chat(user, thinking=True) == "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜><think>"
+    convo = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "add"},
+        {"role": "user", "content": "3+3?"},
+    ]
+    assert format_chat(convo, thinking=True) == (
+        "<｜begin▁of▁sentence｜>Be brief.<｜User｜>2+2?<｜Assistant｜></think>4<｜end▁of▁sentence｜>"
+        "<｜User｜>3+3?<｜Assistant｜><think>"
+    )  # earlier reasoning dropped
+    assert format_chat(convo, thinking=True, drop_thinking=False) == (
+        "<｜begin▁of▁sentence｜>Be brief.<｜User｜>2+2?<｜Assistant｜><think>add</think>4<｜end▁of▁sentence｜>"
+        "<｜User｜>3+3?<｜Assistant｜><think>"
+    )
+    finished = format_chat(convo[:3])  # ends with an assistant turn: finished, no generation prompt
+    assert finished.endswith("<｜Assistant｜></think>4<｜end▁of▁sentence｜>")
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [],
+        [{"role": "assistant", "content": "x"}],
+        [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+        [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+        [{"role": "tool", "content": "a"}],
+        [{"role": "user", "content": 3}],
+    ],
+)
+def test_bad_conversations_are_refused(messages):
+    with pytest.raises(ValueError, match="format_chat"):
+        format_chat(messages)
+
+
+# -------------------------------------------------------------------------------------- tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(DEFAULT)
+
+
+def test_special_tokens_and_chat_encoding(tok):
+    assert [tok.token_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4, 5]
+    assert (tok.bos_id, tok.eos_id, tok.add_bos_token) == (0, 1, False)
+    ids = tok.encode(format_chat([{"role": "user", "content": "Hello there"}]))
+    assert ids[:2] == [0, 2] and ids[-2:] == [3, 5]  # BOS User ... Assistant </think>
+    assert tok.decode(ids) == format_chat([{"role": "user", "content": "Hello there"}])
+
+
+def test_encode_decode_round_trip_and_bos(tok):
+    text = "def f(x):\n    return x  # héllo → 日本 😀"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and ids[0] != tok.bos_id
+    assert tok.encode(text, add_bos=True) == [tok.bos_id] + ids
+    assert tok.vocab_size == ModelConfig.from_hf_config(DEFAULT).vocab_size
+
+
+def test_stream_decoder_never_splits_a_character(tok):
+    text = "a → 日本 😀!"
+    ids = tok.encode(text)
+    stream = tok.stream()
+    pieces = [stream.push([i]) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_missing_tokenizer_names_the_directory(tmp_path):
+    with pytest.raises(TokenizerError, match=re.escape(str(tmp_path)) + ".*no tokenizer.json"):
+        load_tokenizer(tmp_path)
+
+
+# ---------------------------------------------------------------------------- default checkpoint
+
+
+def test_default_checkpoint_is_small_complete_and_quantized_as_released():
+    files = [p for p in DEFAULT.iterdir() if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 5 * 2**20
+    cfg = ModelConfig.from_hf_config(DEFAULT)
+    assert set(cfg.layer_kinds) == {"sliding", "csa", "hca"}
+    assert 0 < cfg.num_hash_layers < cfg.num_hidden_layers  # hash and top-k routers
+    assert cfg.hc_mult == 4 and cfg.num_mtp_layers == 1 and cfg.expert_dtype == "fp4"
+    index = CheckpointIndex(DEFAULT)
+    dtypes = {index.info(n).dtype for n in index.names()}
+    assert dtypes == {"F8_E4M3", "F8_E8M0", "I8", "BF16", "F32", "I64"}
+    assert index.info("layers.1.attn.wq_b.weight").dtype == "F8_E4M3"
+    assert index.info("mtp.0.ffn.experts.0.w1.weight").dtype == "I8"
+    model = dsv4.load_hf(DEFAULT, dtype="float32")
+    assert model.cfg == cfg
+
+
+def test_default_checkpoint_is_what_the_script_builds(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_default_checkpoint", Path(__file__).resolve().parents[1] / "scripts/make_default_checkpoint.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = script.build(tmp_path / "ckpt")
+    for name in sorted(p.name for p in DEFAULT.iterdir() if p.is_file()):
+        assert (out / name).read_bytes() == (DEFAULT / name).read_bytes(), name
+
+
+# --------------------------------------------------------------------------------- dsv4-generate
+
+SUMMARY = re.compile(
+    r"^\[prefill (\d+) tokens: [\d,.]+ tokens/s \| decode (\d+) tokens: [\d,.]+ tokens/s \| "
+    r"cache ([\d,]+) bytes \((\w+)\) \| compile [\d.]+ s\]$"
+)
+
+
+def _run_generate(capsys, *argv):
+    code = cli.generate_main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_default_checkpoint_streams_text_and_reports(capsys):
+    code, out, err = _run_generate(capsys, "--prompt", "Hello", "--max-new-tokens", "6", "--dtype", "float32")
+    assert code == 0, err
+    lines = out.rstrip("\n").split("\n")
+    assert out.startswith("Hello")
+    m = SUMMARY.match(lines[-1])
+    assert m, lines[-1]
+    n_prompt = len(load_tokenizer(DEFAULT).encode("Hello", add_bos=True))
+    assert (int(m.group(1)), int(m.group(2)), m.group(4)) == (n_prompt, 5, "bfloat16")  # token 0 + 5 steps
+    expected_bytes = kv_cache.cache_bytes(ModelConfig.from_hf_config(DEFAULT), 1, n_prompt + 6)
+    assert int(m.group(3).replace(",", "")) == expected_bytes
+
+
+def test_generate_prompt_ids_without_tokenizer_prints_ids(capsys, flash_ckpt):
+    path, _, _ = flash_ckpt
+    code, out, err = _run_generate(capsys, "--checkpoint", str(path), "--prompt-ids", "5,6,7",
+                                   "--max-new-tokens", "3", "--dtype", "float32")  # fmt: skip
+    assert code == 0, err
+    first = out.split("\n")[0]
+    assert re.fullmatch(r"5,6,7( \d+){3}", first), first
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--prompt", "hi"], "no tokenizer.json"),
+        (["--prompt-ids", "1,x"], "comma-separated integers"),
+        (["--prompt-ids", "3,9999"], "outside the vocabulary"),
+        (["--prompt-ids", "3,4", "--chat"], "need a text --prompt"),
+        (["--prompt-ids", "3,4,5,6", "--max-len", "3"], "longer than the cache max length 3"),
+        (["--prompt-ids", "3", "--top-p", "0"], "top_p"),
+    ],
+)
+def test_generate_user_errors_are_one_line(capsys, flash_ckpt, argv, match):
+    path, _, _ = flash_ckpt
+    code, out, err = _run_generate(capsys, "--checkpoint", str(path), "--dtype", "float32", *argv)
+    assert code == 2
+    assert err.startswith("dsv4-generate: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert re.search(match, err), err
+    if match == "no tokenizer.json":
+        assert str(path) in err
+
+
+def test_generate_refuses_a_directory_that_is_no_checkpoint(capsys, tmp_path):
+    code, _, err = _run_generate(capsys, "--checkpoint", str(tmp_path), "--prompt", "x")
+    assert code == 2 and "neither a release-layout checkpoint" in err
+
+
+def test_converted_checkpoints_go_through_restore(tmp_path, monkeypatch):
+    (tmp_path / cli.CONVERTED_MARKER).write_text("{}")
+    assert cli.checkpoint_kind(tmp_path) == "converted"
+    calls = []
+
+    class FakeRestore:
+        @staticmethod
+        def load(path, dtype):
+            calls.append((path, dtype))
+            return "model"
+
+    monkeypatch.setattr(cli.importlib, "import_module", lambda name: FakeRestore)
+    assert cli.load_model(tmp_path, "bfloat16") == "model" and calls == [(tmp_path, "bfloat16")]
+
+    def missing(name):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(cli.importlib, "import_module", missing)
+    with pytest.raises(cli.CLIError, match="cannot restore"):
+        cli.load_model(tmp_path, "bfloat16")
+
+
+# ------------------------------------------------------------------------------------- dsv4-info
+
+
+@pytest.mark.parametrize(
+    "preset, total, active, mtp",
+    [("flash", "284.33", "13.27", "6.61"), ("pro", "1,573.00", "48.85", "25.84")],  # checkpoint_format s6
+)
+def test_parameter_counts_match_the_published_figures(preset, total, active, mtp):
+    counts = cli.parameter_counts(getattr(ModelConfig, preset)())
+    assert f"{counts.total / 1e9:,.2f}" == total
+    assert f"{counts.active / 1e9:,.2f}" == active
+    assert f"{counts.mtp / 1e9:,.2f}" == mtp
+
+
+def test_info_reports_counts_and_cache_bytes(capsys):
+    assert cli.info_main(["--config", "flash", "--context", "65536", "--cache-format", "compact"]) == 0
+    out = capsys.readouterr().out
+    assert "284.33B" in out and "13.27B" in out and "6.61B" in out
+    nbytes = kv_cache.cache_bytes(ModelConfig.flash(), 1, 65536, "compact")
+    assert f"{nbytes:,} bytes per sequence" in out
+
+
+def test_info_reads_a_config_path_and_refuses_nonsense(capsys, flash_ckpt):
+    path, _, cfg = flash_ckpt
+    assert cli.info_main(["--config", str(path / "config.json"), "--context", "300"]) == 0
+    out = capsys.readouterr().out
+    assert f"layers: {cfg['num_hidden_layers']} " in out
+    assert cli.info_main(["--config", "nonexistent-preset", "--context", "10"]) == 2
+    assert "--config" in capsys.readouterr().err
+    assert cli.info_main(["--config", "flash", "--context", "0"]) == 2
+
+
+def test_default_checkpoint_json_files_are_valid():
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        json.loads((DEFAULT / name).read_text())
+    assert np.isfinite(np.asarray(dsv4.load_hf(DEFAULT).embed.weight.get_value(), np.float32)).all()
+
+
+def test_generate_on_a_converted_checkpoint_matches_the_release_one(capsys, tmp_path):
+    convert = pytest.importorskip("dsv4.convert")
+    pytest.importorskip("dsv4.restore")
+    dst = tmp_path / "converted"
+    convert.convert(DEFAULT, dst, dtype="float32", progress=False)
+    argv = ["--prompt", "Hello", "--max-new-tokens", "6", "--dtype", "float32"]
+    outputs = []
+    for path in (DEFAULT, dst):
+        code, out, err = _run_generate(capsys, "--checkpoint", str(path), *argv)
+        assert code == 0, err
+        outputs.append(out.split("\n")[:-2])  # all but the summary line
+    assert cli.checkpoint_kind(dst) == "converted"
+    assert outputs[0] == outputs[1]
