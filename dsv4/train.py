@@ -1,0 +1,285 @@
+"""Training: loss, an optax AdamW train step, auxiliary-loss-free router balancing, Orbax checkpoints.
+
+    state = init_train_state(model, train_cfg)          # model built with RuntimeConfig(train_stats=True)
+    step = make_train_step(graphdef, train_cfg)          # jitted, state donated
+    state, metrics = step(state, {"tokens": int32 [B, S + 1], "mask": optional [B, S + 1]})
+
+Loss = lm_weight * next-token CE (mean over real targets) + mtp_weight * CE of the MTP block on
+token t + 2 + indexer_weight * sum over CSA layers of (indexer KL sum / count). The indexer's inputs
+are stop_gradient'ed in the model, so the KL term reaches only indexer parameters, and the LM terms
+never reach them (top-k is not differentiable).
+
+Parameter groups (`split_model`): trainable `nnx.Param`s (optimised by AdamW), and `frozen`
+variables: the routers' selection `gate.bias` (updated outside the gradient, DeepSeek's
+auxiliary-loss-free balancing: bias_e += rate * sign(mean load - load_e)) and the hash routers'
+`tid2eid` tables (never changed).
+
+Mixed precision: master weights and optimizer state are float32; with compute_dtype "bfloat16" the
+matrices are cast to bfloat16 inside the step for the forward (mHC, sinks, ape, norms and router
+bias stay float32, as in the release); gradients come back in float32 through the cast.
+Not done here: `jax.checkpoint` per layer (the layer loop lives in `DeepseekV4.run`; rematerialising
+it needs a hook in dsv4/model.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from dsv4.config import ModelConfig
+from dsv4.model import DeepseekV4, abstract_model
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and loss settings (all static: a new value means a new compiled step)."""
+
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    total_steps: int = 10_000
+    end_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_norm: float = 1.0
+    lm_weight: float = 1.0
+    mtp_weight: float = 0.3
+    indexer_weight: float = 1.0
+    bias_update_rate: float = 1e-3
+    seq_balance_weight: float = 0.0
+    compute_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"compute_dtype: must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+        if self.seq_balance_weight:
+            raise NotImplementedError(
+                "seq_balance_weight > 0: the sequence-wise balance loss needs the router scores, which "
+                "the model does not expose yet"
+            )
+        if not 0 <= self.warmup_steps <= self.total_steps or self.total_steps < 1:
+            raise ValueError(f"need 0 <= warmup_steps <= total_steps >= 1, got {self.warmup_steps}, {self.total_steps}")
+
+
+@struct.dataclass
+class TrainState:
+    """step (int32 scalar), params (trainable nnx.State, float32), frozen (router bias, tid2eid), opt_state."""
+
+    step: jax.Array
+    params: nnx.State
+    frozen: nnx.State
+    opt_state: optax.OptState
+
+
+def _is_router_bias(path, _var) -> bool:
+    return len(path) >= 2 and path[-2] == "gate" and path[-1] == "bias"
+
+
+TRAINABLE = nnx.All(nnx.Param, nnx.Not(_is_router_bias))
+
+
+def training_model(model: DeepseekV4, query_block: int | None = None) -> DeepseekV4:
+    """The same weights, rebuilt float32 with RuntimeConfig(train_stats=True) (the training graph)."""
+    rt = dataclasses.replace(
+        model.rt, dtype="float32", train_stats=True, query_block=query_block or model.rt.query_block
+    )
+    graphdef, _ = nnx.split(abstract_model(model.cfg, rt))
+    state = jax.tree.map(lambda x: x.astype(F32) if jnp.issubdtype(x.dtype, jnp.floating) else x, nnx.state(model))
+    return nnx.merge(graphdef, state)
+
+
+def split_model(model: DeepseekV4):
+    """(graphdef, trainable params, frozen variables)."""
+    if not model.rt.train_stats:
+        raise ValueError("build the model with RuntimeConfig(train_stats=True) (see training_model)")
+    return nnx.split(model, TRAINABLE, ...)
+
+
+def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, tc.lr, tc.warmup_steps, tc.total_steps, end_value=tc.lr * tc.end_lr_ratio
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(tc.clip_norm),
+        optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay),
+    )
+
+
+def init_train_state(model: DeepseekV4, tc: TrainConfig) -> tuple[nnx.GraphDef, TrainState]:
+    graphdef, params, frozen = split_model(model)
+    params = jax.tree.map(lambda x: jnp.asarray(x, F32), params)
+    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, frozen, optimizer(tc).init(params))
+
+
+def _keeps_f32(path) -> bool:
+    names = [str(p) for p in path]
+    return any(n.startswith("hc_") or n in ("ape", "attn_sink") for n in names)
+
+
+def cast_for_compute(params: nnx.State, dtype) -> nnx.State:
+    """Matrices to the compute dtype; vectors, mHC and ape stay float32."""
+    if jnp.dtype(dtype) == F32:
+        return params
+
+    def cast(path, x):
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 2 and not _keeps_f32(path):
+            return x.astype(dtype)
+        return x
+
+    return jax.tree_util.tree_map_with_path(lambda kp, x: cast([getattr(k, "key", k) for k in kp], x), params)
+
+
+def cross_entropy(logits, targets, mask):
+    """Mean over mask of -log softmax(logits)[target]; logits float32 [B, S, V]."""
+    logp = jax.nn.log_softmax(logits.astype(F32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    mask = mask.astype(F32)
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _stats(intermediates: nnx.State):
+    """(indexer loss, {gate-bias path: load [E]}) from the sown train stats."""
+    indexer, loads = jnp.zeros((), F32), {}
+    for path, var in nnx.to_flat_state(intermediates):
+        value = var.get_value()
+        name = path[-1]
+        for v in value:
+            if name == "indexer_kl":
+                indexer = indexer + v[0] / jnp.maximum(v[1], 1.0)
+            elif name == "expert_load":
+                loads[tuple(path[:-1]) + ("gate", "bias")] = v.astype(F32)
+    return indexer, loads
+
+
+def loss_fn(graphdef, tc: TrainConfig, params, frozen, batch):
+    """(total loss, aux dict with lm_loss, mtp_loss, indexer_loss and the expert loads)."""
+    tokens = jnp.asarray(batch["tokens"], jnp.int32)
+    mask = batch.get("mask")
+    mask = jnp.ones(tokens.shape, jnp.bool_) if mask is None else jnp.asarray(mask, jnp.bool_)
+    model = nnx.merge(graphdef, cast_for_compute(params, jnp.dtype(tc.compute_dtype)), frozen)
+    inputs = tokens[:, :-1]
+    use_mtp = tc.mtp_weight != 0 and len(model.mtp) > 0
+    if use_mtp:
+        main, mtp = model.forward_with_mtp(inputs)
+        mtp_loss = cross_entropy(mtp, tokens[:, 2:], mask[:, 2:] & mask[:, 1:-1] & mask[:, :-2])
+    else:
+        main, mtp_loss = model(inputs), jnp.zeros((), F32)
+    lm_loss = cross_entropy(main, tokens[:, 1:], mask[:, 1:] & mask[:, :-1])
+    indexer_loss, loads = _stats(nnx.pop(model, nnx.Intermediate))
+    total = tc.lm_weight * lm_loss + tc.mtp_weight * mtp_loss
+    if tc.indexer_weight:
+        total = total + tc.indexer_weight * indexer_loss
+    return total, {"lm_loss": lm_loss, "mtp_loss": mtp_loss, "indexer_loss": indexer_loss, "loads": loads}
+
+
+def balance_bias(frozen: nnx.State, loads: dict, rate: float) -> tuple[nnx.State, jax.Array]:
+    """bias_e += rate * sign(mean load - load_e) for every top-k router; returns (frozen, max/mean imbalance)."""
+    flat = dict(nnx.to_flat_state(frozen))
+    imbalance = []
+    for path, load in loads.items():
+        var = flat[path]
+        mean = jnp.mean(load)
+        var.set_value(var.get_value() + rate * jnp.sign(mean - load))
+        imbalance.append(jnp.max(load) / jnp.maximum(mean, 1e-9))
+    return frozen, (jnp.mean(jnp.stack(imbalance)) if imbalance else jnp.ones((), F32))
+
+
+def make_train_step(graphdef, tc: TrainConfig):
+    """A jitted `train_step(state, batch) -> (state, metrics)` (state donated). Checks the sequence length."""
+    opt = optimizer(tc)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state: TrainState, batch):
+        (loss, aux), grads = jax.value_and_grad(lambda p: loss_fn(graphdef, tc, p, state.frozen, batch), has_aux=True)(
+            state.params
+        )
+        updates, opt_state = opt.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        frozen = jax.tree.map(lambda x: x, state.frozen)
+        frozen, imbalance = balance_bias(frozen, jax.lax.stop_gradient(aux["loads"]), tc.bias_update_rate)
+        metrics = {
+            "loss": loss,
+            "lm_loss": aux["lm_loss"],
+            "mtp_loss": aux["mtp_loss"],
+            "indexer_loss": aux["indexer_loss"],
+            "grad_norm": optax.tree.norm(grads),
+            "load_imbalance": imbalance,
+        }
+        return TrainState(state.step + 1, params, frozen, opt_state), metrics
+
+    limit = []
+
+    def train_step(state: TrainState, batch):
+        tokens = batch["tokens"]
+        if tokens.ndim != 2 or tokens.shape[1] < 2:
+            raise ValueError(f"batch['tokens'] must be [B, S + 1] with S >= 1, got shape {tuple(tokens.shape)}")
+        if not limit:
+            limit.append(nnx.merge(graphdef, state.params, state.frozen).cfg.max_position_embeddings)
+        if tokens.shape[1] - 1 > limit[0]:
+            raise ValueError(
+                f"sequence length {tokens.shape[1] - 1} exceeds max_position_embeddings {limit[0]} of this config"
+            )
+        return step(state, batch)
+
+    return train_step
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def _meta(cfg: ModelConfig, tc: TrainConfig) -> dict:
+    return {"model_config": cfg.to_hf_dict(), "train_config": dataclasses.asdict(tc)}
+
+
+class Checkpointer:
+    """Orbax CheckpointManager for a TrainState: `save` every `every` steps, keep the last `keep`."""
+
+    def __init__(
+        self, directory: str | os.PathLike, cfg: ModelConfig, tc: TrainConfig, every: int = 100, keep: int = 3
+    ):
+        import orbax.checkpoint as ocp
+
+        self._ocp, self.cfg, self.tc = ocp, cfg, tc
+        options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep, create=True)
+        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+    def save(self, state: TrainState, force: bool = False) -> bool:
+        ocp = self._ocp
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_meta(self.cfg, self.tc)))
+        saved = self.manager.save(int(state.step), args=args, force=force)
+        self.manager.wait_until_finished()
+        return saved
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, like: TrainState, step: int | None = None) -> TrainState:
+        """Restore into the structure of `like` (e.g. a fresh init_train_state). Refuses another config."""
+        ocp = self._ocp
+        step = self.manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        want = json.loads(json.dumps(_meta(self.cfg, self.tc)["model_config"]))
+        if meta["model_config"] != want:
+            diff = sorted(
+                k for k in set(want) | set(meta["model_config"]) if want.get(k) != meta["model_config"].get(k)
+            )
+            raise ValueError(
+                f"checkpoint {self.manager.directory}/{step} was written for another model config "
+                f"(differs in: {', '.join(diff)})"
+            )
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+
+    def close(self):
+        self.manager.close()
