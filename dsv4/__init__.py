@@ -3,6 +3,7 @@
 from dsv4.config import ConfigError, ModelConfig, RuntimeConfig
 from dsv4.loading import load_hf
 from dsv4.model import DeepseekV4, abstract_model, forward, forward_with_mtp, init_model
+from dsv4.restore import load
 from dsv4.safetensors_io import CheckpointError
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "forward",
     "forward_with_mtp",
     "init_model",
+    "load",
     "load_hf",
 ]

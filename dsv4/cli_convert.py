@@ -1,0 +1,113 @@
+"""`dsv4-convert`: the command-line front end of `dsv4.convert` (console script `dsv4-convert`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_DESCRIPTION = """\
+Convert a released DeepSeek-V4 checkpoint directory (config.json, safetensors shards with FP8/FP4
+weights) into an Orbax checkpoint that dsv4.load(DST, mesh) restores straight into sharded arrays.
+
+  dsv4-convert SRC DST [options]        convert
+  dsv4-convert --verify SRC DST         re-read a sample of tensors from both sides, compare exactly
+
+The whole index is validated against config.json before any heavy work (all problems at once).
+DST appears only when complete (assembled in DST.tmp-dsv4-convert, then renamed); an interrupted
+run leaves no DST, and --resume continues from the last complete unit.
+"""
+
+_EPILOG = """\
+memory: the converter streams in units of about --unit-mb of output (default 1024 MiB): each
+layer's non-expert tensors, each layer's routed experts in groups, the embedding and the head in
+row ranges, the MTP block. Two units live in memory at a time (one being built, one being
+written), so peak host memory stays within about
+    2 x the largest unit + 16 MiB per worker + ~0.5 GB fixed overhead (Python, JAX, the plan),
+whatever the checkpoint size. With the defaults the largest unit is about 1.07 GB (Flash and Pro
+in bfloat16, Flash in float32) or 1.9 GB (Pro in float32: the MTP block), so expect at most
+about 2.7 GB (4.3 GB for Pro in float32) plus 16 MiB per worker.
+disk: DST needs about 2 bytes (bfloat16) or 4 bytes (float32) per parameter (Flash ~0.58 / 1.2 TB,
+Pro ~3.2 / 6.4 TB), or about the size of SRC with --keep-quantized.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dsv4-convert",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", metavar="SRC", help="release checkpoint directory")
+    p.add_argument("dst", metavar="DST", help="Orbax checkpoint directory to create")
+    p.add_argument("--verify", action="store_true", help="compare a sample of SRC and DST tensors instead")
+    p.add_argument("--samples", type=int, default=16, help="parameters compared by --verify (default 16)")
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="dequantize to this dtype (default bfloat16; mHC, sinks, ape, norms, router bias stay float32)",
+    )
+    p.add_argument(
+        "--keep-quantized",
+        action="store_true",
+        help="store FP8 weights and packed FP4 experts with their scales as released",
+    )
+    p.add_argument("--workers", type=int, default=1, help="parallel reads and conversions (default 1)")
+    p.add_argument("--no-mtp", action="store_true", help="leave out the MTP block (config gets 0 MTP layers)")
+    p.add_argument("--layers", metavar="A:B", help="convert only main layers A..B-1 (partial, for debugging)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted conversion to DST")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST (a dsv4 checkpoint)")
+    p.add_argument("--unit-mb", type=int, default=1024, help="target output size of a unit in MiB (default 1024)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p  # fmt: skip
+
+
+def _run(args) -> int:
+    from dsv4 import convert
+
+    if args.verify:
+        report = convert.verify(args.src, args.dst, samples=args.samples)
+        print(report.format())
+        return 0 if report.ok else 1
+    summary = convert.convert(
+        args.src,
+        args.dst,
+        dtype=args.dtype,
+        keep_quantized=args.keep_quantized,
+        workers=args.workers,
+        include_mtp=not args.no_mtp,
+        layers=convert.parse_layers(args.layers),
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        unit_bytes=args.unit_mb << 20,
+    )
+    print(summary.format())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 1 failed, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    from dsv4.config import ConfigError
+    from dsv4.convert import ConvertError, temp_dir
+    from dsv4.safetensors_io import CheckpointError
+
+    try:
+        return _run(args)
+    except (ConvertError, CheckpointError, ConfigError, FileNotFoundError) as err:
+        print(f"dsv4-convert: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        from pathlib import Path
+
+        tmp = temp_dir(Path(args.dst))
+        hint = f"; rerun with --resume to continue from {tmp}" if os.path.isdir(tmp) else ""
+        print(f"dsv4-convert: interrupted{hint}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

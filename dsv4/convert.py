@@ -1,0 +1,1337 @@
+"""Convert a released DeepSeek-V4 checkpoint (safetensors, FP8/FP4) into an Orbax checkpoint, streaming.
+
+The release is far larger than host memory (Flash 160 GB, Pro 865 GB), so the converter works in
+units of about `unit_bytes` of output: the top-level tensors, each block's non-expert tensors, each
+block's routed experts in groups, the embedding and the head in row ranges, and the MTP block. A
+unit is read with plain positional reads (no memory map), dequantized block of rows by block of
+rows, laid out as the model wants it, written as zarr chunk files and released. Two units live in
+host memory at a time: the one being written and the one being built.
+
+On-disk layout of DST:
+
+    DST/config.json               the ModelConfig (release config.json keys)
+    DST/dsv4_checkpoint.json      format version, conversion options, storage of each quantized weight
+    DST/tokenizer.json, tokenizer_config.json, generation_config.json   (copied when SRC has them)
+    DST/params/                   an Orbax PyTree checkpoint (zarr v2 arrays, no OCDBT): one array per
+                                  model parameter, named by its path ("layers.3.attn.wq_a.weight").
+                                  Routed experts are stacked per block ([E, D, F] w1/w3, [E, F, D] w2)
+                                  with one chunk per expert, so expert groups are written as slices.
+                                  With keep_quantized, FP8/FP4 weights are two arrays, `<path>.data`
+                                  (release bytes, release orientation) and `<path>.scale`.
+
+The temporary directory `DST.tmp-dsv4-convert` holds a partial conversion and its progress record;
+it becomes DST by one rename at the end, so an interrupted run leaves no DST and `resume=True`
+continues with the units not yet recorded as complete.
+
+Layouts come from the release name table (`dsv4.checkpoint.release_specs`): each parameter's
+`ParamSpec.assemble` is probed once on small arrays to establish which layout it is ("copy",
+"transpose", "grouped", "experts"); the converter then applies that layout block by block, and the
+keep-quantized model applies it on the fly (`dsv4.quantized.QuantizedWeight`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import tensorstore as ts
+from flax import nnx
+
+from dsv4 import quant
+from dsv4.checkpoint import ParamSpec, ReleaseTensor, release_specs, validate_index
+from dsv4.config import ModelConfig, RuntimeConfig
+from dsv4.loading import weight_block
+from dsv4.model import abstract_model
+from dsv4.quantized import to_param_layout_np
+from dsv4.safetensors_io import DTYPES, INDEX_FILE, CheckpointError, CheckpointIndex, read_header
+
+FORMAT = "dsv4-orbax"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "dsv4_checkpoint.json"
+PARAMS_DIR = "params"
+PROGRESS_FILE = "convert_progress.json"
+TEMP_SUFFIX = ".tmp-dsv4-convert"
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+OUTPUT_DTYPES = ("bfloat16", "float32")
+DEFAULT_UNIT_BYTES = 1 << 30
+CHUNK_BYTES = 64 << 20  # largest zarr chunk of a non-expert array
+READ_BLOCK_BYTES = 4 << 20  # rows of one tensor read and dequantized at a time
+# Hidden test hook: seconds to sleep after each unit is recorded complete (to interrupt a run).
+TEST_DELAY_ENV = "DSV4_CONVERT_TEST_UNIT_DELAY"
+
+
+class ConvertError(ValueError):
+    """The conversion cannot proceed (destination, options, resume state); the message says why."""
+
+
+# ------------------------------------------------------------------------------------ options
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertOptions:
+    """What to convert and how; recorded in the manifest and checked again on resume."""
+
+    dtype: str = "bfloat16"
+    keep_quantized: bool = False
+    include_mtp: bool = True
+    layers: tuple[int, int] | None = None
+    unit_bytes: int = DEFAULT_UNIT_BYTES
+
+    def __post_init__(self):
+        if self.dtype not in OUTPUT_DTYPES:
+            raise ConvertError(f"dtype must be one of {OUTPUT_DTYPES}, got {self.dtype!r}")
+        if self.unit_bytes < 1:
+            raise ConvertError(f"unit_bytes must be positive, got {self.unit_bytes}")
+        if self.layers is not None:
+            a, b = self.layers
+            if not 0 <= a < b:
+                raise ConvertError(f"layers must be a non-empty range a:b with 0 <= a < b, got {a}:{b}")
+            object.__setattr__(self, "layers", (int(a), int(b)))
+
+    def to_json(self) -> dict:
+        """JSON form (recorded in the manifest and the progress file)."""
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers) if self.layers else None
+        return d
+
+
+def parse_layers(text: str | None) -> tuple[int, int] | None:
+    """'a:b' -> (a, b) (b exclusive); None stays None."""
+    if text is None:
+        return None
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConvertError(f"--layers must look like a:b (e.g. 0:4), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+# ------------------------------------------------------------------------------------- layouts
+
+
+def _probe(shape: tuple[int, ...], offset: int = 0) -> np.ndarray:
+    return np.arange(offset, offset + math.prod(shape)).reshape(shape)
+
+
+def _layout_probe_matches(spec: ParamSpec, layout: str, groups: int, ndim: int) -> bool:
+    """Does the name table's `assemble` equal `layout` on small distinct-valued arrays?"""
+    if layout == "experts":
+        probes = [_probe((2, 3), 6 * i) for i in range(2)]
+        expected = to_param_layout_np(np.stack(probes), layout)
+    else:
+        probes = [_probe((2 * groups, 3) if ndim == 2 else (3,) * ndim)]
+        expected = probes[0] if layout == "copy" else to_param_layout_np(probes[0], layout, groups)
+    try:
+        got = np.asarray(spec.assemble(probes))
+    except (ValueError, IndexError):
+        return False
+    return got.shape == expected.shape and np.array_equal(got, expected)
+
+
+def layout_shape(release_shape: tuple[int, ...], layout: str, groups: int, experts: int = 1):
+    """Parameter shape that `layout` makes of a release tensor shape."""
+    if layout == "copy":
+        return tuple(release_shape)
+    n, k = release_shape
+    if layout == "grouped":
+        return (groups, k, n // groups)
+    if layout == "experts":
+        return (experts, k, n)
+    return (k, n)
+
+
+def detect_layout(spec: ParamSpec, param_shape: tuple[int, ...]) -> tuple[str, int]:
+    """(layout, groups) of one parameter, established by probing the name table's transform."""
+    first = spec.tensors[0]
+    if first.kind == "expert":
+        candidates = [("experts", 1)]
+    elif len(param_shape) == 3 and len(first.shape) == 2:
+        candidates = [("grouped", param_shape[0])]
+    elif len(param_shape) == 2:
+        candidates = [("transpose", 1), ("copy", 1)]
+    else:
+        candidates = [("copy", 1)]
+    for layout, groups in candidates:
+        ok = _layout_probe_matches(spec, layout, groups, len(first.shape))
+        if ok and layout_shape(first.shape, layout, groups, len(spec.tensors)) == tuple(param_shape):
+            return layout, groups
+    raise AssertionError(f"{first.name}: the name table's layout is none of {candidates} (converter bug)")
+
+
+# ---------------------------------------------------------------------------------------- plan
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredArray:
+    """One array of the Orbax tree: its key path, shape, numpy dtype and zarr chunk shape."""
+
+    key: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        """Orbax's name for the array (its directory under params/)."""
+        return ".".join(self.key)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantStorage:
+    """How a keep-quantized weight is stored: format, per-matrix data/scale shapes and dtypes."""
+
+    fmt: str  # "fp8" | "fp4"
+    data_shape: tuple[int, ...]
+    data_dtype: np.dtype
+    scale_shape: tuple[int, ...]
+    scale_dtype: np.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One model parameter: its name-table spec, its shape/dtype, layout, and storage."""
+
+    spec: ParamSpec
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    layout: str
+    groups: int
+    quant: QuantStorage | None = None
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return tuple(str(p) for p in self.spec.path)
+
+    @property
+    def name(self) -> str:
+        return ".".join(self.key)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.spec.tensors) if self.layout == "experts" else 0
+
+    def arrays(self) -> list[StoredArray]:
+        """The Orbax arrays this parameter is stored as (one dense array, or data + scale)."""
+        if self.quant is None:
+            return [StoredArray(self.key, self.shape, self.dtype, _chunks(self.shape, self.dtype, self.num_experts))]
+        q, e = self.quant, self.num_experts
+        lead = (e,) if e else ()
+        return [
+            StoredArray(self.key + ("data",), lead + q.data_shape, q.data_dtype,
+                        _chunks(lead + q.data_shape, q.data_dtype, e)),
+            StoredArray(self.key + ("scale",), lead + q.scale_shape, q.scale_dtype,
+                        _chunks(lead + q.scale_shape, q.scale_dtype, e)),
+        ]  # fmt: skip
+
+    def out_bytes_per_expert(self) -> int:
+        return sum(a.nbytes for a in self.arrays()) // max(self.num_experts, 1)
+
+
+def _chunks(shape: tuple[int, ...], dtype: np.dtype, experts: int) -> tuple[int, ...]:
+    """One chunk per expert for stacked experts; else row blocks of at most CHUNK_BYTES."""
+    if experts:
+        return (1,) + tuple(shape[1:])
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize
+    rows = max(1, min(shape[0], CHUNK_BYTES // max(row_bytes, 1)))
+    return (rows,) + tuple(shape[1:])
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """A unit of work: whole parameters, or a range [a, b) of the leading axis of its parameters.
+
+    A range covers experts [a, b) of a block's stacked expert parameters, or rows [a, b) of one
+    large plain parameter (the embedding, the head), so no unit outgrows `unit_bytes` by much.
+    """
+
+    name: str
+    entries: tuple[Entry, ...]
+    span: tuple[int, int] | None = None
+
+    @property
+    def is_experts(self) -> bool:
+        return self.span is not None and self.entries[0].num_experts > 0
+
+    def tensors(self) -> list[tuple[ReleaseTensor, float]]:
+        """(release weight tensor, fraction of it read) for every tensor the unit reads."""
+        if self.span is None:
+            return [(t, 1.0) for e in self.entries for t in e.spec.tensors]
+        a, b = self.span
+        if self.is_experts:
+            return [(t, 1.0) for e in self.entries for t in e.spec.tensors[a:b]]
+        (entry,) = self.entries
+        return [(entry.spec.tensors[0], (b - a) / entry.shape[0])]
+
+    def out_bytes(self) -> int:
+        """Bytes of output this unit holds in memory."""
+        if self.span is None:
+            return sum(a.nbytes for e in self.entries for a in e.arrays())
+        a, b = self.span
+        if self.is_experts:
+            return sum(e.out_bytes_per_expert() * (b - a) for e in self.entries)
+        (entry,) = self.entries
+        return entry.arrays()[0].nbytes * (b - a) // entry.shape[0]
+
+
+def _block_of(entry: Entry) -> str:
+    """Unit family of a parameter: embed, head, top, layers.i or mtp.j."""
+    key = entry.key
+    if key[0] in ("layers", "mtp"):
+        return f"{key[0]}.{key[1]}"
+    return key[0] if key[0] in ("embed", "head") else "top"
+
+
+def _block_selected(block: str, options: ConvertOptions) -> bool:
+    if block.startswith("mtp."):
+        return options.include_mtp
+    if block.startswith("layers.") and options.layers is not None:
+        a, b = options.layers
+        return a <= int(block.split(".")[1]) < b
+    return True
+
+
+def plan_units(entries: Sequence[Entry], options: ConvertOptions) -> list[Unit]:
+    """Split the parameters into units of about `options.unit_bytes` of output (see `Unit`)."""
+    families: dict[str, tuple[list[Entry], list[Entry]]] = {}
+    for entry in entries:
+        dense, experts = families.setdefault(_block_of(entry), ([], []))
+        (experts if entry.num_experts else dense).append(entry)
+    units = []
+    for block, (dense, experts) in families.items():
+        if not _block_selected(block, options):
+            continue
+        large = [e for e in dense if _splits_by_rows(e, options.unit_bytes)]
+        rest = [e for e in dense if e not in large]
+        if rest:
+            units.append(Unit(block, tuple(rest)))
+        for entry in large:
+            units += _row_units(entry, options.unit_bytes)
+        units += _expert_units(block, experts, options.unit_bytes)
+    return units
+
+
+def _splits_by_rows(entry: Entry, unit_bytes: int) -> bool:
+    """A plain (copy-layout, dense) parameter larger than a unit is converted in row ranges."""
+    return entry.layout == "copy" and entry.quant is None and entry.arrays()[0].nbytes > unit_bytes
+
+
+def _row_units(entry: Entry, unit_bytes: int) -> list[Unit]:
+    """Row ranges of one large parameter, each a whole number of its chunks."""
+    array = entry.arrays()[0]
+    chunk_rows = array.chunks[0]
+    row_bytes = array.nbytes // array.shape[0]
+    rows = max(chunk_rows, unit_bytes // row_bytes // chunk_rows * chunk_rows)
+    n = array.shape[0]
+    return [
+        Unit(f"{entry.name}.rows.{r}-{min(r + rows, n) - 1}", (entry,), (r, min(r + rows, n)))
+        for r in range(0, n, rows)
+    ]
+
+
+def _expert_units(block: str, experts: list[Entry], unit_bytes: int) -> list[Unit]:
+    if not experts:
+        return []
+    count = experts[0].num_experts
+    per_expert = sum(e.out_bytes_per_expert() for e in experts)
+    group = max(1, min(count, unit_bytes // max(per_expert, 1)))
+    return [
+        Unit(f"{block}.experts.{e0}-{min(e0 + group, count) - 1}", tuple(experts), (e0, min(e0 + group, count)))
+        for e0 in range(0, count, group)
+    ]
+
+
+def _quant_storage(index: CheckpointIndex, spec: ParamSpec) -> QuantStorage | None:
+    """The release storage of a weight when every tensor of it is FP8 or FP4; None when float."""
+    infos = [index.info(t.name) for t in spec.tensors]
+    dtypes = {i.dtype for i in infos}
+    if not dtypes & {"F8_E4M3", "I8"}:
+        return None
+    scales = [index.info(t.scale_name) for t in spec.tensors]
+    scale_dtypes = {"F32" if s.dtype == "F32" else "E8M0" for s in scales}
+    if len(dtypes) > 1 or len(scale_dtypes) > 1:
+        raise ConvertError(
+            f"{spec.tensors[0].name}: its {len(infos)} tensors mix storage formats {sorted(dtypes)} / scales "
+            f"{sorted(scale_dtypes)}; convert without --keep-quantized"
+        )
+    dtype = dtypes.pop()
+    return QuantStorage(
+        fmt="fp8" if dtype == "F8_E4M3" else "fp4",
+        data_shape=tuple(infos[0].shape),
+        data_dtype=DTYPES[dtype],
+        scale_shape=tuple(scales[0].shape),
+        scale_dtype=np.dtype(np.float32) if scale_dtypes.pop() == "F32" else np.dtype(np.uint8),
+    )
+
+
+def build_entries(state: nnx.State, cfg: ModelConfig, index: CheckpointIndex | None, keep_quantized: bool):
+    """One Entry per parameter of the abstract state, in tree order."""
+    shapes = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(state)}
+    entries = []
+    for spec in release_specs(state, cfg):
+        abstract = shapes[spec.path]
+        layout, groups = detect_layout(spec, tuple(abstract.shape))
+        quant_storage = None
+        if keep_quantized and layout != "copy":
+            quant_storage = _quant_storage(index, spec)
+        entries.append(Entry(spec, tuple(abstract.shape), np.dtype(abstract.dtype), layout, groups, quant_storage))
+    return entries
+
+
+# -------------------------------------------------------------------------------------- source
+
+
+def _missing_shard_problems(src: Path) -> list[str]:
+    """Shards the index names but SRC lacks, each with the tensors it should hold."""
+    index_path = src / INDEX_FILE
+    if not index_path.is_file():
+        return []
+    try:
+        weight_map = json.loads(index_path.read_text("utf-8")).get("weight_map", {})
+    except (json.JSONDecodeError, AttributeError):
+        return []  # CheckpointIndex reports a malformed index with its own message
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(name)
+    return [
+        f"{index_path}: shard {shard} is missing from {src}; it should hold {len(names)} tensor(s), e.g. {names[:3]}"
+        for shard, names in by_shard.items()
+        if not (src / shard).is_file()
+    ]
+
+
+def open_source(src: Path, cfg: ModelConfig, specs: list[ParamSpec]) -> CheckpointIndex:
+    """Open SRC's index and check every tensor against the config, raising all problems at once."""
+    problems = _missing_shard_problems(src)
+    if problems:
+        raise CheckpointError("\n".join(problems))
+    index = CheckpointIndex(src)  # validates shard headers: truncation, sizes, duplicates, listing
+    problems = validate_index(index, specs, weight_block(cfg))
+    if problems:
+        raise CheckpointError(
+            f"{src / INDEX_FILE}: {len(problems)} problem(s) against {src / 'config.json'}:\n  " + "\n  ".join(problems)
+        )
+    return index
+
+
+class SourceReader:
+    """Reads row ranges of release tensors with positional reads (no memory map), counting bytes.
+
+    A memory map would keep every page it touched in the resident set until unmapped; plain reads
+    leave the data in the page cache only, so the converter's memory stays bounded by its units.
+    """
+
+    def __init__(self, index: CheckpointIndex, on_read: Callable[[int], None] | None = None):
+        self.index = index
+        self._on_read = on_read or (lambda n: None)
+        self._data_offsets: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _data_offset(self, shard: str) -> int:
+        with self._lock:
+            if shard not in self._data_offsets:
+                self._data_offsets[shard] = read_header(self.index.directory / shard)[1]
+            return self._data_offsets[shard]
+
+    def rows(self, name: str, r0: int, r1: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [r0, r1) of tensor `name` (the whole tensor when 0-d/1-d rows are elements)."""
+        info = self.index.info(name)
+        shard = self.index.shard_of(name)
+        dtype = DTYPES[info.dtype]
+        tail = tuple(info.shape[1:])
+        row_bytes = math.prod(tail) * dtype.itemsize
+        if out is None:
+            out = np.empty((r1 - r0,) + tail, dtype)
+        path = self.index.directory / shard
+        offset = self._data_offset(shard) + info.start + r0 * row_bytes
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        with open(path, "rb", buffering=0) as f:
+            got = os.preadv(f.fileno(), [view], offset)
+        if got != view.nbytes:
+            raise CheckpointError(f"{path}: short read of tensor {name!r} ({got} of {view.nbytes} bytes)")
+        self._on_read(got)
+        return out
+
+    def tensor(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """The whole tensor with its stored dtype and shape."""
+        shape = tuple(self.index.info(name).shape)
+        if out is not None:
+            out = out.reshape(shape)
+        rows = shape[0] if shape else 1
+        return self.rows(name, 0, rows, out).reshape(shape)
+
+
+# ----------------------------------------------------------------------------- dequantize + place
+#
+# Linear weights and experts are stored [out, in] and wanted [in, out]. Transposing the output
+# (2-4 bytes per element) is what numpy does worst, so the transposed paths transpose the *source*
+# bytes (1 byte per FP8 element, half a byte per FP4 element) in cache-sized strips and then decode
+# with lookup tables straight into rows of the output. Every value is still one float32 product of
+# the decoded element and its scale, exactly as `dsv4.quant` computes it. Work arrays are per-thread
+# scratch reused block after block: faulting in fresh (huge) pages for temporaries otherwise costs
+# more than the arithmetic.
+
+_STRIP = 16  # rows per strip of a transposing copy (keeps both sides in cache)
+_FP8_VALUES = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+_FP4_LOW = quant.FP4_LUT[np.arange(256) & 0xF]  # byte -> value of its low nibble (even element)
+_FP4_HIGH = quant.FP4_LUT[np.arange(256) >> 4]  # byte -> value of its high nibble (odd element)
+
+
+class _Scratch(threading.local):
+    """Per-thread work arrays, grown on demand and reused (at most a few READ_BLOCK_BYTES each)."""
+
+    def __init__(self):
+        self.buffers: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        buf = self.buffers.get(name)
+        if buf is None or buf.nbytes < nbytes:
+            buf = self.buffers[name] = np.empty(max(nbytes, 1), np.uint8)
+        return buf[:nbytes].view(dtype).reshape(shape)
+
+
+_SCRATCH = _Scratch()
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """`a` viewed as unsigned integers of its item size: numpy copies ml_dtypes element by element
+    through a Python-level function when strided, but integers with its fast loops."""
+    return a.view(f"u{a.dtype.itemsize}")
+
+
+def _transposed(src: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """src [m, C] -> contiguous [C, m] (into `out` if given), copied in strips of rows."""
+    out = np.empty(src.shape[::-1], src.dtype) if out is None else out
+    out_bits, src_bits = _bits(out), _bits(src)
+    for c in range(0, src.shape[0], _STRIP):
+        out_bits[:, c : c + _STRIP] = src_bits[c : c + _STRIP].T
+    return out
+
+
+def _scale_values(scale: np.ndarray) -> np.ndarray:
+    """E8M0 bytes or float scales -> float32 multipliers."""
+    return quant.decode_e8m0(scale) if scale.dtype == np.uint8 else scale.astype(np.float32)
+
+
+def _scale_columns(values_t: np.ndarray, scale_rows: np.ndarray, first: int, block: tuple[int, int]):
+    """Multiply transposed values [K, m] (release rows first..first+m as columns) by their scales.
+
+    scale_rows [g, gK]: scale rows covering those release rows, the first covering row `first`
+    rounded down to a multiple of block[0]; block = (rows, columns) of one scale tile.
+    """
+    k, m = values_t.shape
+    bn, bk = block
+    rows = (np.arange(first, first + m) // bn) - first // bn
+    scale_t = np.ascontiguousarray(_scale_values(scale_rows)[rows].T)  # [gK, m]
+    if k % bk == 0:
+        values_t.reshape(k // bk, bk, m)[...] *= scale_t[:, None, :]
+    else:
+        values_t *= np.repeat(scale_t, bk, axis=0)[:k]
+    return values_t
+
+
+def _read_rows(reader: SourceReader, name: str, r0: int, r1: int) -> np.ndarray:
+    """Rows [r0, r1) of `name` read into this thread's scratch."""
+    info = reader.index.info(name)
+    shape = (r1 - r0,) + tuple(info.shape[1:])
+    return reader.rows(name, r0, r1, out=_SCRATCH.get("raw", shape, DTYPES[info.dtype]))
+
+
+def _decode_transposed(reader: SourceReader, t: ReleaseTensor, code: str, r0: int, r1: int, block):
+    """Release rows [r0, r1) of `t` as columns [K, r1 - r0] in scratch: float32 if quantized, else as stored."""
+    raw = _read_rows(reader, t.name, r0, r1)
+    m, width = raw.shape
+    if code not in ("F8_E4M3", "I8"):
+        return _transposed(raw, _SCRATCH.get("values_t", (width, m), raw.dtype))
+    bytes_t = _transposed(raw.view(np.uint8), _SCRATCH.get("bytes_t", (width, m), np.uint8))
+    if code == "F8_E4M3":
+        values_t = np.take(_FP8_VALUES, bytes_t, out=_SCRATCH.get("values_t", (width, m), np.float32))
+        scale = reader.rows(t.scale_name, r0 // block[0], -(-r1 // block[0]))
+        return _scale_columns(values_t, scale, r0, block)
+    pairs = _SCRATCH.get("values_t", (width, 2, m), np.float32)  # byte row j -> elements 2j, 2j + 1
+    np.take(_FP4_LOW, bytes_t, out=pairs[:, 0])
+    np.take(_FP4_HIGH, bytes_t, out=pairs[:, 1])
+    scale = reader.rows(t.scale_name, r0, r1)
+    return _scale_columns(pairs.reshape(2 * width, m), scale, r0, (1, quant.FP4_GROUP))
+
+
+def _decode_rows(reader: SourceReader, t: ReleaseTensor, code: str, r0: int, r1: int, block) -> np.ndarray:
+    """Release rows [r0, r1) of `t` as rows, dequantized by `dsv4.quant` (floats and ints as stored)."""
+    raw = _read_rows(reader, t.name, r0, r1)
+    if code == "F8_E4M3":
+        if r0 % block[0]:
+            raise AssertionError(f"{t.name}: FP8 rows must start on a scale tile (row {r0})")
+        scale = reader.rows(t.scale_name, r0 // block[0], -(-r1 // block[0]))
+        return quant.dequantize_fp8(raw, scale, block)
+    if code == "I8":
+        return quant.dequantize_fp4(raw, reader.rows(t.scale_name, r0, r1))
+    return raw
+
+
+def _place_columns(dst: np.ndarray, values_t: np.ndarray, r0: int, layout: str) -> None:
+    """Put release rows [r0, r0 + m), given as columns [K, m], into the parameter `dst`.
+
+    transpose (and one expert's slot): dst [K, N]; grouped: dst [G, K, r] with release row i in
+    group i // r, column i % r.
+    """
+    m = values_t.shape[1]
+    if values_t.dtype != dst.dtype:  # a contiguous cast, then a plain copy of integers
+        cast = _SCRATCH.get("cast", values_t.shape, dst.dtype)
+        np.copyto(cast, values_t, casting="unsafe")
+        values_t = cast
+    values_t, dst = _bits(values_t), _bits(dst)
+    if layout != "grouped":
+        dst[:, r0 : r0 + m] = values_t
+        return
+    per_group, row = dst.shape[2], r0
+    while row < r0 + m:
+        g, j = divmod(row, per_group)
+        take = min(per_group - j, r0 + m - row)
+        dst[g, :, j : j + take] = values_t[:, row - r0 : row - r0 + take]
+        row += take
+
+
+def _row_step(shape: tuple[int, ...], code: str, block: tuple[int, int]) -> int:
+    """Rows per block: about READ_BLOCK_BYTES of float32, a whole number of FP8 tile rows."""
+    rows = max(1, READ_BLOCK_BYTES // max(4 * math.prod(shape[1:]), 1))
+    if code == "F8_E4M3":
+        rows = max(block[0], rows // block[0] * block[0])
+    return rows
+
+
+def convert_tensor(
+    reader: SourceReader, t: ReleaseTensor, dst: np.ndarray, layout: str, block, rows: tuple[int, int] | None = None
+) -> None:
+    """Dequantize release tensor `t` (or its `rows` [a, b), copy layout only) into `dst`, by row blocks.
+
+    `dst` is the parameter (for routed experts one expert's [K, N] slot of the stacked parameter;
+    with `rows`, just those rows) in its dtype; values are dequantized in float32 and cast once on
+    placement, exactly as `checkpoint.read_dequantized` + `ParamSpec.assemble` + `astype` would.
+    """
+    info = reader.index.info(t.name)
+    if len(info.shape) < 2:
+        dst[...] = reader.tensor(t.name)
+        return
+    start, stop = rows or (0, info.shape[0])
+    if rows is not None and layout != "copy":
+        raise AssertionError(f"{t.name}: row ranges are only converted for the copy layout")
+    step = _row_step(tuple(info.shape), info.dtype, block)
+    for r0 in range(start, stop, step):
+        r1 = min(stop, r0 + step)
+        if layout == "copy":
+            dst[r0 - start : r1 - start] = _decode_rows(reader, t, info.dtype, r0, r1, block)
+        else:
+            _place_columns(dst, _decode_transposed(reader, t, info.dtype, r0, r1, block), r0, layout)
+
+
+# ---------------------------------------------------------------------------------- the store
+
+
+def _param_info(directory: Path, name: str, context: ts.Context):
+    """Orbax's description of one array of a non-OCDBT zarr v2 PyTree checkpoint."""
+    from orbax.checkpoint import type_handlers
+
+    return type_handlers.ParamInfo(
+        name=name, parent_dir=Path(directory), is_ocdbt_checkpoint=False, use_zarr3=False, ts_context=context
+    )
+
+
+class ArrayStore:
+    """DST/params: one zarr v2 array per stored array, in the layout Orbax's PyTree handler reads.
+
+    Tensorstore creates the arrays (their `.zarray` metadata, through Orbax's own spec builder) and
+    reads them back; the converter writes the chunk files itself. The arrays are uncompressed, so a
+    zarr v2 chunk file is just the chunk's bytes in C order (edge chunks padded to the full chunk
+    shape), and writing it straight from the unit's buffer avoids tensorstore's copy of every byte
+    into freshly allocated chunk buffers (which dominated conversion time).
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self._context = ts.Context()
+        self._arrays: dict[str, ts.TensorStore] = {}
+
+    def _write_spec(self, a: StoredArray) -> dict:
+        from orbax.checkpoint import type_handlers
+
+        spec = type_handlers.get_json_tspec_write(
+            _param_info(self.directory, a.name, self._context),
+            use_ocdbt=False,
+            global_shape=a.shape,
+            local_shape=a.chunks,
+            dtype=a.dtype,
+        )
+        spec["metadata"].update(compressor=None, filters=None, order="C", dimension_separator=".")
+        return spec
+
+    def create(self, arrays: Iterable[StoredArray]) -> None:
+        """Create (or, resuming, reopen) every array; metadata only, no data."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        pending = {a.name: ts.open(self._write_spec(a), create=True, open=True, context=self._context) for a in arrays}
+        for name, future in pending.items():
+            self._arrays[name] = future.result()
+
+    def open_existing(self, arrays: Iterable[StoredArray]) -> None:
+        """Open arrays of a finished checkpoint for reading."""
+        from orbax.checkpoint import type_handlers
+
+        pending = {}
+        for a in arrays:
+            info = _param_info(self.directory, a.name, self._context)
+            pending[a.name] = ts.open(type_handlers.get_json_tspec_read(info, False), context=self._context)
+        for name, future in pending.items():
+            self._arrays[name] = future.result()
+
+    def chunk_writes(self, a: StoredArray, index: tuple | None, value: np.ndarray) -> list[tuple]:
+        """(file, chunk bytes, full chunk size) for `value` written to `a` whole or at `index`.
+
+        `index` is None (the whole array) or (slice(e0, e1),) along the leading (expert) axis;
+        either way it covers whole chunks of the leading axis, and the other axes are one chunk.
+        """
+        rows = a.chunks[0]
+        first = 0 if index is None else index[0].start
+        if first % rows or (index is not None and value.shape[0] % rows and index[0].stop != a.shape[0]):
+            raise AssertionError(f"{a.name}: write of rows from {first} does not cover whole chunks")
+        full = math.prod(a.chunks) * a.dtype.itemsize
+        tail = ".0" * (len(a.shape) - 1)
+        value = np.ascontiguousarray(value)
+        return [
+            (self.directory / a.name / f"{(first + r) // rows}{tail}", value[r : r + rows], full)
+            for r in range(0, value.shape[0], rows)
+        ]
+
+    def read(self, a: StoredArray, index: tuple | None = None) -> np.ndarray:
+        target = self._arrays[a.name]
+        return (target[index] if index is not None else target).read().result()
+
+
+def write_chunk(path: Path, data: np.ndarray, full_nbytes: int) -> int:
+    """Write one zarr chunk file atomically (temp + rename), zero-padded to `full_nbytes`."""
+    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(memoryview(data.reshape(-1).view(np.uint8)))
+        if data.nbytes < full_nbytes:
+            f.truncate(full_nbytes)
+    os.replace(tmp, path)
+    return full_nbytes
+
+
+def write_orbax_metadata(directory: Path, arrays: Sequence[StoredArray]) -> None:
+    """The PyTree `_METADATA` Orbax reads: every array a dict-keyed `jax.Array` leaf, zarr v2, no OCDBT."""
+    tree = {
+        str(a.key): {
+            "key_metadata": [{"key": k, "key_type": 2} for k in a.key],  # 2: a dict key
+            "value_metadata": {
+                "value_type": "jax.Array",
+                "skip_deserialize": False,
+                "write_shape": list(a.chunks),
+            },
+        }
+        for a in arrays
+    }
+    doc = {
+        "tree_metadata": tree,
+        "use_ocdbt": False,
+        "use_zarr3": False,
+        "store_array_data_equal_to_fill_value": True,
+        "custom_metadata": None,
+    }
+    _write_json(directory / "_METADATA", doc)
+
+
+def _write_json(path: Path, doc) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------- unit building
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteOp:
+    """Write `value` into `array` (at `index`, or whole)."""
+
+    array: StoredArray
+    index: tuple | None
+    value: np.ndarray
+
+
+class _Pool:
+    """`map` over a thread pool (inline with one worker); exceptions propagate to the caller."""
+
+    def __init__(self, workers: int):
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="dsv4-convert") if workers > 1 else None
+
+    def map(self, fn, items) -> list:
+        if self._executor is None:
+            return [fn(x) for x in items]
+        return list(self._executor.map(fn, items))
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class _Buffers:
+    """Output arrays handed from one unit to a later one.
+
+    Touching fresh pages is slow (very slow in VMs), and units mostly repeat shapes, so the arrays
+    of a unit whose writes finished are reused by the next unit built. Only the arrays of the last
+    released unit are kept spare, so spares never exceed one unit.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._free: dict[tuple, list[np.ndarray]] = {}
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An array of `shape`: a spare one with the same trailing shape and enough rows, or new."""
+        key = (tuple(shape[1:]), np.dtype(dtype))
+        with self._lock:
+            free = self._free.get(key, [])
+            fits = [i for i, a in enumerate(free) if a.shape[0] >= shape[0]]
+            if fits:
+                array = free.pop(fits[0])
+            else:  # a unit of another kind: free the spares before allocating (two units at most)
+                self._free = {}
+                array = np.empty(shape, dtype)
+        return array[: shape[0]] if shape else array
+
+    def release(self, arrays: list[np.ndarray]) -> None:
+        """`arrays` may be reused; spares from earlier units are dropped."""
+        free: dict[tuple, list[np.ndarray]] = {}
+        for a in arrays:
+            base = a if a.base is None else a.base
+            free.setdefault((tuple(base.shape[1:]), base.dtype), []).append(base)
+        with self._lock:
+            self._free = free
+
+
+class UnitBuilder:
+    """Reads and converts one unit into host arrays ready to write."""
+
+    def __init__(self, reader: SourceReader, block: tuple[int, int], pool: _Pool, on_tensor=None):
+        self.reader, self.block, self.pool = reader, block, pool
+        self.buffers = _Buffers()
+        self._on_tensor = on_tensor or (lambda n: None)
+
+    def build(self, unit: Unit) -> list[WriteOp]:
+        if unit.span is None:
+            return [op for ops in self.pool.map(self._entry_ops, unit.entries) for op in ops]
+        if unit.is_experts:
+            return self._expert_ops(unit)
+        return self._row_ops(unit)
+
+    def _tensors_read(self, t: ReleaseTensor) -> int:
+        return 1 + (self.reader.index.info(t.name).dtype in ("F8_E4M3", "I8"))
+
+    def _entry_ops(self, entry: Entry) -> list[WriteOp]:
+        (t,) = entry.spec.tensors
+        arrays = entry.arrays()
+        if entry.quant is not None:
+            ops = [
+                WriteOp(a, None, self.reader.tensor(name, out=self.buffers.take(a.shape, a.dtype)))
+                for a, name in zip(arrays, (t.name, t.scale_name), strict=True)
+            ]
+            self._on_tensor(2)
+            return ops
+        out = self.buffers.take(entry.shape, entry.dtype)
+        convert_tensor(self.reader, t, out, entry.layout, self.block)
+        self._on_tensor(self._tensors_read(t))
+        return [WriteOp(arrays[0], None, out)]
+
+    def _row_ops(self, unit: Unit) -> list[WriteOp]:
+        """Rows [r0, r1) of one large plain parameter, converted in parallel pieces."""
+        (entry,), (r0, r1) = unit.entries, unit.span
+        (t,), array = entry.spec.tensors, entry.arrays()[0]
+        out = self.buffers.take((r1 - r0,) + array.shape[1:], array.dtype)
+        step = _row_step(array.shape, "", self.block)
+        pieces = [(a, min(a + step, r1)) for a in range(r0, r1, step)]
+        self.pool.map(
+            lambda p: convert_tensor(self.reader, t, out[p[0] - r0 : p[1] - r0], "copy", self.block, p), pieces
+        )
+        if r1 == array.shape[0]:
+            self._on_tensor(self._tensors_read(t))
+        return [WriteOp(array, (slice(r0, r1),), out)]
+
+    def _expert_ops(self, unit: Unit) -> list[WriteOp]:
+        e0, e1 = unit.span
+        buffers = {
+            a.name: self.buffers.take((e1 - e0,) + a.shape[1:], a.dtype)
+            for entry in unit.entries
+            for a in entry.arrays()
+        }
+
+        def fill(task):
+            entry, e = task
+            t, arrays = entry.spec.tensors[e], entry.arrays()
+            if entry.quant is None:
+                convert_tensor(self.reader, t, buffers[arrays[0].name][e - e0], "experts", self.block)
+                self._on_tensor(self._tensors_read(t))
+            else:
+                self.reader.tensor(t.name, out=buffers[arrays[0].name][e - e0])
+                self.reader.tensor(t.scale_name, out=buffers[arrays[1].name][e - e0])
+                self._on_tensor(2)
+
+        self.pool.map(fill, [(entry, e) for e in range(e0, e1) for entry in unit.entries])
+        return [WriteOp(a, (slice(e0, e1),), buffers[a.name]) for entry in unit.entries for a in entry.arrays()]
+
+
+def unit_tensor_count(unit: Unit, index: CheckpointIndex) -> int:
+    """Release tensors (weights and scales) a unit completes (a row-split tensor counts in its last unit)."""
+    if unit.span is not None and not unit.is_experts and unit.span[1] != unit.entries[0].shape[0]:
+        return 0
+    return sum(1 + (index.info(t.name).dtype in ("F8_E4M3", "I8")) for t, _ in unit.tensors())
+
+
+def unit_source_bytes(unit: Unit, index: CheckpointIndex) -> int:
+    """Bytes a unit reads from SRC (weights and scales)."""
+    total = 0.0
+    for t, fraction in unit.tensors():
+        info = index.info(t.name)
+        total += info.nbytes * fraction
+        if info.dtype in ("F8_E4M3", "I8"):
+            total += index.info(t.scale_name).nbytes * fraction
+    return round(total)
+
+
+# ---------------------------------------------------------------------------- progress record
+
+
+class ProgressRecord:
+    """The temp dir's record of the conversion: options, source fingerprint, finished units."""
+
+    def __init__(self, path: Path, header: dict, completed: Iterable[str] = ()):
+        self.path, self.header, self.completed = path, header, list(completed)
+
+    @classmethod
+    def load(cls, path: Path) -> ProgressRecord:
+        try:
+            doc = json.loads(path.read_text())
+            return cls(path, doc["header"], doc["completed"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ConvertError(f"{path}: unreadable progress record ({err}); rerun without --resume") from None
+
+    def save(self) -> None:
+        _write_json(self.path, {"header": self.header, "completed": self.completed})
+
+    def mark(self, unit: str) -> None:
+        """Record `unit` as completely written."""
+        self.completed.append(unit)
+        self.save()
+
+
+def _progress_header(src: Path, index: CheckpointIndex, options: ConvertOptions) -> dict:
+    shards = {s: (src / s).stat().st_size for s in index.shards()}
+    return {
+        "format": "dsv4-convert-progress",
+        "version": FORMAT_VERSION,
+        "source": str(src.resolve()),
+        "shards": shards,
+        "options": options.to_json(),
+    }
+
+
+def temp_dir(dst: Path) -> Path:
+    """Where a conversion to `dst` is assembled (a sibling, so the final rename stays on one disk)."""
+    return dst.parent / (dst.name + TEMP_SUFFIX)
+
+
+def _start_or_resume(tmp: Path, header: dict, resume: bool, log) -> ProgressRecord:
+    """A fresh temp dir with an empty record, or (resume) the existing record if it matches."""
+    record_path = tmp / PROGRESS_FILE
+    if resume and record_path.exists():
+        record = ProgressRecord.load(record_path)
+        if record.header != header:
+            diff = sorted(k for k in set(header) | set(record.header) if header.get(k) != record.header.get(k))
+            raise ConvertError(
+                f"{tmp}: cannot resume: the unfinished conversion differs in {diff}; rerun without --resume "
+                "to start over"
+            )
+        for stale in (tmp / PARAMS_DIR).glob("*/.*.tmp"):  # chunk writes cut short by the interruption
+            stale.unlink()
+        log(f"resuming {tmp}: {len(record.completed)} unit(s) already complete")
+        return record
+    if tmp.exists():
+        if not record_path.exists():
+            raise ConvertError(f"{tmp}: exists and is not a dsv4-convert temporary directory; remove it")
+        log(f"removing the unfinished conversion {tmp} (pass --resume to continue it instead)")
+        shutil.rmtree(tmp)
+    elif resume:
+        log(f"nothing to resume at {tmp}: starting from scratch")
+    tmp.mkdir(parents=True)
+    record = ProgressRecord(record_path, header)
+    record.save()
+    return record
+
+
+class _Progress:
+    """tqdm bar over source bytes, with the tensor count as postfix (thread-safe)."""
+
+    def __init__(self, total_bytes: int, total_tensors: int, done_bytes: int, done_tensors: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self._lock = threading.Lock()
+        self.total_tensors, self.tensors = total_tensors, done_tensors
+        self.bytes_read = 0
+        self._bar = tqdm(
+            total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+            desc="dsv4-convert", disable=not enabled, dynamic_ncols=True, smoothing=0.1, mininterval=0.5,
+        )  # fmt: skip
+
+    def add_bytes(self, n: int) -> None:
+        with self._lock:
+            self.bytes_read += n
+            self._bar.update(n)
+
+    def add_tensors(self, n: int) -> None:
+        with self._lock:
+            self.tensors += n
+            self._bar.set_postfix_str(f"{self.tensors}/{self.total_tensors} tensors", refresh=False)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+# ---------------------------------------------------------------------------------- conversion
+
+FIXED_OVERHEAD_BYTES = 512 << 20  # Python, JAX, Orbax, tensorstore and the plan: measured 0.23-0.26 GB
+WORKER_SCRATCH_BYTES = 16 << 20  # one row block (READ_BLOCK_BYTES of float32) and its temporaries
+
+
+def memory_bound(largest_unit_bytes: int, workers: int) -> int:
+    """Peak host memory the converter stays within: 2 units + per-worker scratch + fixed overhead."""
+    return 2 * largest_unit_bytes + workers * WORKER_SCRATCH_BYTES + FIXED_OVERHEAD_BYTES
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far.
+
+    Linux: VmHWM of /proc/self/status. Not getrusage's ru_maxrss, which a process started by
+    fork + exec inherits from its parent's high-water mark.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclasses.dataclass
+class ConvertSummary:
+    """What a conversion did."""
+
+    dst: str
+    units: int
+    units_resumed: int
+    tensors: int
+    parameters: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    setup_seconds: float
+    peak_rss_bytes: int
+    largest_unit_bytes: int
+    memory_bound_bytes: int
+
+    def format(self) -> str:
+        gb = 1e9
+        rate = self.bytes_read / max(self.seconds, 1e-9) / gb
+        return (
+            f"converted {self.units} unit(s) ({self.units_resumed} resumed) into {self.dst}\n"
+            f"  tensors read   {self.tensors:,}\n"
+            f"  parameters     {self.parameters:,}\n"
+            f"  bytes read     {self.bytes_read / gb:.3f} GB ({rate:.3f} GB/s)\n"
+            f"  bytes written  {self.bytes_written / gb:.3f} GB\n"
+            f"  seconds        {self.seconds:.1f} ({self.setup_seconds:.1f} validating and planning)\n"
+            f"  peak RSS       {self.peak_rss_bytes / gb:.3f} GB"
+            f" (bound {self.memory_bound_bytes / gb:.3f} GB,"
+            f" largest unit {self.largest_unit_bytes / gb:.3f} GB)"
+        )
+
+
+def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    s, d = src.resolve(), dst.resolve()
+    if s == d or s in d.parents or d in s.parents:
+        raise ConvertError(f"{dst}: destination must lie outside the source {src} (and not contain it)")
+    if not dst.exists():
+        return
+    if not overwrite:
+        raise ConvertError(f"{dst}: destination exists; pass --overwrite to replace it")
+    if not dst.is_dir() or (any(dst.iterdir()) and not (dst / MANIFEST_FILE).exists()):
+        raise ConvertError(f"{dst}: exists and is not a dsv4 checkpoint; refusing to replace it even with --overwrite")
+
+
+def _output_config(cfg: ModelConfig, options: ConvertOptions) -> ModelConfig:
+    if options.layers is not None and options.layers[1] > cfg.num_hidden_layers:
+        raise ConvertError(
+            f"--layers {options.layers[0]}:{options.layers[1]}: the model has {cfg.num_hidden_layers} layers"
+        )
+    if options.include_mtp:
+        return cfg
+    return dataclasses.replace(cfg, num_nextn_predict_layers=0)
+
+
+def _run_units(todo: list[Unit], builder: UnitBuilder, store: ArrayStore, record: ProgressRecord, writers):
+    """Build unit k+1 while unit k's chunks are written; record each unit once written.
+
+    Two units live in memory: the one being written and the one being built (whose buffers are
+    those of unit k-1, released when its writes finished).
+    """
+    delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
+    inflight = None
+    for unit in todo:
+        ops = builder.build(unit)
+        if inflight is not None:
+            _finish(*inflight, builder, record, delay)
+        jobs = [job for op in ops for job in store.chunk_writes(op.array, op.index, op.value)]
+        inflight = (unit, [writers.submit(write_chunk, *job) for job in jobs], [op.value for op in ops])
+    if inflight is not None:
+        _finish(*inflight, builder, record, delay)
+
+
+def _finish(unit: Unit, futures: list, buffers: list, builder: UnitBuilder, record: ProgressRecord, delay):
+    for f in futures:
+        f.result()
+    builder.buffers.release(buffers)
+    record.mark(unit.name)
+    if delay:
+        time.sleep(delay)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def convert(
+    src,
+    dst,
+    dtype: str = "bfloat16",
+    keep_quantized: bool = False,
+    workers: int = 1,
+    include_mtp: bool = True,
+    layers: tuple[int, int] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    unit_bytes: int = DEFAULT_UNIT_BYTES,
+    log: Callable[[str], None] | None = None,
+) -> ConvertSummary:
+    """Convert the release checkpoint SRC into the Orbax checkpoint DST (see the module docstring).
+
+    Everything is validated before any heavy work: the destination, the config, and every tensor
+    of the index against the config (all problems reported at once). Raises ConvertError,
+    CheckpointError or ConfigError with a message naming the file (and tensor).
+    """
+    start = time.monotonic()
+    log = log or (lambda msg: print(msg, flush=True))
+    src, dst = Path(src), Path(dst)
+    options = ConvertOptions(dtype, keep_quantized, include_mtp, layers, unit_bytes)
+    if workers < 1:
+        raise ConvertError(f"workers must be >= 1, got {workers}")
+    _check_destination(src, dst, overwrite)
+    cfg = ModelConfig.from_hf_config(src)
+    out_cfg = _output_config(cfg, options)
+    state = nnx.split(abstract_model(cfg, RuntimeConfig(dtype=options.dtype)))[1]
+    index = open_source(src, cfg, release_specs(state, cfg))
+    units = plan_units(build_entries(state, cfg, index, keep_quantized), options)
+    entries = list({e.name: e for u in units for e in u.entries}.values())
+    tmp = temp_dir(dst)
+    record = _start_or_resume(tmp, _progress_header(src, index, options), resume, log)
+    store = ArrayStore(tmp / PARAMS_DIR)
+    store.create(a for e in entries for a in e.arrays())
+    done = set(record.completed)
+    todo = [u for u in units if u.name not in done]
+    bar = _Progress(
+        total_bytes=sum(unit_source_bytes(u, index) for u in units),
+        total_tensors=sum(unit_tensor_count(u, index) for u in units),
+        done_bytes=sum(unit_source_bytes(u, index) for u in units if u.name in done),
+        done_tensors=sum(unit_tensor_count(u, index) for u in units if u.name in done),
+        enabled=progress,
+    )
+    pool = _Pool(workers)
+    writers = ThreadPoolExecutor(workers, thread_name_prefix="dsv4-convert-write")
+    try:
+        reader = SourceReader(index, on_read=bar.add_bytes)
+        builder = UnitBuilder(reader, weight_block(cfg), pool, bar.add_tensors)
+        setup_seconds = time.monotonic() - start
+        _run_units(todo, builder, store, record, writers)
+    finally:
+        writers.shutdown(wait=True, cancel_futures=True)
+        pool.close()
+        bar.close()
+        index.close()
+    largest = max(u.out_bytes() for u in units)
+    summary = ConvertSummary(
+        dst=str(dst), units=len(units), units_resumed=len(units) - len(todo), tensors=bar.tensors,
+        parameters=sum(math.prod(e.shape) for e in entries), bytes_read=bar.bytes_read,
+        bytes_written=_dir_bytes(tmp / PARAMS_DIR), seconds=0.0, setup_seconds=setup_seconds, peak_rss_bytes=0,
+        largest_unit_bytes=largest, memory_bound_bytes=memory_bound(largest, workers),
+    )  # fmt: skip
+    summary.seconds = time.monotonic() - start
+    summary.peak_rss_bytes = peak_rss_bytes()
+    _finalize(tmp, dst, src, out_cfg, options, entries, summary)
+    return summary
+
+
+def _manifest(src: Path, cfg: ModelConfig, options: ConvertOptions, entries: list[Entry]) -> dict:
+    converted_layers = options.layers or (0, cfg.num_hidden_layers)
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "source": str(src.resolve()),
+        "options": options.to_json(),
+        "partial": tuple(converted_layers) != (0, cfg.num_hidden_layers),
+        "params_dir": PARAMS_DIR,
+        "arrays": {a.name: {"shape": list(a.shape), "dtype": a.dtype.name} for e in entries for a in e.arrays()},
+        "quantized": {
+            e.name: {
+                "fmt": e.quant.fmt,
+                "layout": e.layout,
+                "groups": e.groups,
+                "block": list(weight_block(cfg)),
+            }
+            for e in entries
+            if e.quant is not None
+        },
+    }
+
+
+def _finalize(tmp, dst, src, cfg, options, entries, summary) -> None:
+    """Write the metadata, copy the tokenizer files, and move the finished checkpoint to DST."""
+    write_orbax_metadata(tmp / PARAMS_DIR, [a for e in entries for a in e.arrays()])
+    manifest = _manifest(src, cfg, options, entries)
+    manifest["summary"] = {k: v for k, v in dataclasses.asdict(summary).items() if k not in ("dst",)}
+    _write_json(tmp / MANIFEST_FILE, manifest)
+    cfg.save(tmp / "config.json")
+    for name in COPIED_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, tmp / name)
+    (tmp / PROGRESS_FILE).unlink()
+    if dst.exists():  # --overwrite: swap, then delete the old checkpoint
+        old = dst.parent / (dst.name + ".old-dsv4-convert")
+        os.rename(dst, old)
+        os.rename(tmp, dst)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, dst)
+
+
+def read_manifest(path) -> dict:
+    """DST's dsv4_checkpoint.json, checked for format and version."""
+    file = Path(path) / MANIFEST_FILE
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file}: not a dsv4 Orbax checkpoint ({err})") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{file}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
+            f"expected {FORMAT!r} version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+# ------------------------------------------------------------------------------------ verification
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    """Which arrays were compared and which differed."""
+
+    checked: list[str]
+    mismatches: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+    def format(self) -> str:
+        lines = [f"verified {len(self.checked)} array(s): {len(self.mismatches)} mismatch(es)"]
+        lines += [f"  MISMATCH {m}" for m in self.mismatches]
+        return "\n".join(lines)
+
+
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+def _expected_dense(index, spec: ParamSpec, tensors: list[ReleaseTensor], block, dtype) -> np.ndarray:
+    """The reference path of `load_hf`: read_dequantized + the name table's assemble + astype."""
+    from dsv4.checkpoint import read_dequantized
+
+    return np.asarray(spec.assemble([read_dequantized(index, t, block) for t in tensors])).astype(dtype)
+
+
+def _verify_entry(entry: Entry, index, store: ArrayStore, block, rng) -> list[tuple[str, bool]]:
+    """Compare one parameter (two random experts of a stacked one) between SRC and DST."""
+    arrays = entry.arrays()
+    picks = [None] if not entry.num_experts else sorted(rng.choice(entry.num_experts, 2, replace=False).tolist())
+    results = []
+    for e in picks:
+        tensors = list(entry.spec.tensors) if e is None else [entry.spec.tensors[e]]
+        where = entry.name if e is None else f"{entry.name}[expert {e}]"
+        index_ = None if e is None else (e,)
+        if entry.quant is None:
+            expected = _expected_dense(index, entry.spec, tensors, block, entry.dtype)
+            got = store.read(arrays[0], index_)
+            results.append((where, _same_bytes(expected[0] if e is not None else expected, got)))
+        else:
+            for a, name in zip(arrays, (tensors[0].name, tensors[0].scale_name), strict=True):
+                results.append((f"{where}.{a.key[-1]}", _same_bytes(index.read(name), store.read(a, index_))))
+        index.close()
+    return results
+
+
+def verify(src, dst, samples: int = 16, seed: int = 0) -> VerifyReport:
+    """Re-read `samples` random parameters from SRC and DST and compare them exactly.
+
+    The SRC side goes through `load_hf`'s reference path (read_dequantized + the name table's
+    assemble), independent of the converter's block-wise kernels; stacked experts are compared on
+    two random experts each.
+    """
+    src, dst = Path(src), Path(dst)
+    manifest = read_manifest(dst)
+    opts = manifest["options"]
+    options = ConvertOptions(**{**opts, "layers": tuple(opts["layers"]) if opts["layers"] else None})
+    cfg = ModelConfig.from_hf_config(src)
+    state = nnx.split(abstract_model(cfg, RuntimeConfig(dtype=options.dtype)))[1]
+    index = open_source(src, cfg, release_specs(state, cfg))
+    entries = [e for u in plan_units(build_entries(state, cfg, index, options.keep_quantized), options)
+               for e in u.entries]  # fmt: skip
+    entries = list({e.name: e for e in entries}.values())
+    missing = [a.name for e in entries for a in e.arrays() if a.name not in manifest["arrays"]]
+    if missing:
+        raise CheckpointError(f"{dst / MANIFEST_FILE}: {len(missing)} array(s) missing, e.g. {missing[:3]}")
+    rng = np.random.default_rng(seed)
+    picked = [entries[i] for i in sorted(rng.choice(len(entries), min(samples, len(entries)), replace=False))]
+    store = ArrayStore(dst / PARAMS_DIR)
+    store.open_existing(a for e in picked for a in e.arrays())
+    checked, mismatches = [], []
+    for entry in picked:
+        for where, ok in _verify_entry(entry, index, store, weight_block(cfg), rng):
+            checked.append(where)
+            if not ok:
+                mismatches.append(where)
+    return VerifyReport(checked, mismatches)

@@ -1,0 +1,202 @@
+"""Restore a converted checkpoint (`dsv4.convert`) straight into sharded device arrays.
+
+`load(path, mesh)` builds the abstract model from DST's config.json, asks the sharding rules for
+each parameter's NamedSharding, and lets Orbax read every array directly into that sharding: each
+device reads only its own slice, so no host ever holds an unsharded copy of a sharded weight.
+Weights kept quantized (`--keep-quantized`) come back as `QuantizedWeight` pytrees whose data and
+scales are sharded like the parameter they stand for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from dsv4.config import ModelConfig, RuntimeConfig
+from dsv4.convert import PARAMS_DIR, read_manifest
+from dsv4.model import DeepseekV4, abstract_model
+from dsv4.params import logical_axes
+from dsv4.quantized import QuantizedWeight
+from dsv4.safetensors_io import CheckpointError
+from sharding.rules import (
+    DEFAULT_RULES,
+    MeshAxes,
+    check_divisible,
+    get_rules,
+    logical_to_spec,
+    param_shardings,
+    single_device_mesh,
+    validate,
+)
+
+
+def quantized_axes(axes: tuple, layout: str) -> tuple[tuple, tuple]:
+    """Logical axes of (data, scale) of a quantized weight whose dense parameter has `axes`.
+
+    data is in release orientation: transpose [in, out] -> [out, in]; grouped [G, in, r] -> [G*r, in]
+    (rows follow the groups); experts [E, in, out] -> [E, out, in]. Scale grids keep only the
+    expert axis (tiles are too coarse to split with the data).
+    """
+    if layout == "transpose":
+        return (axes[1], axes[0]), (None, None)
+    if layout == "grouped":
+        return (axes[0], axes[1]), (None, None)
+    if layout == "experts":
+        return (axes[0], axes[2], axes[1]), (axes[0], None, None)
+    raise ValueError(f"unknown quantized layout {layout!r}")
+
+
+def _named(mesh: Mesh, axes: tuple, rules) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, rules, mesh))
+
+
+def _leaf(x):
+    return x.get_value() if isinstance(x, nnx.Variable) else x
+
+
+def _array_info(manifest: dict, name: str, where: Path) -> tuple[tuple[int, ...], np.dtype]:
+    try:
+        info = manifest["arrays"][name]
+    except KeyError:
+        raise CheckpointError(f"{where}: array {name!r} is not in the checkpoint") from None
+    return tuple(info["shape"]), np.dtype(info["dtype"])
+
+
+class _Targets:
+    """The Orbax `item` (abstract arrays with their shardings) and `restore_args` trees, built per array."""
+
+    def __init__(self):
+        self.item: dict = {}
+        self.args: dict = {}
+
+    def add(self, key: tuple[str, ...], shape, dtype, sharding) -> None:
+        import orbax.checkpoint as ocp
+
+        item, args = self.item, self.args
+        for k in key[:-1]:
+            item, args = item.setdefault(k, {}), args.setdefault(k, {})
+        item[key[-1]] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+        args[key[-1]] = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=shape, dtype=dtype)
+
+
+def _get(tree: dict, key: tuple[str, ...]):
+    for k in key:
+        tree = tree[k]
+    return tree
+
+
+def _plan_restore(state, shardings, manifest, mesh, rules, where, allow_partial):
+    """Orbax targets for every parameter DST holds (dense, or data + scale); missing ones are refused
+    unless `allow_partial`."""
+    flat_shardings = dict(nnx.to_flat_state(shardings))
+    targets, missing, quantized = _Targets(), [], manifest.get("quantized", {})
+    for path, var in nnx.to_flat_state(state):
+        key = tuple(str(p) for p in path)
+        name = ".".join(key)
+        abstract = var.get_value()
+        if name in quantized:
+            data_axes, scale_axes = quantized_axes(logical_axes(var), quantized[name]["layout"])
+            for part, axes in (("data", data_axes), ("scale", scale_axes)):
+                shape, dtype = _array_info(manifest, f"{name}.{part}", where)
+                targets.add(key + (part,), shape, dtype, _named(mesh, axes, rules))
+        elif name in manifest["arrays"]:
+            shape, _ = _array_info(manifest, name, where)
+            if shape != tuple(abstract.shape):
+                raise CheckpointError(f"{where}: array {name!r} has shape {list(shape)}, the model wants "
+                                      f"{list(abstract.shape)}")  # fmt: skip
+            targets.add(key, shape, abstract.dtype, _leaf(flat_shardings[tuple(path)]))
+        else:
+            missing.append(name)
+    if missing and not allow_partial:
+        raise CheckpointError(
+            f"{where}: {len(missing)} parameter(s) missing (partial conversion?), e.g. {missing[:3]}; "
+            "pass allow_partial=True to load the rest"
+        )
+    return targets
+
+
+def load(
+    path: str | os.PathLike,
+    mesh: Mesh | None = None,
+    dtype: str | None = None,
+    attention_impl: str = "xla",
+    query_block: int = 128,
+    strategy=None,
+    allow_partial: bool = False,
+) -> DeepseekV4:
+    """Restore the model from a converted checkpoint directory.
+
+    Args:
+      path: DST of `dsv4-convert`.
+      mesh: device mesh with the rules table's axis names (default: one device).
+      dtype: runtime dtype of the main weights; default the dtype the checkpoint was converted to.
+        Dense arrays are cast by the reader; quantized weights dequantize to it on the fly.
+      strategy: sharding strategy (`sharding.rules`, default "dp_ep"), as for `load_hf`.
+      allow_partial: accept a `--layers`/partial conversion; missing parameters stay abstract.
+    Returns:
+      The model, each array placed in the sharding the strategy's rules give it on `mesh` (the
+      runtime config carries mesh and strategy, so the MoE runs expert-parallel as with `load_hf`).
+    """
+    import orbax.checkpoint as ocp
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    cfg = ModelConfig.from_hf_config(path)
+    strategy = strategy if strategy is not None else "dp_ep"
+    rt = RuntimeConfig(dtype=dtype or manifest["options"]["dtype"], attention_impl=attention_impl,
+                       query_block=query_block, mesh=mesh, strategy=strategy)  # fmt: skip
+    if mesh is not None:
+        validate(cfg, mesh, strategy)
+    graphdef, state = nnx.split(abstract_model(cfg, rt))
+    rules = get_rules(strategy)
+    if mesh is not None:
+        check_divisible(state, mesh, rules)
+    mesh = mesh or single_device_mesh()
+    where = path / PARAMS_DIR
+    targets = _plan_restore(state, param_shardings(state, mesh, rules), manifest, mesh, rules, where, allow_partial)
+    restored = ocp.PyTreeCheckpointer().restore(
+        where.resolve(), args=ocp.args.PyTreeRestore(item=targets.item, restore_args=targets.args)
+    )
+    _fill_state(state, restored, manifest.get("quantized", {}))
+    return nnx.merge(graphdef, state)
+
+
+def _fill_state(state, restored: dict, quantized: dict) -> None:
+    for path, var in nnx.to_flat_state(state):
+        key = tuple(str(p) for p in path)
+        name = ".".join(key)
+        try:
+            value = _get(restored, key)
+        except KeyError:
+            continue  # allow_partial: left abstract
+        if name in quantized:
+            q = quantized[name]
+            value = QuantizedWeight(
+                value["data"], value["scale"], fmt=q["fmt"], layout=q["layout"],
+                dtype=np.dtype(var.get_value().dtype).name, block=tuple(q["block"]), groups=q["groups"],
+            )  # fmt: skip
+        var.set_value(value)
+
+
+def state_shardings(state, mesh: Mesh, rules: Mapping[str, MeshAxes] = DEFAULT_RULES):
+    """`sharding.rules.param_shardings` for states that may hold `QuantizedWeight` values.
+
+    Each variable becomes its NamedSharding, or, for a quantized weight, a `QuantizedWeight` whose
+    data and scale leaves are the NamedShardings `load` restores them with.
+    """
+
+    def one(var):
+        value = var.get_value()
+        if not isinstance(value, QuantizedWeight):
+            return _named(mesh, logical_axes(var), rules)
+        data_axes, scale_axes = quantized_axes(logical_axes(var), value.layout)
+        return dataclasses.replace(value, data=_named(mesh, data_axes, rules), scale=_named(mesh, scale_axes, rules))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -1,0 +1,368 @@
+"""dsv4-convert end to end on the tiny release checkpoints (several shards each).
+
+Parity: a float32 conversion restored with `dsv4.restore.load` gives logits equal to `load_hf` on
+the source exactly; bfloat16 arrays equal `load_hf(dtype="bfloat16")` exactly; `--keep-quantized`
+weights dequantized on the fly give logits within float32 rounding (relative error <= 1e-6;
+measured 0). Bad inputs fail before any work with a message naming the file and the tensor.
+"""
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import dsv4
+from dsv4 import convert
+from dsv4.cli_convert import main
+from dsv4.quantized import QuantizedWeight, materialize
+from dsv4.restore import load
+from dsv4.safetensors_io import CheckpointError, CheckpointIndex, write_sharded_checkpoint
+
+SEQ = 64
+
+
+def tokens_for(cfg: dict, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, cfg["vocab_size"], (2, SEQ))
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def orbax_numpy(params_dir: Path) -> dict:
+    """A generic Orbax restore of DST/params (tree from Orbax's own metadata) as numpy arrays."""
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(params_dir).item_metadata.tree
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def flat_values(model) -> dict:
+    return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.split(model)[1])}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, flash_ckpt, pro_ckpt):
+    """{(name, dtype, keep_quantized): DST} converted once per module."""
+    root = tmp_path_factory.mktemp("converted")
+    out = {}
+    for name, (src, _, _) in (("flash", flash_ckpt), ("pro", pro_ckpt)):
+        for dtype, keep in (("float32", False), ("float32", True), ("bfloat16", False)):
+            dst = root / f"{name}-{dtype}-{keep}"
+            convert.convert(src, dst, dtype=dtype, keep_quantized=keep, workers=2, progress=False)
+            out[name, dtype, keep] = dst
+    return out
+
+
+# -------------------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("name", ["flash", "pro"])
+def test_float32_conversion_gives_load_hf_logits_exactly(request, converted, name):
+    src, _, cfg = request.getfixturevalue(f"{name}_ckpt")
+    assert len(CheckpointIndex(src).shards()) > 3  # the fixture really is sharded
+    tokens = tokens_for(cfg)
+    expected = np.asarray(dsv4.forward(dsv4.load_hf(src, dtype="float32"), tokens))
+    got = np.asarray(dsv4.forward(load(converted[name, "float32", False]), tokens))
+    np.save(converted[name, "float32", False].parent / f"{name}-logits.npy", expected)
+    assert np.array_equal(got, expected)
+
+
+def test_bfloat16_conversion_equals_load_hf_bfloat16(flash_ckpt, converted):
+    got = flat_values(load(converted["flash", "bfloat16", False]))
+    expected = flat_values(dsv4.load_hf(flash_ckpt[0], dtype="bfloat16"))
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert value.dtype == got[name].dtype and np.array_equal(np.asarray(got[name]), np.asarray(value)), name
+
+
+def test_keep_quantized_logits_within_float32_rounding(pro_ckpt, converted):
+    src, _, cfg = pro_ckpt
+    model = load(converted["pro", "float32", True])
+    values = flat_values(model)
+    kinds = {(v.fmt, v.layout) for v in values.values() if isinstance(v, QuantizedWeight)}
+    assert kinds == {("fp8", "transpose"), ("fp8", "grouped"), ("fp4", "experts")}
+    tokens = tokens_for(cfg)
+    expected = np.asarray(dsv4.forward(dsv4.load_hf(src, dtype="float32"), tokens))
+    err = rel_err(dsv4.forward(model, tokens), expected)
+    print(f"keep-quantized relative error {err:.1e}")
+    assert err <= 1e-6
+
+
+def test_keep_quantized_weights_materialize_to_the_dense_ones(converted):
+    quantized = flat_values(load(converted["flash", "float32", True]))
+    dense = flat_values(load(converted["flash", "float32", False]))
+    assert any(isinstance(v, QuantizedWeight) for v in quantized.values())
+    is_q = lambda x: isinstance(x, QuantizedWeight)  # noqa: E731
+    materialized = jax.jit(lambda tree: jax.tree.map(materialize, tree, is_leaf=is_q))(quantized)
+    for name, value in dense.items():
+        assert np.array_equal(np.asarray(materialized[name]), np.asarray(value)), name
+
+
+def test_keep_quantized_stores_the_release_bytes(flash_ckpt, converted):
+    index = CheckpointIndex(flash_ckpt[0])
+    params = orbax_numpy(converted["flash", "float32", True] / convert.PARAMS_DIR)
+    wq_a = params["layers"]["1"]["attn"]["wq_a"]["weight"]
+    assert np.array_equal(
+        np.asarray(wq_a["data"]).view(np.uint8), index.read("layers.1.attn.wq_a.weight").view(np.uint8)
+    )
+    assert np.array_equal(np.asarray(wq_a["scale"]), index.read("layers.1.attn.wq_a.scale"))
+    w2 = params["layers"]["2"]["ffn"]["experts"]["w2"]
+    assert np.array_equal(np.asarray(w2["data"][3]), index.read("layers.2.ffn.experts.3.w2.weight"))
+
+
+# ------------------------------------------------------------------------------------ checkpoint
+
+
+def test_destination_layout_and_generic_orbax_restore(flash_ckpt, converted):
+    src, _, cfg = flash_ckpt
+    dst = converted["flash", "float32", False]
+    assert {p.name for p in dst.iterdir()} == {
+        "config.json", "generation_config.json", convert.MANIFEST_FILE, convert.PARAMS_DIR
+    }  # fmt: skip
+    assert dsv4.ModelConfig.from_hf_config(dst) == dsv4.ModelConfig.from_hf_config(src)
+    params = orbax_numpy(dst / convert.PARAMS_DIR)
+    experts = params["layers"]["0"]["ffn"]["experts"]["w1"]
+    assert experts.shape == (cfg["n_routed_experts"], cfg["hidden_size"], cfg["moe_intermediate_size"])
+    manifest = convert.read_manifest(dst)
+    assert manifest["options"]["dtype"] == "float32" and not manifest["partial"]
+
+
+def test_tokenizer_files_are_copied(tmp_path, flash_ckpt):
+    src = tmp_path / "src"
+    shutil.copytree(flash_ckpt[0], src)
+    (src / "tokenizer.json").write_text('{"tok": 1}')
+    (src / "tokenizer_config.json").write_text('{"cfg": 2}')
+    convert.convert(src, tmp_path / "dst", progress=False)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "dst" / name).read_bytes() == (src / name).read_bytes()
+
+
+def test_no_mtp_and_partial_layers(tmp_path, flash_ckpt, converted):
+    src = flash_ckpt[0]
+    assert main([str(src), str(tmp_path / "nomtp"), "--no-mtp", "--dtype", "float32", "--no-progress"]) == 0
+    model = load(tmp_path / "nomtp")
+    assert model.cfg.num_nextn_predict_layers == 0 and len(model.mtp) == 0
+    assert main([str(src), str(tmp_path / "part"), "--layers", "1:3", "--dtype", "float32", "--no-progress"]) == 0
+    assert convert.read_manifest(tmp_path / "part")["partial"]
+    with pytest.raises(CheckpointError, match="missing"):
+        load(tmp_path / "part")
+    partial = flat_values(load(tmp_path / "part", allow_partial=True))
+    full = flat_values(load(converted["flash", "float32", False]))
+    assert np.array_equal(
+        np.asarray(partial["layers.2.attn.wq_a.weight"]), np.asarray(full["layers.2.attn.wq_a.weight"])
+    )
+    assert not hasattr(partial["layers.0.attn.wq_a.weight"], "addressable_shards")  # left abstract
+
+
+def test_verify_passes_and_catches_a_corrupted_chunk(tmp_path, capsys, flash_ckpt, converted):
+    src, dst = flash_ckpt[0], converted["flash", "float32", False]
+    assert main(["--verify", str(src), str(dst), "--samples", "1000"]) == 0
+    assert "0 mismatch" in capsys.readouterr().out
+    bad = tmp_path / "bad"
+    shutil.copytree(dst, bad)
+    chunk = bad / convert.PARAMS_DIR / "layers.1.attn.wq_b.weight" / "0.0"
+    data = bytearray(chunk.read_bytes())
+    data[100] ^= 0x40
+    chunk.write_bytes(bytes(data))
+    assert main(["--verify", str(src), str(bad), "--samples", "1000"]) == 1
+    assert "MISMATCH layers.1.attn.wq_b.weight" in capsys.readouterr().out
+
+
+def test_overwrite(tmp_path, flash_ckpt):
+    src, dst = flash_ckpt[0], tmp_path / "dst"
+    assert main([str(src), str(dst), "--no-progress"]) == 0
+    assert main([str(src), str(dst), "--no-progress", "--dtype", "float32"]) == 1
+    assert main([str(src), str(dst), "--no-progress", "--dtype", "float32", "--overwrite"]) == 0
+    assert convert.read_manifest(dst)["options"]["dtype"] == "float32"
+    other = tmp_path / "not-a-checkpoint"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    assert main([str(src), str(other), "--no-progress", "--overwrite"]) == 1
+    assert (other / "precious.txt").read_text() == "keep me"
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+
+
+def _rewrite(src: Path, dst: Path, mutate) -> Path:
+    """Copy of the checkpoint `src` with its tensors passed through `mutate(tensors, dtypes)`."""
+    index = CheckpointIndex(src)
+    tensors = {name: index.read(name) for name in index.names()}
+    dtypes = {name: index.info(name).dtype for name in index.names() if index.info(name).dtype == "F8_E8M0"}
+    mutate(tensors, dtypes)
+    write_sharded_checkpoint(dst, tensors, dtypes, max_shard_bytes=256 * 1024)
+    shutil.copy(src / "config.json", dst / "config.json")
+    return dst
+
+
+def _drop(name):
+    def mutate(tensors, dtypes):
+        del tensors[name]
+
+    return mutate
+
+
+def _replace(name, value, dtype=None):
+    def mutate(tensors, dtypes):
+        tensors[name] = value(tensors[name])
+        dtypes.pop(name, None)
+        if dtype:
+            dtypes[name] = dtype
+
+    return mutate
+
+
+def _add(name, value):
+    def mutate(tensors, dtypes):
+        tensors[name] = value
+
+    return mutate
+
+
+def _shard_holding(src: Path, name: str) -> Path:
+    return src / CheckpointIndex(src).shard_of(name)
+
+
+def _delete_shard(src):
+    index = CheckpointIndex(src)
+    shard = _shard_holding(src, "layers.1.attn.wq_a.weight")
+    first = next(n for n in index.names() if index.shard_of(n) == shard.name)
+    shard.unlink()
+    return [shard.name, f"'{first}'"]
+
+
+def _truncate_shard(src):
+    index = CheckpointIndex(src)
+    shard = _shard_holding(src, "layers.1.attn.wq_a.weight")
+    last = [n for n in index.names() if index.shard_of(n) == shard.name][-1]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 1)
+    return [shard.name, "truncated", last]
+
+
+def _lie_about_tensor_size(src):
+    """A header entry whose data_offsets span less than its shape needs."""
+    shard = _shard_holding(src, "layers.1.attn.wq_a.weight")
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header["layers.1.attn.wq_a.weight"]["shape"][0] += 1
+    body = json.dumps(header).encode()
+    body += b" " * (-len(body) % 8)
+    shard.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n :])
+    return [shard.name, "layers.1.attn.wq_a.weight", "spans"]
+
+
+def _lie_about_header_size(src):
+    shard = _shard_holding(src, "layers.1.attn.wq_a.weight")
+    raw = bytearray(shard.read_bytes())
+    raw[:8] = struct.pack("<Q", len(raw))
+    shard.write_bytes(bytes(raw))
+    return [shard.name, "header length"]
+
+
+def _unknown_config_key(src):
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["frobnication_depth"] = 3
+    (src / "config.json").write_text(json.dumps(cfg))
+    return ["config.json", "frobnication_depth"]
+
+
+ON_DISK = {  # corruptions applied to a copy in place -> words the message must contain
+    "missing shard": _delete_shard,
+    "truncated shard": _truncate_shard,
+    "header lies about a tensor's size": _lie_about_tensor_size,
+    "header lies about its own size": _lie_about_header_size,  # no tensor can be named here
+    "unknown config key": _unknown_config_key,  # a key, not a tensor
+}
+
+REWRITES = {  # tensors rewritten -> (mutation, words the message must contain)
+    "tensor missing from the index": (
+        _drop("layers.1.attn.wq_a.weight"),
+        ["model.safetensors.index.json", "missing tensor 'layers.1.attn.wq_a.weight'"],
+    ),
+    "wrong shape": (
+        _replace("layers.0.attn.wkv.weight", lambda w: w[:-1]),
+        ["layers.0.attn.wkv.weight", "model-", "shape"],
+    ),
+    "wrong dtype": (
+        _replace("layers.0.attn.attn_sink", lambda w: w.astype(np.float16)),
+        ["layers.0.attn.attn_sink", "model-", "dtype F16"],
+    ),
+    "unknown tensor": (
+        _add("layers.0.attn.bogus.weight", np.zeros(3, np.float32)),
+        ["unknown tensor 'layers.0.attn.bogus.weight'", "model-"],
+    ),
+    "scale grid of the wrong shape": (
+        _replace("layers.0.attn.wq_a.scale", lambda s: np.concatenate([s, s[:, :1]], axis=1), "F8_E8M0"),
+        ["layers.0.attn.wq_a.scale", "model-", "scale grid"],
+    ),
+}
+
+
+def _expect_failure(capsys, src: Path, dst: Path, words: list[str]) -> None:
+    assert main([str(src), str(dst), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, (word, err)
+    assert not dst.exists() and not convert.temp_dir(dst).exists()
+
+
+@pytest.mark.parametrize("case", sorted(ON_DISK))
+def test_bad_files_fail_before_any_work(tmp_path, capsys, flash_ckpt, case):
+    src = tmp_path / "src"
+    shutil.copytree(flash_ckpt[0], src)
+    words = ON_DISK[case](src)
+    _expect_failure(capsys, src, tmp_path / "dst", words)
+
+
+@pytest.mark.parametrize("case", sorted(REWRITES))
+def test_bad_tensors_fail_before_any_work(tmp_path, capsys, flash_ckpt, case):
+    mutate, words = REWRITES[case]
+    src = _rewrite(flash_ckpt[0], tmp_path / "src", mutate)
+    _expect_failure(capsys, src, tmp_path / "dst", words)
+
+
+def test_every_problem_is_reported_at_once(tmp_path, capsys, flash_ckpt):
+    def mutate(tensors, dtypes):
+        _replace("layers.0.attn.wkv.weight", lambda w: w[:-1])(tensors, dtypes)
+        _drop("layers.2.attn.wq_b.weight")(tensors, dtypes)
+        _drop("layers.2.attn.wq_b.scale")(tensors, dtypes)
+        _add("layers.3.extra", np.zeros(2, np.float32))(tensors, dtypes)
+
+    src = _rewrite(flash_ckpt[0], tmp_path / "src", mutate)
+    words = ["3 problem(s)", "layers.0.attn.wkv.weight", "layers.2.attn.wq_b.weight", "layers.3.extra"]
+    _expect_failure(capsys, src, tmp_path / "dst", words)
+
+
+def test_existing_destination_is_refused(tmp_path, capsys, flash_ckpt):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "something").write_text("x")
+    assert main([str(flash_ckpt[0]), str(dst), "--no-progress"]) == 1
+    assert f"{dst}: destination exists" in capsys.readouterr().err
+    assert [p.name for p in dst.iterdir()] == ["something"]
+
+
+def test_bad_options(tmp_path, capsys, flash_ckpt):
+    src = str(flash_ckpt[0])
+    assert main([src, str(tmp_path / "a"), "--layers", "3:9", "--no-progress"]) == 1
+    assert "the model has 5 layers" in capsys.readouterr().err
+    assert main([src, str(tmp_path / "b"), "--layers", "x", "--no-progress"]) == 1
+    assert main([src, str(Path(src) / "inside"), "--no-progress"]) == 1
+    assert "outside the source" in capsys.readouterr().err
+
+
+def test_help_states_the_memory_bound(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "2 x the largest unit" in out and "--resume" in out
