@@ -77,7 +77,7 @@ class Fp8Store:
 
     def read(self) -> jax.Array:
         nope = _blockwise(self.nope.astype(jnp.float32), FP8_BLOCK) * _e8m0(self.scales)[..., None]
-        nope = nope.reshape(*nope.shape[:-2], -1)[..., : self.nope.shape[-1]]
+        nope = nope.reshape(*nope.shape[:-2], nope.shape[-2] * nope.shape[-1])[..., : self.nope.shape[-1]]
         return jnp.concatenate([nope, self.rope.astype(jnp.float32)], axis=-1)
 
     def write(self, rows, new) -> Fp8Store:
@@ -98,9 +98,11 @@ class Fp4Store:
     scales: jax.Array
 
     def read(self) -> jax.Array:
-        codes = jnp.stack([self.packed & 0xF, self.packed >> 4], axis=-1).reshape(*self.packed.shape[:-1], -1)
+        codes = jnp.stack([self.packed & 0xF, self.packed >> 4], axis=-1)
+        codes = codes.reshape(*self.packed.shape[:-1], 2 * self.packed.shape[-1])
         values = jnp.asarray(_FP4_VALUES)[codes.astype(jnp.int32)]
-        return (_blockwise(values, FP4_GROUP) * _e8m0(self.scales)[..., None]).reshape(values.shape)
+        scaled = _blockwise(values, FP4_GROUP) * _e8m0(self.scales)[..., None]
+        return scaled.reshape(*values.shape[:-1], scaled.shape[-2] * FP4_GROUP)[..., : values.shape[-1]]
 
     def write(self, rows, new) -> Fp4Store:
         packed, scales = quantize_fp4_groups(new.astype(jnp.float32))
@@ -139,16 +141,17 @@ def quantize_fp8_blocks(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     blocks = _blockwise(x, FP8_BLOCK)
     scales = _pow2_scale(jnp.max(jnp.abs(blocks), axis=-1), 448.0)
     q = jnp.clip(blocks / _e8m0(scales)[..., None], -448, 448).astype(jnp.float8_e4m3fn)
-    return q.reshape(*q.shape[:-2], -1)[..., : x.shape[-1]], scales
+    return q.reshape(*q.shape[:-2], q.shape[-2] * q.shape[-1])[..., : x.shape[-1]], scales
 
 
 def quantize_fp4_groups(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x [..., J] (J even) -> (packed e2m1 codes uint8 [..., J/2], E8M0 scale bytes [..., ceil(J/32)])."""
     groups = _blockwise(x, FP4_GROUP)
     scales = _pow2_scale(jnp.max(jnp.abs(groups), axis=-1), 6.0)
-    scaled = (groups / _e8m0(scales)[..., None]).reshape(*x.shape[:-1], -1)[..., : x.shape[-1]]
+    scaled = (groups / _e8m0(scales)[..., None]).reshape(*x.shape[:-1], groups.shape[-2] * FP4_GROUP)
+    scaled = scaled[..., : x.shape[-1]]
     codes = jnp.argmin(jnp.abs(scaled[..., None] - jnp.asarray(_FP4_VALUES)), axis=-1).astype(jnp.uint8)
-    pairs = codes.reshape(*codes.shape[:-1], -1, 2)
+    pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
     return (pairs[..., 0] | (pairs[..., 1] << 4)).astype(jnp.uint8), scales
 
 
