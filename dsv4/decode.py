@@ -3,6 +3,12 @@
 Both are one function, `extend`: append a right-padded chunk of tokens to every sequence of the
 cache and return the logits of the chunk. Any split of a sequence into chunks and single steps
 gives the logits of one whole-sequence forward (tests/test_decode.py).
+
+On a mesh (`model.rt.mesh`) the jitted steps take the parameters' shardings from the parameters
+(placed by `dsv4.load_hf` / `sharding.placement.shard_model`) and pin tokens, cache and logits to
+the strategy's batch sharding (`with_sharding_constraint` on the way in and out): the donated cache
+comes back in the layout it went in, so every step reuses its buffers and one compiled program
+serves every step. Data-parallel strategies run the step per device under `jax.shard_map`.
 """
 
 from __future__ import annotations
@@ -32,18 +38,46 @@ def extend(model: DeepseekV4, tokens: jax.Array, lengths: jax.Array, cache: Cach
     return model.head_logits(streams), Cache(start + lengths, layers, cache.max_len)
 
 
+def on_mesh(graphdef, state, step, *rows):
+    """step(model, *rows) -> batch-first outputs, placed by the model's mesh and strategy.
+
+    `rows` and the outputs are batch-first arrays or pytrees (tokens, lengths, cache, logits).
+    Without a mesh this is just the call. On a mesh the inputs and outputs are pinned to the
+    strategy's batch sharding, and data-parallel strategies run the step per device
+    (`sharding.placement.per_device`).
+    """
+    rt = nnx.merge(graphdef, state).rt
+
+    def body(state, *rows):
+        return step(nnx.merge(graphdef, state), *rows)
+
+    if rt.mesh is None:
+        return body(state, *rows)
+    from sharding.placement import per_device, pin_rows
+
+    rows = pin_rows(rows, rt.mesh, rt.strategy)
+    return pin_rows(per_device(body, rt, state)(state, *rows), rt.mesh, rt.strategy)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(4,))
 def prefill_fn(graphdef, state, tokens, lengths, cache, last_only=False):
     """Pure, jitted prefill: (graphdef, state, tokens [B, C], lengths [B], cache) -> (logits, cache)."""
-    return extend(nnx.merge(graphdef, state), tokens, lengths, cache, last_only)
+
+    def step(model, tokens, lengths, cache):
+        return extend(model, tokens, lengths, cache, last_only)
+
+    return on_mesh(graphdef, state, step, tokens, lengths, cache)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(3,))
 def decode_fn(graphdef, state, tokens, cache):
     """Pure, jitted decode step: (graphdef, state, tokens [B], cache) -> (logits [B, V], cache)."""
-    ones = jnp.ones(tokens.shape, jnp.int32)
-    logits, cache = extend(nnx.merge(graphdef, state), tokens[:, None], ones, cache)
-    return logits[:, 0], cache
+
+    def step(model, tokens, cache):
+        logits, cache = extend(model, tokens[:, None], jnp.ones(tokens.shape, jnp.int32), cache)
+        return logits[:, 0], cache
+
+    return on_mesh(graphdef, state, step, tokens, cache)
 
 
 def check_tokens(tokens, lengths, cache: Cache, vocab_size: int) -> None:
@@ -64,12 +98,22 @@ def check_tokens(tokens, lengths, cache: Cache, vocab_size: int) -> None:
         raise ValueError(
             f"token id {tokens[b, i]} at row {b}, position {i} is outside the vocabulary [0, {vocab_size})"
         )
-    total = np.asarray(cache.lengths) + lengths
+    total = _host_rows(cache.lengths) + lengths  # rows held by other processes read as 0 (they check them)
     if np.any(total > cache.max_len):
         row = int(np.argmax(total))
         raise ValueError(
             f"row {row} would reach {total[row]} tokens, past the cache's max_len {cache.max_len}"
         )
+
+
+def _host_rows(x: jax.Array) -> np.ndarray:
+    """A [B] device array on the host; on many hosts, the rows this process holds (others 0)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    out = np.zeros(x.shape, x.dtype)
+    for shard in x.addressable_shards:
+        out[shard.index] = np.asarray(shard.data)
+    return out
 
 
 def prefill(model: DeepseekV4, tokens, cache: Cache, lengths=None, last_only: bool = False):
@@ -82,8 +126,9 @@ def prefill(model: DeepseekV4, tokens, cache: Cache, lengths=None, last_only: bo
     if lengths is None:
         lengths = np.full((tokens.shape[0],) if tokens.ndim else (1,), tokens.shape[-1] if tokens.ndim else 0)
     check_tokens(tokens, lengths, cache, model.cfg.vocab_size)
+    cache = _placed_cache(model, cache)
     graphdef, state = nnx.split(model)
-    tokens, lengths = jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32)
+    tokens, lengths = _device_batch(model, tokens), _device_batch(model, lengths)
     return prefill_fn(graphdef, state, tokens, lengths, cache, last_only)
 
 
@@ -92,4 +137,23 @@ def decode_step(model: DeepseekV4, tokens, cache: Cache):
     tokens = np.asarray(tokens).reshape(-1)
     check_tokens(tokens[:, None], np.ones_like(tokens), cache, model.cfg.vocab_size)
     graphdef, state = nnx.split(model)
-    return decode_fn(graphdef, state, jnp.asarray(tokens, jnp.int32), cache)
+    return decode_fn(graphdef, state, _device_batch(model, tokens), cache)
+
+
+def _placed_cache(model: DeepseekV4, cache: Cache) -> Cache:
+    """The cache in its strategy shardings (ValueError when the batch does not divide the mesh)."""
+    if model.rt.mesh is None:
+        return cache
+    from sharding.placement import shard_cache
+
+    return shard_cache(cache, model.rt.mesh, model.rt.strategy)
+
+
+def _device_batch(model: DeepseekV4, x) -> jax.Array:
+    """Host int32 [B, ...] -> a device array, split over the batch axes on a mesh (any number of hosts)."""
+    x = np.asarray(x, np.int32)
+    if model.rt.mesh is None:
+        return jnp.asarray(x)
+    from sharding.placement import batch_sharding, put
+
+    return put(x, batch_sharding(model.rt.mesh, model.rt.strategy, x.ndim))

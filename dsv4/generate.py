@@ -12,8 +12,9 @@ chunks; the tokens do not depend on the chunking (step t samples with `fold_in(k
 Conventions: each row stops at its first stop token (default: the config's eos ids), which is
 included in its output; rows that stopped keep feeding a pad token (their output is cut there),
 so every step has the same shapes. The cache holds `max_len` tokens per row (default: the
-longest prompt + max_new_tokens). Programs are compiled ahead of time (`jit.lower().compile()`,
-cached by JAX), so the reported prefill and decode times exclude compilation.
+longest prompt + max_new_tokens, rounded up to a multiple of 128). Programs are compiled ahead of
+time (`jit.lower().compile()`, cached by JAX), so the reported prefill and decode times exclude
+compilation.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from dsv4.config import ModelConfig
 from dsv4.model import DeepseekV4
 from dsv4.sampling import SamplingParams, sample_with
 
+CACHE_ALIGN = 128  # the default cache length is rounded up to a multiple of this
 PAD_ID = 0  # fed to padded prompt slots and to rows that already stopped; never visible to real tokens
 OnToken = Callable[[list[list[int]]], None]
 
@@ -172,8 +174,8 @@ def cache_length(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     longest = max(len(p) for p in prompts)
     needed = longest + max_new_tokens
-    if max_len is None:
-        max_len = needed
+    if max_len is None:  # rounded up: fewer distinct cache shapes (compiles), whole HCA windows
+        max_len = max(min(-(-needed // CACHE_ALIGN) * CACHE_ALIGN, cfg.max_position_embeddings), needed)
     if longest > max_len:
         raise ValueError(f"a prompt of {longest} tokens is longer than the cache max length {max_len}")
     if needed > max_len:
@@ -382,7 +384,8 @@ def generate(
       cache_format: "bfloat16" | "compact" | "float32" (`dsv4.cache`).
       on_token: optional callback, called with a list (one entry per prompt) of the tokens each
         row produced since the previous call; every `stream_interval` decode steps.
-      max_len: cache capacity per row (default: longest prompt + max_new_tokens).
+      max_len: cache capacity per row (default: longest prompt + max_new_tokens, rounded up to a
+        multiple of 128).
       prefill_chunk: prefill the prompts this many positions at a time (bounds the prefill's
         activation memory; default: all at once).
     Returns:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -12,7 +13,7 @@ from dsv4.checkpoint import ParamSpec, read_dequantized, release_specs, validate
 from dsv4.config import ModelConfig, RuntimeConfig
 from dsv4.model import DeepseekV4, abstract_model
 from dsv4.safetensors_io import CheckpointError, CheckpointIndex
-from sharding.rules import param_shardings
+from sharding.rules import check_divisible, get_rules, param_shardings, validate
 
 
 def weight_block(cfg: ModelConfig) -> tuple[int, int]:
@@ -35,6 +36,7 @@ def load_hf(
     attention_impl: str = "xla",
     query_block: int = 128,
     mesh=None,
+    strategy=None,
 ) -> DeepseekV4:
     """Read a release-layout checkpoint directory and return the model.
 
@@ -42,10 +44,21 @@ def load_hf(
     (checkpoint_format.md s3), then cast to `dtype` (mHC, sinks, ape and router bias stay float32).
     Raises CheckpointError naming the file and tensor on any unknown, missing, duplicated,
     mis-shaped or mis-typed tensor, missing shard or truncated file; all problems are listed at once.
+
+    With `mesh` (axes data, expert, tensor: `sharding.mesh.make_mesh`) every parameter is created
+    directly in the sharding `strategy` gives it (default "dp_ep"; see `sharding.rules`), one
+    `jax.make_array_from_callback` per parameter: a process only fills its own devices' shards, and
+    of a routed-expert stack it reads only the experts its devices hold. The returned model's
+    RuntimeConfig carries the mesh and strategy, so its MoE layers run expert-parallel.
+    Bad mesh / strategy combinations raise ValueError before anything is read.
     """
     path = os.fspath(path)
     cfg = ModelConfig.from_hf_config(path)
-    rt = RuntimeConfig(dtype=dtype, attention_impl=attention_impl, query_block=query_block)
+    strategy = strategy if strategy is not None else "dp_ep"
+    rt = RuntimeConfig(dtype=dtype, attention_impl=attention_impl, query_block=query_block, mesh=mesh,
+                       strategy=strategy)  # fmt: skip
+    if mesh is not None:
+        validate(cfg, mesh, strategy)
     graphdef, state = nnx.split(abstract_model(cfg, rt))
     specs = release_specs(state, cfg)
     block = weight_block(cfg)
@@ -55,16 +68,44 @@ def load_hf(
         raise CheckpointError(
             f"checkpoint {path} does not match its config.json:\n  " + "\n  ".join(problems)
         )
-    shardings = param_shardings(state, mesh)
+    if mesh is not None:
+        check_divisible(state, mesh, get_rules(strategy))
+    shardings = param_shardings(state, mesh, get_rules(strategy))
     flat = dict(nnx.to_flat_state(state))
-    flat_shardings = dict(nnx.to_flat_state(shardings)) if isinstance(shardings, nnx.State) else None
+    flat_shardings = dict(nnx.to_flat_state(shardings))
     for spec in specs:
         var = flat[spec.path]
         abstract = var.get_value()
-        host = _assemble(index, spec, block, abstract.shape, abstract.dtype)
-        sharding = _leaf(flat_shardings[spec.path]) if flat_shardings else None
-        var.set_value(jax.device_put(host, sharding))
+        sharding = _leaf(flat_shardings[spec.path])
+        var.set_value(_sharded_param(index, spec, block, abstract, sharding))
     return nnx.merge(graphdef, state)
+
+
+def _sharded_param(index, spec: ParamSpec, block, abstract, sharding) -> jax.Array:
+    """One parameter as a global array in `sharding`, each process filling only its own shards.
+
+    An expert stack (one release tensor per expert) is read only for the experts of the slice a
+    device asks for; any other parameter is assembled once and sliced for each local device.
+    """
+    shape, stacked = tuple(abstract.shape), len(spec.tensors) > 1
+    read: dict = {}  # expert range (or None: the whole parameter) -> host array
+
+    def host(experts: tuple[int, int] | None) -> np.ndarray:
+        if experts not in read:
+            sub, rows = spec, shape
+            if experts is not None:
+                sub = dataclasses.replace(spec, tensors=spec.tensors[experts[0] : experts[1]])
+                rows = (experts[1] - experts[0],) + shape[1:]
+            read[experts] = _assemble(index, sub, block, rows, abstract.dtype)
+        return read[experts]
+
+    def shard(idx):
+        if not stacked:
+            return host(None)[idx]
+        first, stop, _ = idx[0].indices(shape[0])
+        return host((first, stop))[(slice(None),) + tuple(idx[1:])]
+
+    return jax.make_array_from_callback(shape, sharding, shard)
 
 
 def _leaf(x):

@@ -1,7 +1,35 @@
-"""One table from logical axes to mesh axes, and the function that applies it to a parameter tree."""
+"""Sharding strategies: tables from logical axes to mesh axes, and the functions that apply them.
+
+A strategy is a named table (logical axis -> mesh axes) plus how the routed experts exchange tokens
+(`moe`). The tables (mesh axes `data`, `expert`, `tensor`; see `sharding.mesh`):
+
+  strategy    batch            heads / o_groups / index_heads   experts              moe
+  ----------  ---------------  -------------------------------  -------------------  ----------
+  dp_ep       data             -                                expert               psum
+  dp_ep_a2a   (data, expert)   -                                expert               all_to_all
+  tp_ep       -                tensor                           (expert, tensor)     psum
+  replicated  -                -                                -                    -
+
+- dp_ep (default): attention data-parallel over batch, experts spread over `expert`. With one
+  shared K=V head, splitting query heads would copy the KV cache onto every device, so attention
+  (and the cache) is split by batch instead. Tokens are replicated over `expert`, so every expert
+  device already holds every token of its data shard: it applies its own experts and one psum over
+  `expert` combines them (no dispatch needed).
+- dp_ep_a2a: attention data-parallel over every device (no attention work or cache repeated on
+  the expert axis); tokens travel to their experts' devices by all_to_all and back. Needs the
+  batch divisible by data x expert.
+- tp_ep: for batch-1 latency. Query heads, output groups and indexer heads split over `tensor`
+  (the KV cache is then replicated: fine at small batch); experts over every model device.
+- replicated: every array whole on every device (conversion, tiny tests).
+
+The shared expert, the router (`gate`) and mHC stay replicated in every strategy: together they
+are a few percent of a layer, and splitting them would add a collective per layer for no real
+memory saving. `embed`/`vocab` stay replicated too (one gather / matmul per step, small).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import jax
@@ -12,11 +40,11 @@ from dsv4.params import logical_axes
 
 MeshAxes = str | tuple[str, ...] | None
 
-# Default strategy: attention data-parallel over batch, MoE expert-parallel, everything else replicated.
-# With a single shared K=V head, splitting query heads would copy the KV cache onto every device, so
-# `heads` stays unsharded here; a tensor-parallel strategy is a different table, not a code change.
-DEFAULT_RULES: Mapping[str, MeshAxes] = {
-    "batch": "data",
+MOE_MODES = ("psum", "all_to_all")
+
+# Every logical axis, unsharded: the base every strategy overrides.
+REPLICATED_RULES: Mapping[str, MeshAxes] = {
+    "batch": None,
     "sequence": None,
     "vocab": None,
     "embed": None,
@@ -30,7 +58,8 @@ DEFAULT_RULES: Mapping[str, MeshAxes] = {
     "compress_slot": None,
     "compress_dim": None,
     "index_heads": None,
-    "experts": "expert",
+    "experts": None,
+    "router_experts": None,  # the router's expert axis: replicated (see the module docstring)
     "expert_hidden": None,
     "expert_slot": None,
     "hc_mix": None,
@@ -38,14 +67,107 @@ DEFAULT_RULES: Mapping[str, MeshAxes] = {
     "hc_stream": None,
 }
 
+DP_EP_RULES: Mapping[str, MeshAxes] = {**REPLICATED_RULES, "batch": "data", "experts": "expert"}
+DP_EP_A2A_RULES: Mapping[str, MeshAxes] = {**DP_EP_RULES, "batch": ("data", "expert")}
+TP_EP_RULES: Mapping[str, MeshAxes] = {
+    **REPLICATED_RULES,
+    "heads": "tensor",
+    "o_groups": "tensor",
+    "index_heads": "tensor",
+    "experts": ("expert", "tensor"),
+}
+
+# Kept for callers that pass a table directly (dsv4.restore): the default strategy's table.
+DEFAULT_RULES = DP_EP_RULES
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """A named rules table plus the routed experts' token exchange ("psum" or "all_to_all").
+
+    Hashable (the table is stored as sorted items), so it can sit in a RuntimeConfig that jit
+    treats as static.
+    """
+
+    name: str
+    table: tuple[tuple[str, MeshAxes], ...]
+    moe: str = "psum"
+
+    def __post_init__(self):
+        if self.moe not in MOE_MODES:
+            raise ValueError(f"strategy {self.name!r}: moe must be one of {MOE_MODES}, got {self.moe!r}")
+        if isinstance(self.table, Mapping):
+            object.__setattr__(self, "table", tuple(sorted(self.table.items())))
+
+    @property
+    def rules(self) -> dict[str, MeshAxes]:
+        """The table as a dict: logical axis -> mesh axes."""
+        return dict(self.table)
+
+    @property
+    def data_parallel(self) -> bool:
+        """Whether only the batch and the routed experts are split (every other weight replicated).
+
+        Such a strategy runs a whole step per device under `jax.shard_map` (`sharding.placement.per_device`):
+        the model code sees its local batch and local experts, and the only collectives are the experts'.
+        """
+        split = {k for k, v in self.table if v}
+        return "batch" in split and split <= {"batch", "experts"}
+
+    def mesh_axes(self, logical: str, mesh: Mesh) -> tuple[str, ...]:
+        """The mesh axes (of size > 1 on `mesh`) that logical axis `logical` is split over."""
+        return _targets(self.rules.get(logical), mesh)
+
+
+STRATEGIES: Mapping[str, Strategy] = {
+    "dp_ep": Strategy("dp_ep", DP_EP_RULES, "psum"),
+    "dp_ep_a2a": Strategy("dp_ep_a2a", DP_EP_A2A_RULES, "all_to_all"),
+    "tp_ep": Strategy("tp_ep", TP_EP_RULES, "psum"),
+    "replicated": Strategy("replicated", REPLICATED_RULES, "psum"),
+}
+DEFAULT_STRATEGY = "dp_ep"
+
+
+def get_strategy(strategy: str | Strategy | None = None) -> Strategy:
+    """The Strategy named `strategy` (default "dp_ep"); a Strategy is returned as is."""
+    if isinstance(strategy, Strategy):
+        return strategy
+    name = DEFAULT_STRATEGY if strategy is None else strategy
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown sharding strategy {name!r}; known: {sorted(STRATEGIES)}")
+    return STRATEGIES[name]
+
+
+def get_rules(strategy: str | Strategy | None = None) -> dict[str, MeshAxes]:
+    """The rules table (logical axis -> mesh axes) of a strategy."""
+    return get_strategy(strategy).rules
+
+
+def _targets(target: MeshAxes, mesh: Mesh | None) -> tuple[str, ...]:
+    targets = (target,) if isinstance(target, str) else tuple(target or ())
+    if mesh is not None:
+        targets = tuple(t for t in targets if mesh.shape[t] > 1)
+    return targets
+
+
+def check_mesh_axes(rules: Mapping[str, MeshAxes], mesh: Mesh, name: str = "rules") -> None:
+    """ValueError when the table names a mesh axis `mesh` does not have."""
+    for logical, target in rules.items():
+        for t in _targets(target, None):
+            if t not in mesh.axis_names:
+                raise ValueError(
+                    f"{name}: logical axis {logical!r} maps to mesh axis {t!r}, "
+                    f"which the mesh {dict(mesh.shape)} does not have"
+                )
+
 
 def logical_to_spec(
     axes: tuple[str | None, ...], rules: Mapping[str, MeshAxes], mesh: Mesh | None = None
 ) -> PartitionSpec:
     """PartitionSpec for one array's logical axes.
 
-    Raises ValueError on an axis the table does not know and when two logical axes of one array
-    land on the same mesh axis. Mesh axes absent from `mesh` (when given) are dropped (replicated).
+    Raises ValueError on an axis the table does not know, on a mesh axis the mesh lacks, and when
+    two logical axes of one array land on the same mesh axis. Mesh axes of size 1 are dropped.
     """
     used: dict[str, str] = {}
     spec = []
@@ -55,33 +177,99 @@ def logical_to_spec(
             continue
         if name not in rules:
             raise ValueError(f"logical axis {name!r} has no entry in the sharding rules table")
-        target = rules[name]
-        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        targets = _targets(rules[name], None)
         if mesh is not None:
-            targets = tuple(t for t in targets if t in mesh.axis_names and mesh.shape[t] > 1)
+            missing = [t for t in targets if t not in mesh.axis_names]
+            if missing:
+                raise ValueError(f"logical axis {name!r} maps to mesh axis {missing[0]!r}, not in {mesh.axis_names}")
+            targets = _targets(rules[name], mesh)
         for t in targets:
             if t in used:
-                raise ValueError(
-                    f"logical axes {used[t]!r} and {name!r} both map to mesh axis {t!r} in {axes}"
-                )
+                raise ValueError(f"logical axes {used[t]!r} and {name!r} both map to mesh axis {t!r} in {axes}")
             used[t] = name
         spec.append(None if not targets else targets[0] if len(targets) == 1 else targets)
     return PartitionSpec(*spec)
 
 
 def single_device_mesh() -> Mesh:
-    """A 1x1 mesh over the first device, with the axis names the rules table uses."""
+    """A 1x1x1 (data, expert, tensor) mesh over the first device."""
     devices = jax.devices()[:1]
-    return jax.make_mesh((1, 1), ("data", "expert"), axis_types=(AxisType.Auto,) * 2, devices=devices)
+    axes = ("data", "expert", "tensor")
+    return jax.make_mesh((1, 1, 1), axes, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def param_shardings(
-    state: nnx.State, mesh: Mesh | None = None, rules: Mapping[str, MeshAxes] = DEFAULT_RULES
-):
-    """NamedShardings for every variable of an (abstract or concrete) NNX state, from its logical axes."""
+def _as_rules(rules) -> Mapping[str, MeshAxes]:
+    """Accept a table, a Strategy or a strategy name."""
+    if isinstance(rules, str | Strategy):
+        return get_rules(rules)
+    return rules
+
+
+def param_shardings(state: nnx.State, mesh: Mesh | None = None, rules=DEFAULT_RULES):
+    """NamedShardings for every variable of an (abstract or concrete) NNX state, from its logical axes.
+
+    `rules` is a table, a Strategy or a strategy name. Quantized weights are handled by
+    `dsv4.restore.state_shardings`, which builds on `logical_to_spec`.
+    """
     mesh = mesh or single_device_mesh()
+    rules = _as_rules(rules)
+    check_mesh_axes(rules, mesh)
 
     def one(variable):
         return NamedSharding(mesh, logical_to_spec(logical_axes(variable), rules, mesh))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+def _size(mesh: Mesh, axes: tuple[str, ...]) -> int:
+    out = 1
+    for a in axes:
+        out *= mesh.shape[a]
+    return out
+
+
+def validate(cfg, mesh: Mesh, strategy: str | Strategy | None = None, batch: int | None = None) -> None:
+    """Check, before anything is compiled, that `strategy` can shard `cfg` (and `batch`) on `mesh`.
+
+    Raises ValueError listing every problem: a mesh axis the mesh lacks, or a mesh size that does
+    not divide the batch, the routed experts, the query heads, the output groups or the indexer heads.
+    """
+    strat = get_strategy(strategy)
+    check_mesh_axes(strat.rules, mesh, f"strategy {strat.name!r}")
+    checks = (
+        ("batch", batch, "batch"),
+        ("experts", cfg.n_routed_experts, "n_routed_experts"),
+        ("heads", cfg.num_attention_heads, "num_attention_heads"),
+        ("o_groups", cfg.o_groups, "o_groups"),
+        ("index_heads", cfg.index_n_heads, "index_n_heads"),
+    )
+    problems = []
+    for logical, value, what in checks:
+        axes = strat.mesh_axes(logical, mesh)
+        n = _size(mesh, axes)
+        if value is not None and value % n:
+            problems.append(
+                f"{what} = {value} is not divisible by {n} (strategy {strat.name!r} splits {logical!r} "
+                f"over mesh axes {axes} of sizes {[mesh.shape[a] for a in axes]})"
+            )
+    if problems:
+        raise ValueError("the mesh cannot shard this model:\n  " + "\n  ".join(problems))
+
+
+def check_divisible(state: nnx.State, mesh: Mesh, rules) -> None:
+    """ValueError naming every parameter whose sharded dimension the mesh axes do not divide."""
+    rules = _as_rules(rules)
+    problems = []
+    for path, var in nnx.to_flat_state(state):
+        shape = var.get_value().shape
+        spec = logical_to_spec(logical_axes(var), rules, mesh)
+        for dim, target in zip(shape, spec, strict=False):
+            n = _size(mesh, _targets(target, mesh))
+            if dim % n:
+                problems.append(f"{'.'.join(map(str, path))}: dimension {dim} is not divisible by {n} ({target})")
+    if problems:
+        listed = "\n  ".join(problems[:8])
+        raise ValueError(f"{len(problems)} parameter(s) cannot be sharded on this mesh:\n  {listed}")

@@ -127,12 +127,19 @@ def test_stop_defaults_to_eos_and_streaming_stops_with_the_row(small, greedy):
 
 
 def test_compact_cache_generates_and_is_smaller(small, greedy):
-    # max_len 160: at least one HCA entry row (see the report on compact caches with max_len < 128)
-    res = gen.generate_with_stats(small, PROMPTS, NEW, stop_tokens=(), cache_format="compact", max_len=160)
+    res = gen.generate_with_stats(small, PROMPTS, NEW, stop_tokens=(), cache_format="compact")
     assert [len(t) for t in res.tokens] == [NEW, NEW]
     assert all(0 <= t < SMALL.vocab_size for row in res.tokens for t in row)
-    assert res.cache_bytes == gen.kv_cache.cache_bytes(SMALL, 2, 160, "compact")
-    assert res.cache_bytes < gen.kv_cache.cache_bytes(SMALL, 2, 160, "bfloat16")
+    assert res.cache_bytes == gen.kv_cache.cache_bytes(SMALL, 2, 128, "compact")
+    assert res.cache_bytes < gen.kv_cache.cache_bytes(SMALL, 2, 128, "bfloat16")
+
+
+def test_default_cache_length_is_rounded_up_to_128_within_the_position_limit():
+    assert gen.cache_length(SMALL, [[3] * 12, [3] * 5], NEW, None) == 128
+    assert gen.cache_length(SMALL, [[3] * 120], 9, None) == 256
+    assert gen.cache_length(SMALL, [[3] * 12], NEW, 30) == 30  # an explicit length is kept
+    short = dsv4.ModelConfig.tiny(max_position_embeddings=100, rope_scaling=None)
+    assert gen.cache_length(short, [[3] * 12], NEW, None) == 100
 
 
 def test_zero_new_tokens():

@@ -1,0 +1,223 @@
+"""dsv4-multihost: generate for a JSONL file of prompts on a mesh that spans one host or many.
+
+Run the same command on every host. Each process joins the cluster (`--coordinator host:port
+--num-processes N --process-id I`, the DSV4_COORDINATOR / DSV4_NUM_PROCESSES / DSV4_PROCESS_ID
+variables, or JAX's auto-detection on TPU pods, SLURM and Open MPI), builds the global
+(data, expert, tensor) mesh, loads the checkpoint straight into its shards (a converted Orbax
+checkpoint through `dsv4.load`'s restore, a release directory through `dsv4.load_hf`), and takes
+part in one jitted prefill and decode loop. Process 0 writes the results.
+
+Prompts: one JSON object per line, {"id": ..., "tokens": [ids]} or {"id": ..., "text": "..."} (text
+needs tokenizer.json in the checkpoint directory). Results: one line per prompt,
+{"id": ..., "tokens": [new ids], "text": "..."} (text when a tokenizer is present).
+
+Launch on a TPU slice (every worker runs the same command; JAX finds the coordinator itself):
+
+    gcloud compute tpus tpu-vm ssh my-v5p-32 --zone us-east5-a --worker=all --command \\
+      "dsv4-multihost --checkpoint /mnt/dsv4-flash-orbax --prompts prompts.jsonl \\
+       --output out.jsonl --expert 16 --strategy dp_ep"
+
+Launch on one multi-GPU host (one process drives all local GPUs; no coordinator needed):
+
+    dsv4-multihost --checkpoint /data/DeepSeek-V4-Flash --prompts prompts.jsonl --output out.jsonl \\
+      --expert 8 --strategy dp_ep --dtype bfloat16
+
+Several GPU hosts (one process per host; run on each host with its own --process-id):
+
+    dsv4-multihost --coordinator host0:8476 --num-processes 2 --process-id $RANK \\
+      --checkpoint /data/dsv4-flash-orbax --prompts prompts.jsonl --output out.jsonl --data 2 --expert 8
+
+Under SLURM (`srun --ntasks-per-node=1`) the three cluster flags can be left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PAD_ID = 0  # same convention as dsv4.generate
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line flags (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="dsv4-multihost", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="converted (Orbax) or release checkpoint directory")
+    p.add_argument("--prompts", required=True, help="JSONL file: {'id', 'tokens'} or {'id', 'text'} per line")
+    p.add_argument("--output", required=True, help="JSONL results, written by process 0")
+    p.add_argument("--coordinator", help="host:port of process 0 (else DSV4_COORDINATOR or auto-detect)")
+    p.add_argument("--num-processes", type=int, help="processes in the cluster (else DSV4_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, help="this process's index (else DSV4_PROCESS_ID)")
+    p.add_argument("--init-timeout", type=int, default=300, help="seconds to wait for every process to join")
+    p.add_argument("--data", type=int, help="mesh size of the data axis (default: inferred)")
+    p.add_argument("--expert", type=int, help="mesh size of the expert axis (default: the remaining devices)")
+    p.add_argument("--tensor", type=int, default=1, help="mesh size of the tensor axis")
+    p.add_argument("--strategy", default="dp_ep", help="dp_ep | dp_ep_a2a | tp_ep | replicated")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--attention-impl", default="xla")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-format", default="bfloat16", choices=("bfloat16", "float32", "compact"))
+    p.add_argument("--loop", default="auto", choices=("auto", "host"),
+                   help="auto: dsv4.generate's on-device loop in one process, a host loop across processes")
+    return p.parse_args(argv)
+
+
+def read_prompts(path, tokenizer=None) -> tuple[list, list[list[int]]]:
+    """(ids, token lists) from a JSONL file; ValueError naming the line on a malformed one."""
+    ids, prompts = [], []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "tokens" in row:
+            tokens = row["tokens"]
+        elif "text" in row and tokenizer is not None:
+            tokens = tokenizer.encode(row["text"])
+        else:
+            need = "a 'tokens' list" if tokenizer is None else "'tokens' or 'text'"
+            raise ValueError(f"{path}:{n}: each line needs {need}")
+        ids.append(row.get("id", len(ids)))
+        prompts.append([int(t) for t in tokens])
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return ids, prompts
+
+
+def load_model(path, mesh, strategy: str, dtype: str, attention_impl: str = "xla"):
+    """A converted (Orbax) checkpoint via dsv4.restore, else a release directory via dsv4.load_hf."""
+    from dsv4.loading import load_hf
+    from sharding.placement import with_runtime
+    from sharding.rules import get_rules
+
+    path = Path(path)
+    try:
+        from dsv4.convert import MANIFEST_FILE
+        from dsv4.restore import load
+    except ImportError:  # converter not installed: release layout only
+        MANIFEST_FILE, load = None, None
+    if MANIFEST_FILE and (path / MANIFEST_FILE).exists():
+        model = load(path, mesh=mesh, dtype=dtype, attention_impl=attention_impl, rules=get_rules(strategy))
+        return with_runtime(model, mesh, strategy)
+    return load_hf(path, dtype=dtype, attention_impl=attention_impl, mesh=mesh, strategy=strategy)
+
+
+def padded_batch(prompts: list[list[int]], multiple: int) -> list[list[int]]:
+    """The prompts plus copies of the first, up to a multiple of `multiple` rows (the batch split)."""
+    extra = -len(prompts) % multiple
+    return prompts + [prompts[0]] * extra
+
+
+def generate_on_mesh(model, prompts, max_new_tokens: int, sampling, seed: int, stop_ids, cache_format: str):
+    """Prefill, then one jitted decode step per token from a host loop that works across hosts.
+
+    Same tokens as `dsv4.generate.generate` (step t samples with fold_in(key(seed), t)); the
+    sampled ids are gathered to every process each step, so every host drives the same loop.
+    """
+    import jax
+
+    from dsv4.cache import init_cache
+    from dsv4.decode import decode_step, prefill
+    from dsv4.sampling import sample_with
+    from sharding.placement import init_sharded_cache, replicated
+
+    cfg, rt = model.cfg, model.rt
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    tokens = np.full((len(prompts), lengths.max()), PAD_ID, np.int32)
+    for b, p in enumerate(prompts):
+        tokens[b, : len(p)] = p
+    max_len = int(lengths.max()) + max_new_tokens
+    if rt.mesh is None:
+        cache = init_cache(cfg, len(prompts), max_len, cache_format)
+    else:
+        cache = init_sharded_cache(cfg, len(prompts), max_len, cache_format, rt.mesh, rt.strategy)
+    key = jax.random.key(seed)
+    out_sharding = replicated(rt.mesh) if rt.mesh is not None else None
+    sample = jax.jit(lambda logits, step: sample_with(sampling, logits, jax.random.fold_in(key, step)),
+                     out_shardings=out_sharding)  # fmt: skip
+    logits, cache = prefill(model, tokens, cache, lengths, last_only=True)
+    out, done = [], np.zeros(len(prompts), bool)
+    for step in range(max_new_tokens):
+        if step:
+            logits, cache = decode_step(model, np.where(done, PAD_ID, out[-1]), cache)
+        token = np.asarray(sample(logits, np.int32(step)))
+        token = np.where(done, PAD_ID, token)
+        out.append(token)
+        done |= np.isin(token, stop_ids)
+        if done.all():
+            break
+    rows = np.stack(out, axis=1).tolist() if out else [[] for _ in prompts]
+    return [row[: next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))] for row in rows]
+
+
+def main(argv=None) -> int:
+    """Entry point of `dsv4-multihost`."""
+    args = parse_args(argv)
+    from sharding.mesh import initialize_distributed
+
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
+    import jax
+
+    from dsv4.generate import stop_ids_of
+    from dsv4.sampling import SamplingParams
+    from sharding.mesh import make_mesh
+    from sharding.rules import get_strategy, validate
+
+    mesh = make_mesh(args.data, args.expert, args.tensor)
+    strategy = get_strategy(args.strategy)
+    tokenizer = _tokenizer(args.checkpoint)
+    ids, prompts = read_prompts(args.prompts, tokenizer)
+    rows = 1
+    for a in strategy.mesh_axes("batch", mesh):
+        rows *= mesh.shape[a]
+    batch = padded_batch(prompts, rows)
+    start = time.perf_counter()
+    model = load_model(args.checkpoint, mesh, args.strategy, args.dtype, args.attention_impl)
+    validate(model.cfg, mesh, strategy, batch=len(batch))
+    load_s = time.perf_counter() - start
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
+    start = time.perf_counter()
+    if jax.process_count() == 1 and args.loop != "host":  # the on-device loop of dsv4.generate
+        from dsv4.generate import generate
+
+        new = generate(model, batch, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                       cache_format=args.cache_format)  # fmt: skip
+    else:  # across hosts: a host loop every process drives identically
+        new = generate_on_mesh(model, batch, args.max_new_tokens, sampling, args.seed,
+                               stop_ids_of(model.cfg, None), args.cache_format)  # fmt: skip
+    new = new[: len(prompts)]
+    gen_s = time.perf_counter() - start
+    if jax.process_index() == 0:
+        _write(args.output, ids, new, tokenizer)
+        print(f"dsv4-multihost: {jax.process_count()} process(es), mesh {dict(mesh.shape)}, strategy "
+              f"{strategy.name}; load {load_s:.1f}s, generate {gen_s:.1f}s (incl. compile), "
+              f"{sum(map(len, new))} tokens -> {args.output}", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _tokenizer(directory):
+    if not (Path(directory) / "tokenizer.json").exists():
+        return None
+    from dsv4.tokenizer import Tokenizer
+
+    return Tokenizer(directory)
+
+
+def _write(path, ids, tokens, tokenizer) -> None:
+    with open(path, "w") as f:
+        for i, row in zip(ids, tokens, strict=True):
+            record = {"id": i, "tokens": row}
+            if tokenizer is not None:
+                record["text"] = tokenizer.decode(row)
+            f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,507 @@
+"""Sharding: meshes, strategy tables, expert parallelism and sharded decoding on 8 fake CPU devices.
+
+The checks that need 8 devices run in subprocesses (`python tests/test_sharding.py WORKER`) with
+XLA_FLAGS=--xla_force_host_platform_device_count=8: the pytest process may already hold a
+one-device JAX. Each worker prints one JSON line of measurements; the tests assert on them.
+
+Model: ModelConfig.tiny cut to two layers (a hash-routed CSA layer and an HCA layer: every cache
+part, both routers) to keep the (strategy, mesh) compilations affordable; sequences of 136
+tokens, so the HCA layer emits an entry (ratio 128) and the CSA layer 34. Of the 17 cases (four
+meshes x four strategies, plus tensor-parallel heads on 1x4x2), 12 are compiled and run; the
+other 5 place every array exactly like one of those (nothing is split differently), which
+test_equivalent_cases_place_identically checks without compiling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-5
+SEQ = 136
+MESHES = [(1, 8, 1), (2, 4, 1), (4, 2, 1), (8, 1, 1)]
+BATCH = {"dp_ep": 8, "dp_ep_a2a": 8, "tp_ep": 2, "replicated": 2}
+# Cases whose placement is identical to another's (same parameter and cache specs, same expert
+# plan: the same program) are not recompiled; test_equivalent_cases_place_identically checks that.
+SAME_AS = {
+    ("replicated", (1, 8, 1)): ("replicated", (2, 4, 1)),
+    ("replicated", (4, 2, 1)): ("replicated", (2, 4, 1)),
+    ("replicated", (8, 1, 1)): ("replicated", (2, 4, 1)),
+    ("tp_ep", (8, 1, 1)): ("replicated", (2, 4, 1)),  # tensor 1, expert 1: nothing split
+    ("dp_ep_a2a", (8, 1, 1)): ("dp_ep", (8, 1, 1)),  # expert 1: batch over data only
+}
+ALL_CASES = [(s, m) for s in BATCH for m in MESHES] + [("tp_ep", (1, 4, 2))]
+CASES = [c for c in ALL_CASES if c not in SAME_AS]
+FORWARD_CASES = {("dp_ep", (2, 4, 1)), ("dp_ep_a2a", (2, 4, 1)), ("tp_ep", (1, 4, 2))}  # model.forward too
+GENERATE_CASES = {("dp_ep_a2a", (1, 8, 1)), ("tp_ep", (1, 4, 2))}  # dsv4.generate's on-device loop too
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [3], [100, 101], [4, 4, 4, 4], [9], [10, 11], [12, 13, 14]]
+
+
+def run_worker(name: str, devices: int = 8, timeout: int = 1200) -> dict:
+    """Run a worker of this file in a fresh process with `devices` CPU devices; its JSON result.
+
+    XLA's backend optimisation level 0 halves CPU compile times; reference and sharded results are
+    computed in the same process, under the same flags.
+    """
+    flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, __file__, name], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode:
+        raise AssertionError(f"worker {name} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------- one-process tests (any device count)
+
+
+def test_mesh_shape_inference_and_errors():
+    from sharding.mesh import mesh_shape
+
+    assert mesh_shape(8) == (1, 8, 1)
+    assert mesh_shape(8, data=2) == (2, 4, 1)
+    assert mesh_shape(8, expert=2) == (4, 2, 1)
+    assert mesh_shape(8, expert=2, tensor=2) == (2, 2, 2)
+    assert mesh_shape(8, data=8, expert=1) == (8, 1, 1)
+    with pytest.raises(ValueError, match="do not divide the 8 devices"):
+        mesh_shape(8, data=3)
+    with pytest.raises(ValueError, match="= 4, but there are 8 devices"):
+        mesh_shape(8, data=2, expert=2)
+    with pytest.raises(ValueError, match="positive integer"):
+        mesh_shape(8, data=0)
+
+
+def test_strategy_tables():
+    from sharding.rules import STRATEGIES, get_rules, get_strategy
+
+    assert set(STRATEGIES) == {"dp_ep", "dp_ep_a2a", "tp_ep", "replicated"}
+    assert get_strategy(None).name == "dp_ep"
+    dp, tp = get_rules("dp_ep"), get_rules("tp_ep")
+    assert dp["batch"] == "data" and dp["experts"] == "expert" and dp["heads"] is None
+    assert tp["batch"] is None and tp["heads"] == tp["o_groups"] == tp["index_heads"] == "tensor"
+    assert get_rules("dp_ep_a2a")["batch"] == ("data", "expert")
+    for name in STRATEGIES:  # router, shared expert and mHC replicated everywhere
+        rules = get_rules(name)
+        assert all(rules[a] is None for a in ("router_experts", "expert_hidden", "hc_mix", "hc_embed", "embed"))
+    assert all(v is None for v in get_rules("replicated").values())
+    assert get_strategy("dp_ep").data_parallel and not get_strategy("tp_ep").data_parallel
+
+
+def test_unknown_strategy_and_axis_are_clear_errors():
+    from dsv4.config import ConfigError, RuntimeConfig
+    from sharding.rules import Strategy, get_rules, get_strategy, logical_to_spec, single_device_mesh
+
+    with pytest.raises(ValueError, match="unknown sharding strategy 'fsdp'"):
+        get_strategy("fsdp")
+    with pytest.raises(ConfigError, match="unknown sharding strategy"):
+        RuntimeConfig(strategy="fsdp")
+    bad = Strategy("mine", {**get_rules("dp_ep"), "heads": "model"})
+    with pytest.raises(ConfigError, match="'heads' maps to mesh axis 'model'"):
+        RuntimeConfig(mesh=single_device_mesh(), strategy=bad)
+    with pytest.raises(ValueError, match="both map to mesh axis"):
+        logical_to_spec(("experts", "batch"), {"experts": "data", "batch": "data"})
+    with pytest.raises(ValueError, match="no entry"):
+        logical_to_spec(("nope",), get_rules("dp_ep"))
+
+
+def test_validate_names_every_indivisible_size():
+    from jax.sharding import AbstractMesh
+
+    from dsv4.config import ModelConfig
+    from sharding.rules import validate
+
+    cfg = ModelConfig.tiny()  # 8 experts, 4 heads, 2 output groups, 4 indexer heads
+    validate(cfg, AbstractMesh((2, 4, 1), ("data", "expert", "tensor")), "dp_ep", batch=8)
+    with pytest.raises(ValueError, match="batch = 3 is not divisible by 2"):
+        validate(cfg, AbstractMesh((2, 4, 1), ("data", "expert", "tensor")), "dp_ep", batch=3)
+    with pytest.raises(ValueError, match="batch = 4 is not divisible by 8"):
+        validate(cfg, AbstractMesh((2, 4, 1), ("data", "expert", "tensor")), "dp_ep_a2a", batch=4)
+    with pytest.raises(ValueError, match="n_routed_experts = 6 is not divisible by 4"):
+        validate(ModelConfig.tiny(n_routed_experts=6), AbstractMesh((1, 4, 1), ("data", "expert", "tensor")))
+    with pytest.raises(ValueError, match="num_attention_heads = 4 is not divisible by 8") as err:
+        validate(cfg, AbstractMesh((1, 1, 8), ("data", "expert", "tensor")), "tp_ep")
+    assert "o_groups = 2" in str(err.value) and "index_n_heads = 4" in str(err.value)
+    with pytest.raises(ValueError, match="which the mesh"):
+        validate(cfg, AbstractMesh((2, 4), ("data", "expert")), "tp_ep")
+
+
+def test_exchange_is_chosen_by_backend():
+    from sharding.expert_parallel import exchange_for
+
+    assert exchange_for("cpu") == "padded"
+    assert exchange_for("gpu") == exchange_for("cuda") == exchange_for("rocm") == exchange_for("tpu") == "ragged"
+
+
+def test_distributed_args_validation(monkeypatch):
+    from sharding.mesh import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID, distributed_args
+
+    monkeypatch.setenv(ENV_COORDINATOR, "10.0.0.1:1234")
+    monkeypatch.setenv(ENV_NUM_PROCESSES, "4")
+    monkeypatch.setenv(ENV_PROCESS_ID, "3")
+    assert distributed_args() == dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3)
+    assert distributed_args(num_processes=8)["num_processes"] == 8  # flags win over the environment
+    with pytest.raises(ValueError, match="outside \\[0, 4\\)"):
+        distributed_args(process_id=4)
+    with pytest.raises(ValueError, match="host:port"):
+        distributed_args(coordinator="nohost")
+    monkeypatch.setenv(ENV_NUM_PROCESSES, "two")
+    with pytest.raises(ValueError, match="is not an integer"):
+        distributed_args()
+
+
+def test_collective_parser_counts_wire_bytes():
+    from sharding.collectives import collectives, expert_weight_gathers
+
+    hlo = "\n".join([
+        "%psum.1 = f32[4,64]{1,0} all-reduce(%x), channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%r",
+        "%ag = f32[8,64,32]{2,1,0} all-gather(%w), channel_id=2, replica_groups=[2,4]<=[8], dimensions={0}",
+        "%a2a = (f32[1,2]{1,0}, f32[1,2]{1,0}) all-to-all(%a, %b), channel_id=3, replica_groups={{0,1},{2,3}}",
+        "%cp = s32[4]{0} collective-permute(%c), source_target_pairs={{0,0},{1,2},{2,1},{3,3}}",
+        "%ar = f32[2,1,64]{2,1,0} all-reduce(%y), channel_id=4, replica_groups=mesh['axis_0'=1,'axis_1'=2,"
+        "'axis_2'=4], device_ids=([4,2]T(1,0)) {'axis_1'}, use_global_device_ids=true, to_apply=%add",
+        "%add = f32[4]{0} add(%p, %q)",
+    ])  # fmt: skip
+    found = collectives(hlo, 8)
+    assert [c.op for c in found] == ["all-reduce", "all-gather", "all-to-all", "collective-permute", "all-reduce"]
+    assert [c.group for c in found] == [4, 4, 2, 8, 2]
+    assert found[0].wire_bytes == 2 * 3 / 4 * 4 * 64 * 4
+    assert found[1].wire_bytes == 3 / 4 * 8 * 64 * 32 * 4
+    assert found[2].wire_bytes == 1 / 2 * 16 and found[3].wire_bytes == 16 * 2 / 4
+    assert expert_weight_gathers(found, hidden=64, expert_hidden=32) == [found[1]]
+
+
+# ------------------------------------------------------------------------ 8-device tests (subprocesses)
+
+
+@pytest.fixture(scope="module")
+def matrix():
+    return run_worker("matrix")
+
+
+@pytest.mark.parametrize("strategy,mesh", CASES, ids=[f"{s}-{'x'.join(map(str, m))}" for s, m in CASES])
+def test_sharded_logits_equal_single_device(matrix, strategy, mesh):
+    case = matrix[f"{strategy}/{mesh}"]
+    assert case["whole"] <= TOL, case
+    assert case["prefill_decode"] <= TOL, case
+    if "forward" in case:
+        assert case["forward"] <= TOL, case
+    assert case["greedy_equal"], case
+    if (strategy, mesh) in GENERATE_CASES:  # dsv4.generate's on-device loop on the sharded model
+        assert case["generated_equal"], case
+
+
+@pytest.mark.parametrize("strategy,mesh", CASES, ids=[f"{s}-{'x'.join(map(str, m))}" for s, m in CASES])
+def test_shardings_follow_the_rules(matrix, strategy, mesh):
+    case = matrix[f"{strategy}/{mesh}"]
+    assert case["param_mismatches"] == [], case["param_mismatches"]
+    assert case["cache_mismatches"] == [], case["cache_mismatches"]  # after a donated decode step too
+    spec = case["specs"]
+    ep_axes = {"dp_ep": ["expert"], "dp_ep_a2a": ["expert"], "tp_ep": ["expert", "tensor"], "replicated": []}
+    sizes = dict(zip(("data", "expert", "tensor"), mesh, strict=True))
+    expected_experts = [a for a in ep_axes[strategy] if sizes[a] > 1]
+    assert spec["experts"] == expected_experts
+    assert spec["router"] == [] and spec["shared_expert"] == []
+    assert spec["wq_b_heads"] == (["tensor"] if strategy == "tp_ep" and mesh[2] > 1 else [])
+
+
+@pytest.mark.parametrize("strategy,mesh", CASES, ids=[f"{s}-{'x'.join(map(str, m))}" for s, m in CASES])
+def test_decode_step_never_gathers_expert_weights(matrix, strategy, mesh):
+    case = matrix[f"{strategy}/{mesh}"]
+    assert case["expert_weight_gathers"] == [], case["expert_weight_gathers"]
+    if strategy == "dp_ep":  # data-parallel per device: the experts' psum is the only collective
+        assert {c[0] for c in case["collectives"]} <= {"all-reduce"}, case["collectives"]
+    if strategy == "replicated":
+        assert case["collectives"] == []
+
+
+def test_equivalent_cases_place_identically():
+    result = run_worker("placement")
+    assert result and all(result.values()), result
+
+
+def test_expert_parallel_modes_equal_single_device():
+    result = run_worker("experts")
+    for name, err in result["errors"].items():
+        assert err <= 1e-6, (name, err)
+    assert result["cpu_exchange"] == "padded"
+    assert result["ragged_lowers_to_ragged_all_to_all"]
+    assert result["padded_has_all_to_all"] and not result["padded_has_ragged"]
+
+
+def test_bad_inputs_fail_before_compiling():
+    result = run_worker("errors")
+    for name, (message, compiles) in result.items():
+        assert compiles == 0, (name, message)
+        assert message, name
+    assert "n_routed_experts = 12 is not divisible by 8" in result["experts"][0]
+    assert "num_attention_heads = 4 is not divisible by 8" in result["heads"][0]
+    assert "batch 2 is not divisible by 4" in result["batch"][0]
+    assert "mesh axis 'model'" in result["axis"][0]
+
+
+# -------------------------------------------------------------------------------------- workers
+
+
+def _rel(a, b) -> float:
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _config():
+    from dsv4.config import ModelConfig
+
+    return ModelConfig.tiny(num_hidden_layers=2, compress_ratios=(4, 128, 0), num_hash_layers=1)
+
+
+def _spec_axes(sharding, dim: int = 0) -> list[str]:
+    spec = tuple(sharding.spec) + (None,) * 8
+    axes = spec[dim]
+    return [] if axes is None else [axes] if isinstance(axes, str) else list(axes)
+
+
+def _param_mismatches(model, mesh, strategy) -> list[str]:
+    from flax import nnx
+
+    from sharding.placement import state_shardings
+
+    expected = dict(nnx.to_flat_state(state_shardings(nnx.state(model), mesh, strategy)))
+    bad = []
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        want = expected[path]
+        want = want.get_value() if isinstance(want, nnx.Variable) else want
+        value = var.get_value()
+        if not value.sharding.is_equivalent_to(want, value.ndim):
+            bad.append(f"{'.'.join(map(str, path))}: {value.sharding.spec} != {want.spec}")
+    return bad
+
+
+def _cache_mismatches(cache, mesh, strategy) -> list[str]:
+    import jax
+
+    from sharding.placement import cache_shardings
+
+    want = jax.tree.leaves(cache_shardings(cache, mesh, strategy))
+    got = jax.tree_util.tree_leaves_with_path(cache)
+    return [
+        f"{jax.tree_util.keystr(p)}: {x.sharding.spec} != {w.spec}"
+        for (p, x), w in zip(got, want, strict=True)
+        if not x.sharding.is_equivalent_to(w, x.ndim)
+    ]
+
+
+def _run_case(model, cfg, strategy, shape, tokens, ref, ref_greedy, ref_generated) -> dict:
+    """Shard `model`, run forward / prefill / decode, compare with the single-device `ref` logits."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from dsv4.cache import init_cache
+    from dsv4.decode import _device_batch, decode_fn, prefill
+    from dsv4.model import forward
+    from sharding.collectives import collectives, expert_weight_gathers
+    from sharding.mesh import make_mesh
+    from sharding.placement import shard_model
+
+    mesh = make_mesh(*shape)
+    m = shard_model(model, mesh, strategy)
+    b = tokens.shape[0]
+    out = {}
+    if (strategy, shape) in FORWARD_CASES:
+        out["forward"] = _rel(forward(m, tokens), ref)
+    logits, _ = prefill(m, tokens, init_cache(cfg, b, SEQ, "float32"))  # one chunk: the whole sequence
+    out["whole"] = _rel(logits, ref)
+    padded = np.where(np.arange(SEQ) < SEQ - 2, tokens, 0)  # the same program: S - 2 real tokens
+    logits, cache = prefill(m, padded, init_cache(cfg, b, SEQ, "float32"), lengths=np.full(b, SEQ - 2))
+    g, s = nnx.split(m)
+    compiled = decode_fn.lower(g, s, _device_batch(m, tokens[:, SEQ - 2]), cache).compile()
+    pieces = [np.asarray(logits)[:, : SEQ - 2]]
+    for i in (SEQ - 2, SEQ - 1):
+        step, cache = compiled(s, _device_batch(m, tokens[:, i]), cache)
+        pieces.append(np.asarray(step)[:, None])
+    decoded = np.concatenate(pieces, axis=1)
+    out["prefill_decode"] = _rel(decoded, ref)
+    out["greedy_equal"] = bool(np.array_equal(decoded.argmax(-1), ref_greedy))
+    if (strategy, shape) in GENERATE_CASES:
+        from dsv4.generate import generate
+
+        out["generated_equal"] = generate(m, PROMPTS[:b], 5, stop_tokens=()) == ref_generated[:b]
+    out["param_mismatches"] = _param_mismatches(m, mesh, strategy)
+    out["cache_mismatches"] = _cache_mismatches(cache, mesh, strategy)
+    layer = m.layers[0]
+    out["specs"] = {
+        "experts": _spec_axes(layer.ffn.experts.w1.get_value().sharding),
+        "router": _spec_axes(layer.ffn.gate.weight.get_value().sharding, 1),
+        "shared_expert": _spec_axes(layer.ffn.shared_experts.w1.weight.get_value().sharding, 1),
+        "wq_b_heads": _spec_axes(layer.attn.wq_b.weight.get_value().sharding, 1),
+    }
+    found = collectives(compiled.as_text(), jax.device_count())
+    out["expert_weight_gathers"] = [c.text[:200] for c in expert_weight_gathers(found, cfg.hidden_size,
+                                                                               cfg.moe_intermediate_size)]  # fmt: skip
+    out["collectives"] = [(c.op, c.result_bytes) for c in found]
+    return out
+
+
+def worker_matrix() -> dict:
+    import numpy as np
+
+    from dsv4.config import RuntimeConfig
+    from dsv4.generate import generate
+    from dsv4.model import forward, init_model
+
+    cfg = _config()
+    model = init_model(cfg, RuntimeConfig(dtype="float32", query_block=64), seed=0)
+    tokens = np.random.default_rng(0).integers(2, cfg.vocab_size, (8, SEQ)).astype(np.int32)
+    ref = np.asarray(forward(model, tokens))
+    generated = generate(model, PROMPTS, 5, stop_tokens=())
+    results = {}
+    for strategy, shape in CASES:
+        b = BATCH[strategy]
+        out = _run_case(model, cfg, strategy, shape, tokens[:b], ref[:b], ref[:b].argmax(-1), generated)
+        results[f"{strategy}/{shape}"] = out
+    return results
+
+
+def _placement(strategy, shape) -> dict:
+    """Everything that decides the compiled program, short of compiling: specs and the expert plan."""
+    import jax
+    from flax import nnx
+
+    from dsv4.cache import init_cache
+    from dsv4.model import abstract_model
+    from sharding.expert_parallel import ExpertParallel
+    from sharding.mesh import make_mesh
+    from sharding.placement import cache_shardings, state_shardings
+    from sharding.rules import get_strategy
+
+    cfg, mesh = _config(), make_mesh(*shape)
+    state = nnx.state(abstract_model(cfg))
+    cache = jax.eval_shape(lambda: init_cache(cfg, BATCH[strategy], SEQ, "float32"))
+    plan = ExpertParallel.plan(mesh, strategy)
+    return {
+        "params": [str(x.spec) for x in jax.tree.leaves(state_shardings(state, mesh, strategy))],
+        "cache": [str(x.spec) for x in jax.tree.leaves(cache_shardings(cache, mesh, strategy))],
+        "plan": None if plan is None else [plan.token_axes, plan.expert_axes, plan.mode],
+        "per_device": get_strategy(strategy).data_parallel,
+        "batch": BATCH[strategy],
+    }
+
+
+def worker_placement() -> dict:
+    """For each case not compiled: whether it places everything exactly like its stand-in."""
+    out = {f"{c}": _placement(*c) == _placement(*same) for c, same in SAME_AS.items()}
+    control = _placement("dp_ep", (2, 4, 1)) != _placement("dp_ep", (1, 8, 1))
+    out["control: dp_ep 2x4x1 is not placed like dp_ep 1x8x1"] = control
+    return out
+
+
+def worker_experts() -> dict:
+    """Every exchange of sharding.expert_parallel against the one-device Experts, on random routing."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dsv4.config import ModelConfig
+    from dsv4.moe import Experts
+    from dsv4.params import KeyChain
+    from sharding.expert_parallel import ExpertParallel, emulated_ragged_all_to_all
+    from sharding.mesh import make_mesh
+    from sharding.rules import Strategy, get_rules
+
+    cfg = ModelConfig.tiny(n_routed_experts=16, num_experts_per_tok=3)
+    experts = Experts(cfg, jnp.float32, KeyChain(0))
+    rng = np.random.default_rng(0)
+    n = 40  # not a multiple of 8 or 16: the split path pads
+    x = jnp.asarray(rng.normal(size=(n, cfg.hidden_size)), jnp.float32)
+    idx = jnp.asarray(np.stack([rng.choice(16, 3, replace=False) for _ in range(n)]), jnp.int32)
+    idx = idx.at[:8].set(jnp.array([0, 1, 2]))  # a crowd on one device: nothing may be dropped
+    w = jnp.asarray(rng.random((n, 3)), jnp.float32)
+    ref = experts(x, w, idx)
+    weights = [v.get_value() for v in (experts.w1, experts.w3, experts.w2)]
+    split_tp = Strategy("split_tp", {**get_rules("tp_ep"), "batch": ("expert", "tensor")}, "all_to_all")
+    replicated_a2a = Strategy("replicated_a2a", get_rules("dp_ep"), "all_to_all")
+    cases = {
+        "psum 2x4": ("dp_ep", (2, 4, 1), None),
+        "psum over (expert, tensor) 1x2x4": ("tp_ep", (1, 2, 4), None),
+        "padded, tokens split 2x4": ("dp_ep_a2a", (2, 4, 1), None),
+        "padded, tokens split 1x8": ("dp_ep_a2a", (1, 8, 1), None),
+        "padded, replicated tokens split and gathered 2x4": (replicated_a2a, (2, 4, 1), None),
+        "ragged (emulated), tokens split 2x4": ("dp_ep_a2a", (2, 4, 1), "ragged"),
+        "ragged (emulated), tokens split 1x8": ("dp_ep_a2a", (1, 8, 1), "ragged"),
+        "ragged (emulated), replicated tokens 1x8": (replicated_a2a, (1, 8, 1), "ragged"),
+        "ragged (emulated), over (expert, tensor) 2x2x2": (split_tp, (2, 2, 2), "ragged"),
+    }
+    errors = {}
+    for name, (strategy, shape, exchange) in cases.items():
+        plan = ExpertParallel.plan(make_mesh(*shape), strategy, exchange)
+        fn = jax.jit(lambda *a, plan=plan: plan(*a, cfg.swiglu_limit, ragged_all_to_all=emulated_ragged_all_to_all))
+        errors[name] = _rel(fn(x, w, idx, *weights), ref)
+    mesh = make_mesh(2, 4, 1)
+    auto = ExpertParallel.plan(mesh, "dp_ep_a2a")
+    ragged = ExpertParallel.plan(mesh, "dp_ep_a2a", "ragged")
+    lowered = jax.jit(lambda *a: ragged(*a, cfg.swiglu_limit)).lower(x, w, idx, *weights).as_text()
+    padded = jax.jit(lambda *a: auto(*a, cfg.swiglu_limit)).lower(x, w, idx, *weights).compile().as_text()
+    return {
+        "errors": errors,
+        "cpu_exchange": auto.exchange,
+        "ragged_lowers_to_ragged_all_to_all": "ragged_all_to_all" in lowered,
+        "padded_has_all_to_all": "all-to-all" in padded,
+        "padded_has_ragged": "ragged-all-to-all" in padded,
+    }
+
+
+def worker_errors() -> dict:
+    """Each bad input raises a clear error; count the compilations that happened before it."""
+    import jax
+    import numpy as np
+
+    from dsv4.cache import init_cache
+    from dsv4.config import RuntimeConfig
+    from dsv4.decode import prefill
+    from dsv4.model import init_model
+    from sharding.mesh import make_mesh
+    from sharding.placement import shard_model
+    from sharding.rules import Strategy, get_rules
+
+    cfg = _config()
+    rt = RuntimeConfig(dtype="float32")
+    model = init_model(cfg, rt)
+    odd = init_model(cfg.__class__.tiny(n_routed_experts=12, num_hidden_layers=2, compress_ratios=(4, 128, 0),
+                                        num_hash_layers=1), rt)  # fmt: skip
+    sharded = shard_model(model, make_mesh(4, 2, 1), "dp_ep")
+    events = []
+    jax.monitoring.register_event_duration_secs_listener(lambda name, *_, **__: events.append(name))
+
+    def attempt(fn):
+        events.clear()
+        try:
+            fn()
+        except ValueError as err:  # ConfigError is a ValueError
+            compiles = sum(e.endswith(("backend_compile_duration", "jaxpr_trace_duration")) for e in events)
+            return str(err), compiles
+        return "", -1
+
+    bad_axis = Strategy("mine", {**get_rules("dp_ep"), "experts": "model"})
+    tokens, cache = np.ones((2, 8), np.int32), init_cache(cfg, 2, 16, "float32")
+    return {
+        "experts": attempt(lambda: shard_model(odd, make_mesh(1, 8, 1), "dp_ep")),
+        "heads": attempt(lambda: shard_model(model, make_mesh(1, 1, 8), "tp_ep")),
+        "batch": attempt(lambda: prefill(sharded, tokens, cache)),
+        "axis": attempt(lambda: shard_model(model, make_mesh(2, 4, 1), bad_axis)),
+    }
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    workers = {"matrix": worker_matrix, "experts": worker_experts, "errors": worker_errors}
+    workers["placement"] = worker_placement
+    print(json.dumps(workers[sys.argv[1]]()))
