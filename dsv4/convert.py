@@ -32,6 +32,7 @@ keep-quantized model applies it on the fly (`dsv4.quantized.QuantizedWeight`).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -427,6 +428,28 @@ def open_source(src: Path, cfg: ModelConfig, specs: list[ParamSpec]) -> Checkpoi
     return index
 
 
+@dataclasses.dataclass(frozen=True)
+class FileRange:
+    """`rows` rows of `row_bytes` bytes at `offset` of a source file: some rows of a release tensor
+    whose stored bytes are exactly what an output array holds (copied file to file, in the kernel)."""
+
+    path: Path
+    offset: int
+    rows: int
+    row_bytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.row_bytes
+
+    def sub(self, r0: int, r1: int) -> FileRange:
+        return FileRange(self.path, self.offset + r0 * self.row_bytes, r1 - r0, self.row_bytes)
+
+    def as_one_row(self) -> FileRange:
+        """The whole range as one row (one expert of a stacked array)."""
+        return FileRange(self.path, self.offset, 1, self.nbytes)
+
+
 class SourceReader:
     """Reads row ranges of release tensors with positional reads (no memory map), counting bytes.
 
@@ -464,6 +487,14 @@ class SourceReader:
             raise CheckpointError(f"{path}: short read of tensor {name!r} ({got} of {view.nbytes} bytes)")
         self._on_read(got)
         return out
+
+    def range(self, name: str, r0: int = 0, r1: int | None = None) -> FileRange:
+        """Where rows [r0, r1) of tensor `name` lie in its shard."""
+        info, shard = self.index.info(name), self.index.shard_of(name)
+        rows = info.shape[0] if info.shape else 1
+        row_bytes = info.nbytes // max(rows, 1)
+        whole = FileRange(self.index.directory / shard, self._data_offset(shard) + info.start, rows, row_bytes)
+        return whole.sub(r0, rows if r1 is None else r1)
 
     def tensor(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
         """The whole tensor with its stored dtype and shape."""
@@ -661,8 +692,9 @@ class ArrayStore:
     into freshly allocated chunk buffers (which dominated conversion time).
     """
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, on_copy: Callable[[int], None] | None = None):
         self.directory = Path(directory)
+        self.on_copy = on_copy or (lambda n: None)
         self._context = ts.Context()
         self._arrays: dict[str, ts.TensorStore] = {}
 
@@ -697,38 +729,78 @@ class ArrayStore:
         for name, future in pending.items():
             self._arrays[name] = future.result()
 
-    def chunk_writes(self, a: StoredArray, index: tuple | None, value: np.ndarray) -> list[tuple]:
-        """(file, chunk bytes, full chunk size) for `value` written to `a` whole or at `index`.
+    def chunk_writes(self, a: StoredArray, index: tuple | None, value) -> list[tuple]:
+        """(file, chunk content, full chunk size) for `value` written to `a` whole or at `index`.
 
-        `index` is None (the whole array) or (slice(e0, e1),) along the leading (expert) axis;
-        either way it covers whole chunks of the leading axis, and the other axes are one chunk.
+        `value` is an array, or a FileRange holding exactly the array's bytes. `index` is None (the
+        whole array) or (slice(a, b),) along the leading axis (experts or rows); either way it
+        covers whole chunks of the leading axis, and the other axes are one chunk.
         """
         rows = a.chunks[0]
         first = 0 if index is None else index[0].start
-        if first % rows or (index is not None and value.shape[0] % rows and index[0].stop != a.shape[0]):
-            raise AssertionError(f"{a.name}: write of rows from {first} does not cover whole chunks")
+        count = value.rows if isinstance(value, FileRange) else value.shape[0]
+        if first % rows or (count % rows and first + count != a.shape[0]):
+            raise AssertionError(f"{a.name}: write of rows {first}..{first + count} does not cover whole chunks")
+        if isinstance(value, FileRange) and value.row_bytes * a.shape[0] != a.nbytes:
+            raise AssertionError(f"{a.name}: source rows of {value.row_bytes} bytes do not match the array")
         full = math.prod(a.chunks) * a.dtype.itemsize
         tail = ".0" * (len(a.shape) - 1)
-        value = np.ascontiguousarray(value)
-        return [
-            (self.directory / a.name / f"{(first + r) // rows}{tail}", value[r : r + rows], full)
-            for r in range(0, value.shape[0], rows)
+        if not isinstance(value, FileRange):
+            value = np.ascontiguousarray(value)
+        pieces = [
+            value.sub(r, min(r + rows, count)) if isinstance(value, FileRange) else value[r : r + rows]
+            for r in range(0, count, rows)
         ]
+        return [
+            (self.directory / a.name / f"{(first + r) // rows}{tail}", piece, full)
+            for r, piece in zip(range(0, count, rows), pieces, strict=True)
+        ]
+
+    def write_chunk(self, path: Path, content, full_nbytes: int) -> None:
+        """Write one zarr chunk file atomically (temp + rename), zero-padded to `full_nbytes`."""
+        tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+        with open(tmp, "wb", buffering=0) as f:
+            if isinstance(content, FileRange):
+                _copy_range(content, f)
+                self.on_copy(content.nbytes)
+            else:
+                _write_all(f, memoryview(content.reshape(-1).view(np.uint8)))
+            if f.tell() < full_nbytes:
+                f.truncate(full_nbytes)
+        os.replace(tmp, path)
 
     def read(self, a: StoredArray, index: tuple | None = None) -> np.ndarray:
         target = self._arrays[a.name]
         return (target[index] if index is not None else target).read().result()
 
 
-def write_chunk(path: Path, data: np.ndarray, full_nbytes: int) -> int:
-    """Write one zarr chunk file atomically (temp + rename), zero-padded to `full_nbytes`."""
-    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(memoryview(data.reshape(-1).view(np.uint8)))
-        if data.nbytes < full_nbytes:
-            f.truncate(full_nbytes)
-    os.replace(tmp, path)
-    return full_nbytes
+def _write_all(f, data: memoryview) -> None:
+    done = 0
+    while done < len(data):
+        done += f.write(data[done:])
+
+
+def _copy_range(src: FileRange, dst) -> None:
+    """Copy a source byte range to the file `dst` (at its position): in the kernel when it can."""
+    with open(src.path, "rb", buffering=0) as f:
+        done = 0
+        try:
+            while done < src.nbytes:
+                n = os.copy_file_range(f.fileno(), dst.fileno(), src.nbytes - done, src.offset + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError as err:  # another filesystem, or no copy_file_range: plain reads and writes
+            if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+        while done < src.nbytes:
+            data = os.pread(f.fileno(), min(8 << 20, src.nbytes - done), src.offset + done)
+            if not data:
+                break
+            _write_all(dst, memoryview(data))
+            done += len(data)
+    if done != src.nbytes:
+        raise CheckpointError(f"{src.path}: short read at byte {src.offset + done} ({done} of {src.nbytes} bytes)")
 
 
 def write_orbax_metadata(directory: Path, arrays: Sequence[StoredArray]) -> None:
@@ -766,11 +838,11 @@ def _write_json(path: Path, doc) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class WriteOp:
-    """Write `value` into `array` (at `index`, or whole)."""
+    """Write `value` (an array, or source bytes to copy) into `array` (at `index`, or whole)."""
 
     array: StoredArray
     index: tuple | None
-    value: np.ndarray
+    value: np.ndarray | FileRange
 
 
 class _Pool:
@@ -825,7 +897,12 @@ class _Buffers:
 
 
 class UnitBuilder:
-    """Reads and converts one unit into host arrays ready to write."""
+    """Turns one unit into write operations: converted host arrays, or source byte ranges to copy.
+
+    A release tensor whose stored bytes are exactly the output (kept-quantized data and scales, a
+    plain tensor already in the output dtype and layout) is copied file to file; everything else is
+    converted into arrays reused from unit to unit.
+    """
 
     def __init__(self, reader: SourceReader, block: tuple[int, int], pool: _Pool, on_tensor=None):
         self.reader, self.block, self.pool = reader, block, pool
@@ -842,56 +919,67 @@ class UnitBuilder:
     def _tensors_read(self, t: ReleaseTensor) -> int:
         return 1 + (self.reader.index.info(t.name).dtype in ("F8_E4M3", "I8"))
 
+    def _copies_as_stored(self, entry: Entry) -> bool:
+        """A plain parameter whose release bytes already are its output (same layout and dtype)."""
+        t = entry.spec.tensors[0]
+        return (
+            entry.layout == "copy"
+            and entry.quant is None
+            and DTYPES[self.reader.index.info(t.name).dtype] == entry.dtype
+        )
+
     def _entry_ops(self, entry: Entry) -> list[WriteOp]:
         (t,) = entry.spec.tensors
         arrays = entry.arrays()
         if entry.quant is not None:
-            ops = [
-                WriteOp(a, None, self.reader.tensor(name, out=self.buffers.take(a.shape, a.dtype)))
-                for a, name in zip(arrays, (t.name, t.scale_name), strict=True)
-            ]
             self._on_tensor(2)
-            return ops
+            return [WriteOp(arrays[0], None, self.reader.range(t.name)),
+                    WriteOp(arrays[1], None, self.reader.range(t.scale_name))]  # fmt: skip
+        self._on_tensor(self._tensors_read(t))
+        if self._copies_as_stored(entry):
+            return [WriteOp(arrays[0], None, self.reader.range(t.name))]
         out = self.buffers.take(entry.shape, entry.dtype)
         convert_tensor(self.reader, t, out, entry.layout, self.block)
-        self._on_tensor(self._tensors_read(t))
         return [WriteOp(arrays[0], None, out)]
 
     def _row_ops(self, unit: Unit) -> list[WriteOp]:
-        """Rows [r0, r1) of one large plain parameter, converted in parallel pieces."""
+        """Rows [r0, r1) of one large plain parameter, copied or converted in parallel pieces."""
         (entry,), (r0, r1) = unit.entries, unit.span
         (t,), array = entry.spec.tensors, entry.arrays()[0]
+        if r1 == array.shape[0]:
+            self._on_tensor(self._tensors_read(t))
+        if self._copies_as_stored(entry):
+            return [WriteOp(array, (slice(r0, r1),), self.reader.range(t.name, r0, r1))]
         out = self.buffers.take((r1 - r0,) + array.shape[1:], array.dtype)
         step = _row_step(array.shape, "", self.block)
         pieces = [(a, min(a + step, r1)) for a in range(r0, r1, step)]
         self.pool.map(
             lambda p: convert_tensor(self.reader, t, out[p[0] - r0 : p[1] - r0], "copy", self.block, p), pieces
         )
-        if r1 == array.shape[0]:
-            self._on_tensor(self._tensors_read(t))
         return [WriteOp(array, (slice(r0, r1),), out)]
 
     def _expert_ops(self, unit: Unit) -> list[WriteOp]:
+        """Experts [e0, e1) of a block: converted into stacked arrays, or (kept quantized) copied."""
         e0, e1 = unit.span
-        buffers = {
-            a.name: self.buffers.take((e1 - e0,) + a.shape[1:], a.dtype)
-            for entry in unit.entries
-            for a in entry.arrays()
-        }
+        ops = []
+        for entry in unit.entries:
+            if entry.quant is not None:
+                for e in range(e0, e1):
+                    t = entry.spec.tensors[e]
+                    for a, name in zip(entry.arrays(), (t.name, t.scale_name), strict=True):
+                        ops.append(WriteOp(a, (slice(e, e + 1),), self.reader.range(name).as_one_row()))
+                self._on_tensor(2 * (e1 - e0))
+        dense = [entry for entry in unit.entries if entry.quant is None]
+        buffers = {entry.name: self.buffers.take((e1 - e0,) + entry.shape[1:], entry.dtype) for entry in dense}
 
         def fill(task):
             entry, e = task
-            t, arrays = entry.spec.tensors[e], entry.arrays()
-            if entry.quant is None:
-                convert_tensor(self.reader, t, buffers[arrays[0].name][e - e0], "experts", self.block)
-                self._on_tensor(self._tensors_read(t))
-            else:
-                self.reader.tensor(t.name, out=buffers[arrays[0].name][e - e0])
-                self.reader.tensor(t.scale_name, out=buffers[arrays[1].name][e - e0])
-                self._on_tensor(2)
+            t = entry.spec.tensors[e]
+            convert_tensor(self.reader, t, buffers[entry.name][e - e0], "experts", self.block)
+            self._on_tensor(self._tensors_read(t))
 
-        self.pool.map(fill, [(entry, e) for e in range(e0, e1) for entry in unit.entries])
-        return [WriteOp(a, (slice(e0, e1),), buffers[a.name]) for entry in unit.entries for a in entry.arrays()]
+        self.pool.map(fill, [(entry, e) for e in range(e0, e1) for entry in dense])
+        return ops + [WriteOp(entry.arrays()[0], (slice(e0, e1),), buffers[entry.name]) for entry in dense]
 
 
 def unit_tensor_count(unit: Unit, index: CheckpointIndex) -> int:
@@ -1105,7 +1193,8 @@ def _run_units(todo: list[Unit], builder: UnitBuilder, store: ArrayStore, record
         if inflight is not None:
             _finish(*inflight, builder, record, delay)
         jobs = [job for op in ops for job in store.chunk_writes(op.array, op.index, op.value)]
-        inflight = (unit, [writers.submit(write_chunk, *job) for job in jobs], [op.value for op in ops])
+        buffers = [op.value for op in ops if isinstance(op.value, np.ndarray)]
+        inflight = (unit, [writers.submit(store.write_chunk, *job) for job in jobs], buffers)
     if inflight is not None:
         _finish(*inflight, builder, record, delay)
 
@@ -1173,6 +1262,7 @@ def convert(
     writers = ThreadPoolExecutor(workers, thread_name_prefix="dsv4-convert-write")
     try:
         reader = SourceReader(index, on_read=bar.add_bytes)
+        store.on_copy = bar.add_bytes
         builder = UnitBuilder(reader, weight_block(cfg), pool, bar.add_tensors)
         setup_seconds = time.monotonic() - start
         _run_units(todo, builder, store, record, writers)

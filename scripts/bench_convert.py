@@ -7,6 +7,7 @@ with E8M0 tile scales, packed FP4 routed experts with per-32 scales, BF16/F32/I6
 256 experts per layer) filled with random bytes, then times:
 
   raw read      `cat` of every shard to /dev/null (the files are in the page cache, as for the runs)
+  plain copy    `cp -r` of the checkpoint: the ceiling of any conversion that writes as much
   convert       dsv4-convert to bfloat16 and with --keep-quantized, each in a fresh subprocess,
                 reporting its throughput (source bytes / second) and peak RSS against the bound.
 
@@ -147,6 +148,16 @@ def raw_read_seconds(src: Path) -> float:
     return time.perf_counter() - start
 
 
+def copy_seconds(src: Path, dst: Path) -> float:
+    """Seconds for `cp -r` of the checkpoint (the ceiling of any conversion that writes it all)."""
+    shutil.rmtree(dst, ignore_errors=True)
+    start = time.perf_counter()
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(dst)
+    return seconds
+
+
 def run_convert(src: Path, dst: Path, extra: list[str]) -> dict:
     """One conversion in a fresh subprocess; its summary (from the manifest) plus wall and CPU seconds."""
     shutil.rmtree(dst, ignore_errors=True)
@@ -178,7 +189,11 @@ def main(argv=None) -> None:
     print(f"synthetic checkpoint: {total / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s ({src})")
     raw_read_seconds(src)  # warm the page cache like the conversions find it
     cat = min(raw_read_seconds(src) for _ in range(3))
-    rows = [("raw read (`cat` to /dev/null, page cache)", total / cat, total / cat, cat, None, None, None)]
+    cp = min(copy_seconds(src, dst) for _ in range(2))
+    rows = [
+        ("raw read (`cat` to /dev/null, page cache)", total / cat, total / cat, cat, None, None, None),
+        ("plain copy (`cp -r`)", total / cp, total / cp, cp, None, None, None),
+    ]
     n = args.workers
     runs = (
         (f"convert to bfloat16, --workers {n}", ["--workers", str(n)]),

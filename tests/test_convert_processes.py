@@ -66,6 +66,7 @@ def flash_dsts(tmp_path_factory, flash_ckpt):
     src = flash_ckpt[0]
     for keep in (False, True):
         convert.convert(src, root / f"kq-{keep}", dtype="float32", keep_quantized=keep, workers=2, progress=False)
+    convert.convert(src, root / "bfloat16", dtype="bfloat16", workers=2, progress=False)
     return root
 
 
@@ -157,13 +158,20 @@ def test_interrupted_conversion_leaves_no_destination_and_resumes(tmp_path, flas
     assert_same_arrays(dst, flash_dsts / "kq-False")
 
 
-def test_small_units_and_chunks_give_the_same_checkpoint(tmp_path, monkeypatch, flash_ckpt, flash_dsts):
-    """Row-range units of the embedding/head, partial last chunks, one-expert groups."""
-    monkeypatch.setattr(convert, "CHUNK_BYTES", 20 * 1024)  # embed rows per chunk: 80 (512 = 6 x 80 + 32)
-    convert.convert(flash_ckpt[0], tmp_path / "dst", dtype="float32", unit_bytes=32 * 1024, progress=False)
-    names = convert.read_manifest(tmp_path / "dst")["summary"]
-    assert names["units"] > 40
-    assert_same_arrays(tmp_path / "dst", flash_dsts / "kq-False")
+@pytest.mark.parametrize(
+    "dtype, keep, baseline",
+    [("float32", False, "kq-False"), ("bfloat16", False, "bfloat16"), ("float32", True, "kq-True")],
+)
+def test_small_units_and_chunks_give_the_same_checkpoint(
+    tmp_path, monkeypatch, flash_ckpt, flash_dsts, dtype, keep, baseline
+):
+    """Row-range units of the embedding and head (converted, or copied as stored in bfloat16),
+    partial last chunks, one-expert groups, row-chunked quantized data."""
+    monkeypatch.setattr(convert, "CHUNK_BYTES", 20 * 1024)  # f32 embed: 80 rows per chunk (512 = 6 x 80 + 32)
+    convert.convert(flash_ckpt[0], tmp_path / "dst", dtype=dtype, keep_quantized=keep, unit_bytes=32 * 1024,
+                    progress=False)  # fmt: skip
+    assert convert.read_manifest(tmp_path / "dst")["summary"]["units"] > 20  # default units: 15
+    assert_same_arrays(tmp_path / "dst", flash_dsts / baseline)
 
 
 # ---------------------------------------------------------------------------------------- memory
