@@ -1,0 +1,251 @@
+"""`dsv4-export`: write a checkpoint in the release layout (console script `dsv4-export`).
+
+    dsv4-export CKPT OUT [--step N] [--tokenizer DIR] [--no-mtp] [--overwrite] [--max-shard-size SIZE]
+
+CKPT is one of
+  * a training checkpoint directory written by `dsv4.train.Checkpointer` (Orbax, one folder per
+    step): the latest step, or `--step N`, is restored; the architecture comes from the checkpoint's
+    own meta (`model_config`), the optimizer state is read and dropped;
+  * a release-layout checkpoint (config.json + safetensors, read with `dsv4.load_hf`);
+  * a converted checkpoint (`dsv4-convert` output, read with `dsv4.load`).
+OUT gets what `dsv4.export.export_release` writes: config.json with the release quantization_config,
+generation_config.json, FP8 projections with E8M0 128x128 block scales, FP4 routed experts, BF16/F32
+rest, sharded safetensors with their index, and the tokenizer files (from `--tokenizer`, else from
+CKPT when it holds a tokenizer.json). It appears only when complete. `dsv4.load_hf(OUT)` and
+`transformers` (FineGrainedFP8Config(dequantize=True)) read it back.
+User errors (a missing or unrecognised CKPT, an unknown step, a non-empty OUT without --overwrite)
+print one line `dsv4-export: error: ...` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+CONVERTED_MARKER = "dsv4_checkpoint.json"  # dsv4.convert.MANIFEST_FILE
+
+
+class ExportError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dsv4-export",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("ckpt", metavar="CKPT", type=Path, help="training, release-layout or converted checkpoint")
+    p.add_argument("out", metavar="OUT", type=Path, help="release-layout directory to write")
+    p.add_argument("--step", type=int, help="training checkpoint step to export (default: the latest)")
+    p.add_argument("--tokenizer", type=Path, metavar="DIR", help="copy tokenizer.json (+ config files) from DIR")
+    p.add_argument("--no-mtp", action="store_true", help="leave out the MTP block (config gets 0 MTP layers)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.add_argument(
+        "--max-shard-size",
+        default="4GiB",
+        metavar="SIZE",
+        help="shard size bound: bytes, or with a unit K/M/G (x1000) or KiB/MiB/GiB (x1024); default 4GiB",
+    )
+    p.add_argument(
+        "--scale-fmt",
+        choices=("ue8m0", "float"),
+        default="ue8m0",
+        help="FP8 block scales as F8_E8M0 (default, as released) or F32 (as Base)",
+    )
+    p.add_argument(
+        "--expert-format",
+        choices=("fp4", "fp8"),
+        default="fp4",
+        help="routed experts as packed FP4 (default, instruct release) or FP8 (Base release)",
+    )
+    return p  # fmt: skip
+
+
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """'4GiB' -> 4294967296, '500MB' -> 500000000, '1024' -> 1024; ExportError for anything else."""
+    number = text.strip().rstrip("BbIiKkMmGg ")
+    unit = text.strip()[len(number) :].strip().upper()
+    try:
+        size = int(float(number) * _UNITS[unit])
+    except (KeyError, ValueError):
+        raise ExportError(f"--max-shard-size: expected a size like 4GiB, 500MB or 1048576, got {text!r}") from None
+    if size < 1:
+        raise ExportError(f"--max-shard-size: must be at least 1 byte, got {text!r}")
+    return size
+
+
+# ------------------------------------------------------------------------------------ checkpoint kinds
+
+
+def training_steps(path: Path) -> list[int]:
+    """The steps of an Orbax training checkpoint directory (step folders holding `meta`), sorted."""
+    return sorted(int(d.name) for d in path.iterdir() if d.is_dir() and d.name.isdigit() and (d / "meta").exists())
+
+
+def checkpoint_kind(path: Path) -> str:
+    """The kind of checkpoint: "training", "converted" or "release"; ExportError naming `path` for anything else."""
+    if not path.exists():
+        raise ExportError(f"{path}: no such checkpoint directory")
+    if not path.is_dir():
+        raise ExportError(f"{path}: not a directory (expected a checkpoint directory)")
+    if training_steps(path):
+        return "training"
+    if (path / CONVERTED_MARKER).is_file():
+        return "converted"
+    has_weights = (path / "model.safetensors.index.json").is_file() or any(path.glob("*.safetensors"))
+    if (path / "config.json").is_file() and has_weights:
+        return "release"
+    raise ExportError(
+        f"{path}: not a checkpoint: expected a training checkpoint (step folders from dsv4.train.Checkpointer), "
+        f"a release-layout one (config.json + *.safetensors) or a converted one ({CONVERTED_MARKER})"
+    )
+
+
+def _pick_step(path: Path, step: int | None) -> int:
+    steps = training_steps(path)
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise ExportError(f"{path}: no step {step} (steps: {', '.join(map(str, steps))})")
+    return step
+
+
+def _read_meta(path: Path, step: int) -> dict:
+    """The {model_config, train_config} meta that train.Checkpointer stored with `step`."""
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager(path.resolve(), options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    finally:
+        manager.close()
+
+
+def _train_config(raw: dict):
+    """TrainConfig from the stored meta (unknown keys dropped: only the optimizer's structure matters here)."""
+    from dsv4 import train
+
+    names = {f.name for f in dataclasses.fields(train.TrainConfig)}
+    return train.TrainConfig(**{k: v for k, v in raw.items() if k in names})
+
+
+def _abstract_train_state(cfg, tc):
+    """(graphdef, TrainState of ShapeDtypeStructs) for `cfg`, shaped as train.init_train_state makes it."""
+    import jax
+    import jax.numpy as jnp
+
+    from dsv4 import train
+    from dsv4.config import RuntimeConfig
+    from dsv4.model import abstract_model
+
+    model = abstract_model(cfg, RuntimeConfig(dtype="float32", train_stats=True))
+    graphdef, params, frozen = train.split_model(model)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
+    opt_state = jax.eval_shape(train.optimizer(tc).init, params)
+    return graphdef, train.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, frozen, opt_state)
+
+
+def load_training_checkpoint(path: Path, step: int | None = None):
+    """(model, step) restored from a train.Checkpointer directory; the config comes from its meta."""
+    from flax import nnx
+
+    from dsv4 import train
+    from dsv4.config import ModelConfig
+
+    step = _pick_step(path, step)
+    meta = _read_meta(path, step)
+    if not isinstance(meta, dict) or "model_config" not in meta:
+        raise ExportError(f"{path}/{step}: the checkpoint's meta has no model_config")
+    cfg = ModelConfig.from_hf_config(meta["model_config"])
+    tc = _train_config(meta.get("train_config") or {})
+    graphdef, like = _abstract_train_state(cfg, tc)
+    ckpt = train.Checkpointer(path, cfg, tc)
+    try:
+        state = ckpt.restore(like, step)
+    finally:
+        ckpt.close()
+    return nnx.merge(graphdef, state.params, state.frozen), step
+
+
+def load_any(path: Path, step: int | None = None):
+    """(model, description) from any checkpoint kind; `step` only applies to training checkpoints."""
+    kind = checkpoint_kind(path)
+    if step is not None and kind != "training":
+        raise ExportError(f"{path}: --step applies to training checkpoints, this one is {kind}")
+    if kind == "training":
+        model, step = load_training_checkpoint(path, step)
+        return model, f"training checkpoint step {step}"
+    if kind == "release":
+        from dsv4.loading import load_hf
+
+        return load_hf(path, dtype="float32"), "release-layout checkpoint"
+    from dsv4.restore import load
+
+    return load(path, dtype="float32"), "converted checkpoint"
+
+
+# ------------------------------------------------------------------------------------------ command
+
+
+def check_paths(args) -> Path | None:
+    """Refuse bad OUT / --tokenizer before any loading; returns the tokenizer directory to copy, if any."""
+    ckpt, out = args.ckpt.resolve(), args.out.resolve()
+    if out == ckpt or ckpt in out.parents or out in ckpt.parents:
+        raise ExportError(f"{args.out}: OUT must lie outside CKPT {args.ckpt} (and not contain it)")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{args.out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise ExportError(f"{args.out}: exists and is not empty; pass --overwrite to replace it")
+    parse_size(args.max_shard_size)
+    if args.tokenizer is not None:
+        if not (args.tokenizer / "tokenizer.json").is_file():
+            raise ExportError(f"--tokenizer {args.tokenizer}: no tokenizer.json there")
+        return args.tokenizer
+    return args.ckpt if (args.ckpt / "tokenizer.json").is_file() else None
+
+
+def run(args) -> Path:
+    """Load CKPT, write OUT; returns OUT."""
+    from dsv4 import export
+
+    tokenizer_dir = check_paths(args)
+    model, source = load_any(args.ckpt, args.step)
+    out = export.export_release(
+        model,
+        None,
+        args.out,
+        max_shard_bytes=parse_size(args.max_shard_size),
+        scale_fmt=args.scale_fmt,
+        include_mtp=not args.no_mtp,
+        tokenizer_dir=tokenizer_dir,
+        expert_format=args.expert_format,
+        overwrite=args.overwrite,
+    )
+    tok = f", tokenizer from {tokenizer_dir}" if tokenizer_dir is not None else ", no tokenizer"
+    print(f"dsv4-export: wrote {out} from {args.ckpt} ({source}{tok})")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 2 user error)."""
+    args = build_parser().parse_args(argv)
+    from dsv4.config import ConfigError
+    from dsv4.safetensors_io import CheckpointError
+
+    try:
+        run(args)
+    except (ExportError, ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"dsv4-export: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
