@@ -1,0 +1,415 @@
+"""dsv4-train: train a DeepSeek-V4 from scratch on a text corpus (or continue a run).
+
+    dsv4-train --out runs/demo                                   # embedded architecture, built-in corpus
+    dsv4-train --config tiny --corpus notes/ --tokenizer tok/ --steps 200 --out runs/tiny
+    dsv4-train --out runs/demo --resume --steps 2000             # continue from the latest checkpoint
+
+OUT receives: tokenizer/ (given, or a byte-level BPE trained on the corpus), checkpoints/ (Orbax,
+every --save-every steps, the last --keep kept), metrics.jsonl (one line per step and per held-out
+evaluation), loss.png (the loss curve, redrawn at every evaluation), and with --export DIR a
+release-layout copy of the final model that `dsv4-generate --checkpoint DIR` and `dsv4.load_hf`
+read. Batches depend only on (--seed, step), so --resume continues exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from dsv4 import corpus
+from dsv4.cli import CLIError, _run
+from dsv4.config import ModelConfig
+
+# The embedded default's architecture: every layer kind (the last compress_ratios entry is the MTP
+# block), layers 0-1 hash-routed, hc_mult 4, about 2.8 million parameters with a 2560-token vocabulary.
+EMBEDDED_ARCHITECTURE = {
+    "hidden_size": 128,
+    "num_hidden_layers": 6,
+    "compress_ratios": (0, 4, 128, 4, 128, 0, 0),  # sliding, CSA, HCA, CSA, HCA, sliding; MTP sliding
+    "num_hash_layers": 2,
+    "num_attention_heads": 4,
+    "head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "q_lora_rank": 64,
+    "o_groups": 2,
+    "o_lora_rank": 64,
+    "sliding_window": 128,
+    "index_n_heads": 4,
+    "index_head_dim": 128,
+    "index_topk": 32,
+    "hc_mult": 4,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "n_shared_experts": 1,
+}
+EMBEDDED_VOCAB = 2560
+
+
+def embedded_config(vocab_size: int = EMBEDDED_VOCAB) -> ModelConfig:
+    """The embedded default checkpoint's ModelConfig (FP8 projections and FP4 experts, as released)."""
+    return ModelConfig.tiny(
+        **EMBEDDED_ARCHITECTURE,
+        vocab_size=vocab_size,
+        expert_dtype="fp4",
+        quantization_config=ModelConfig.flash().quantization_config,
+    )
+
+
+def resolve_config(name: str, vocab_size: int | None) -> ModelConfig:
+    """embedded | tiny | flash | pro | a config.json path or checkpoint directory; --vocab-size overrides."""
+    if name == "embedded":
+        cfg = embedded_config()
+    elif name in ("tiny", "flash", "pro"):
+        cfg = getattr(ModelConfig, name)()
+    elif Path(name).exists():
+        cfg = ModelConfig.from_hf_config(Path(name))
+    else:
+        raise CLIError(f"--config: {name!r} is not embedded, tiny, flash, pro, or an existing config.json / directory")
+    return cfg if vocab_size is None else dataclasses.replace(cfg, vocab_size=vocab_size)
+
+
+def parse_mesh(text: str | None):
+    """'data=2,expert=4' -> a sharding.mesh mesh over every device; None -> None (one device)."""
+    if not text:
+        return None
+    from sharding.mesh import make_mesh
+
+    sizes = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key not in ("data", "expert", "tensor") or not value.isdigit():
+            raise CLIError(f"--mesh: expected entries like data=2,expert=4, got {part!r}")
+        sizes[key] = int(value)
+    return make_mesh(**sizes)
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dsv4-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, metrics, loss.png)")
+    p.add_argument("--config", default="embedded", help="embedded | tiny | flash | pro | config.json | checkpoint dir")
+    p.add_argument("--corpus", default=corpus.BUILTIN_CORPUS, help="text file, directory of text files, or 'pydoc'")
+    p.add_argument("--tokenizer", type=Path, help="directory with tokenizer.json (default: train a BPE on the corpus)")
+    p.add_argument("--vocab-size", type=int, help="override the config's vocab_size (and the BPE's size)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=1000, help="total optimiser steps (the schedule's length)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warmup, then cosine to lr/10)")
+    p.add_argument("--warmup", type=int, help="warmup steps (default: min(50, steps // 10))")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--mtp-weight", type=float, default=0.3)
+    p.add_argument("--indexer-weight", type=float, default=1.0)
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--eval-every", type=int, default=100, help="held-out perplexity every N steps")
+    p.add_argument("--eval-windows", type=int, default=16, help="held-out windows of seq-len + 1 tokens")
+    p.add_argument("--heldout-fraction", type=float, default=0.05)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+    p.add_argument("--seed", type=int, default=0, help="initial weights and batch order")
+    p.add_argument("--mesh", help="device mesh, e.g. data=2,expert=4 (default: one device)")
+    p.add_argument("--time-limit", type=float, help="minutes; stop early (saving and exporting) past this")
+    p.add_argument("--export", type=Path, help="write the final model here in the release layout")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing --out (and --export) first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+# ------------------------------------------------------------------------------------- run setup
+
+
+def _check_args(args, cfg: ModelConfig) -> None:
+    for name in ("batch", "seq_len", "steps", "eval_every", "eval_windows", "save_every", "keep"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.seq_len > cfg.max_position_embeddings:
+        raise CLIError(
+            f"--seq-len {args.seq_len} exceeds max_position_embeddings {cfg.max_position_embeddings} of the config"
+        )
+    if args.warmup is None:
+        args.warmup = min(50, args.steps // 10)
+    if not 0 <= args.warmup <= args.steps:
+        raise CLIError(f"--warmup must be in [0, --steps {args.steps}], got {args.warmup}")
+
+
+def _prepare_out(args) -> None:
+    out = args.out
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        if not args.overwrite:
+            raise CLIError(f"--out {out} exists and is not empty (use --resume to continue or --overwrite)")
+        shutil.rmtree(out)
+    if args.resume and not (out / "checkpoints").is_dir():
+        raise CLIError(f"--resume: no checkpoints in {out}")
+    if args.export is not None and args.export.exists() and any(args.export.iterdir()) and not args.overwrite:
+        raise CLIError(f"--export {args.export} exists and is not empty (use --overwrite)")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _tokenizer_dir(args, cfg: ModelConfig, docs: list[str]) -> Path:
+    """OUT/tokenizer: kept on resume, copied from --tokenizer, or a BPE trained on the corpus."""
+    from dsv4.export import copy_tokenizer
+
+    target = args.out / "tokenizer"
+    if (target / "tokenizer.json").is_file():
+        return target
+    if args.tokenizer is not None:
+        source = args.tokenizer.parent if args.tokenizer.name == "tokenizer.json" else args.tokenizer
+        if not (source / "tokenizer.json").is_file():
+            raise CLIError(f"--tokenizer: no tokenizer.json in {source}")
+        target.mkdir(parents=True, exist_ok=True)
+        copy_tokenizer(source, target)
+        return target
+    print(f"training a {cfg.vocab_size}-token byte-level BPE on the corpus ...", file=sys.stderr)
+    return corpus.train_bpe_tokenizer(docs, cfg.vocab_size, target)
+
+
+def _check_vocab(tokenizer, cfg: ModelConfig, tok_dir: Path) -> None:
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise CLIError(
+            f"tokenizer {tok_dir / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the config's "
+            f"vocab_size is {cfg.vocab_size}: ids would fall outside the embedding (use --vocab-size or a "
+            "matching tokenizer)"
+        )
+
+
+@dataclasses.dataclass
+class Data:
+    train: object  # int32 [N_train] token stream
+    heldout: object  # int32 [n, seq_len + 1] evaluation windows (n may be 0)
+
+
+def _data(args, tokenizer, docs) -> Data:
+    stream = corpus.encode_documents(tokenizer, docs)
+    train_stream, heldout = corpus.split_stream(stream, args.heldout_fraction)
+    windows = corpus.eval_windows(heldout, args.seq_len, args.eval_windows) if len(heldout) else heldout[:0]
+    corpus.sample_batch(train_stream, 1, args.seq_len, args.seed, 0)  # refuses a stream shorter than a window
+    print(
+        f"corpus: {len(docs)} documents, {len(stream):,} tokens ({len(train_stream):,} train, "
+        f"{len(heldout):,} held out; {len(windows)} evaluation windows of {args.seq_len + 1})",
+        file=sys.stderr,
+    )
+    return Data(train_stream, windows)
+
+
+# ------------------------------------------------------------------------------------ metrics, plot
+
+
+class MetricsLog:
+    """OUT/metrics.jsonl: {"step", "loss", ...} per step, {"step", "heldout_loss", ...} per evaluation."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        self.records = []
+        if path.exists():  # drop what a resumed run will redo
+            lines = path.read_text().splitlines()
+            self.records = [r for r in map(json.loads, lines) if r["step"] <= resume_step]
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        os.replace(tmp, self.path)
+
+    def add(self, record: dict) -> None:
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(records: list[dict], path: Path) -> bool:
+    """Draw train and held-out loss against step into `path` (PNG). False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    train = [(r["step"], r["lm_loss"]) for r in records if "lm_loss" in r]
+    held = [(r["step"], r["heldout_loss"]) for r in records if "heldout_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        steps, losses = zip(*train, strict=True)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=0.8, label="train (next-token CE)")
+        ax.plot(steps, _ema(losses, 0.95), color="tab:blue", lw=1.5, label="train, smoothed")
+    if held:
+        steps, losses = zip(*held, strict=True)
+        ax.plot(steps, losses, "o-", color="tab:orange", lw=1.5, label="held out")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+def _ema(values: Sequence[float], decay: float) -> list[float]:
+    out, acc = [], values[0]
+    for v in values:
+        acc = decay * acc + (1 - decay) * v
+        out.append(acc)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- training
+
+
+def _progress(args, start: int):
+    if args.no_progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=args.steps, initial=start, unit="step", dynamic_ncols=True, desc="dsv4-train")
+
+
+def _eval_fn(graphdef):
+    """A jitted held-out loss: mean next-token CE over [n, S + 1] windows (language-model head only)."""
+    import jax
+
+    from dsv4 import train
+
+    tc = train.TrainConfig(mtp_weight=0.0, indexer_weight=0.0, compute_dtype="float32")
+
+    @jax.jit
+    def lm_loss(params, frozen, tokens):
+        return train.loss_fn(graphdef, tc, params, frozen, {"tokens": tokens})[1]["lm_loss"]
+
+    return lm_loss
+
+
+def evaluate(lm_loss, state, windows, batch: int) -> float:
+    """Mean held-out next-token loss over `windows`, evaluated `batch` windows at a time."""
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch):
+        chunk = windows[i : i + batch]
+        if len(chunk) < batch:  # keep one compiled shape: the last chunk reuses earlier windows
+            continue
+        total += float(lm_loss(state.params, state.frozen, chunk)) * len(chunk)
+        count += len(chunk)
+    if count == 0:
+        total, count = float(lm_loss(state.params, state.frozen, windows)) * len(windows), len(windows)
+    return total / count
+
+
+def _train(args) -> None:
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    import dsv4
+    from dsv4 import train
+    from dsv4.config import RuntimeConfig
+    from dsv4.tokenizer import load_tokenizer
+
+    cfg = resolve_config(args.config, args.vocab_size)
+    _check_args(args, cfg)
+    docs = corpus.read_corpus(args.corpus)
+    _prepare_out(args)
+    tok_dir = _tokenizer_dir(args, cfg, docs)
+    tokenizer = load_tokenizer(tok_dir)
+    _check_vocab(tokenizer, cfg, tok_dir)
+    data = _data(args, tokenizer, docs)
+    mesh = parse_mesh(args.mesh)
+    if mesh is not None and args.batch % mesh.shape["data"]:
+        raise CLIError(f"--batch {args.batch} is not divisible by the mesh's data axis ({mesh.shape['data']})")
+
+    rt = RuntimeConfig(dtype="float32", mesh=mesh)
+    model = train.training_model(dsv4.init_model(cfg, rt, seed=args.seed))
+    tc = train.TrainConfig(
+        lr=args.lr,
+        warmup_steps=args.warmup,
+        total_steps=args.steps,
+        weight_decay=args.weight_decay,
+        mtp_weight=args.mtp_weight,
+        indexer_weight=args.indexer_weight,
+        compute_dtype=args.compute_dtype,
+    )
+    graphdef, state = train.init_train_state(model, tc)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    ckpt = train.Checkpointer(args.out / "checkpoints", cfg, tc, every=args.save_every, keep=args.keep)
+    if args.resume:
+        state = ckpt.restore(state)
+    start = int(state.step)
+    if start >= args.steps:
+        raise CLIError(f"--resume: the checkpoint is at step {start}, not below --steps {args.steps}")
+    log = MetricsLog(args.out / "metrics.jsonl", start)
+    step_fn = train.make_train_step(graphdef, tc)
+    lm_loss = _eval_fn(graphdef)
+    print(f"model: {n_params:,} trainable parameters; training steps {start} -> {args.steps}", file=sys.stderr)
+
+    tokens_per_step = args.batch * args.seq_len
+    began, bar, stopped_early, heldout = time.perf_counter(), _progress(args, start), False, None
+    step = start
+    while step < args.steps:
+        tick = time.perf_counter()
+        batch = corpus.sample_batch(data.train, args.batch, args.seq_len, args.seed, step)
+        state, metrics = step_fn(state, {"tokens": batch})
+        metrics = {k: float(v) for k, v in metrics.items()}
+        step += 1
+        rate = tokens_per_step / (time.perf_counter() - tick)
+        log.add({"step": step, **metrics, "tokens_per_s": rate})
+        if bar is not None:
+            bar.set_postfix(loss=f"{metrics['lm_loss']:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+            bar.update(1)
+        late = args.time_limit is not None and time.perf_counter() - began > 60 * args.time_limit
+        if step % args.eval_every == 0 or step == args.steps or late:
+            heldout = _record_eval(log, step, lm_loss, state, data, args, bar)
+        ckpt.save(state, force=step == args.steps or late)
+        if late:
+            stopped_early = True
+            break
+    if bar is not None:
+        bar.close()
+    ckpt.close()
+    seconds = time.perf_counter() - began
+    done = step - start
+    print(
+        f"trained {done} steps ({done * tokens_per_step:,} tokens) in {seconds:,.0f} s "
+        f"({done * tokens_per_step / max(seconds, 1e-9):,.0f} tokens/s incl. compilation)"
+        + (f"; stopped by --time-limit at step {step} of {args.steps}" if stopped_early else ""),
+        file=sys.stderr,
+    )
+    if heldout is not None:
+        print(f"held-out loss {heldout:.4f}, perplexity {math.exp(heldout):.2f}", file=sys.stderr)
+    if args.export is not None:
+        from dsv4.export import export_release
+
+        model = nnx.merge(graphdef, state.params, state.frozen)
+        export_release(model, None, args.export, tokenizer_dir=tok_dir, overwrite=args.overwrite)
+        print(f"exported the release layout to {args.export}", file=sys.stderr)
+
+
+def _record_eval(log: MetricsLog, step: int, lm_loss, state, data: Data, args, bar) -> float | None:
+    """Held-out loss and perplexity into the log, the loss curve redrawn; None without held-out text."""
+    heldout = None
+    if len(data.heldout):
+        heldout = evaluate(lm_loss, state, data.heldout, args.batch)
+        log.add({"step": step, "heldout_loss": heldout, "heldout_ppl": math.exp(heldout)})
+        message = f"step {step}: held-out loss {heldout:.4f}, perplexity {math.exp(heldout):.2f}"
+        (bar.write if bar is not None else print)(message)
+    if not plot_losses(log.records, args.out / "loss.png") and step == args.eval_every:
+        print("matplotlib is not installed: no loss.png (pip install 'dsv4[train]')", file=sys.stderr)
+    return heldout
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `dsv4-train`; returns the exit status (2 on a user error)."""
+    return _run("dsv4-train", _train, train_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""dsv4-train: corpus handling, an end-to-end run (metrics, loss.png, export), exact resume, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+
+import dsv4
+from dsv4 import cli_train, corpus
+from dsv4.config import ModelConfig
+from dsv4.tokenizer import load_tokenizer
+
+# Two layers (CSA + sliding) and an MTP block: small enough to compile in seconds on two cores.
+SMALL = ModelConfig.tiny(num_hidden_layers=2, compress_ratios=(4, 0, 0), num_hash_layers=1, index_topk=4)
+RUN = ["--batch", "2", "--seq-len", "32", "--eval-windows", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def small_config(tmp_path_factory):
+    return SMALL.save(tmp_path_factory.mktemp("cfg") / "config.json")
+
+
+@pytest.fixture(scope="module")
+def text_corpus(tmp_path_factory):
+    """A directory of two text files (the pydoc corpus, split), plus a binary file that is ignored."""
+    root = tmp_path_factory.mktemp("corpus")
+    docs = corpus.builtin_corpus()
+    (root / "a.txt").write_text("\n\n".join(docs[:40]))
+    (root / "sub").mkdir()
+    (root / "sub" / "b.md").write_text("\n\n".join(docs[40:]))
+    (root / "image.bin").write_bytes(b"\xff\xfe\x00")
+    return root
+
+
+def train(argv):
+    return cli_train.main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, small_config, text_corpus):
+    out = tmp_path_factory.mktemp("run")
+    export = out.parent / (out.name + "_export")
+    args = ["--config", small_config, "--corpus", text_corpus, "--out", out / "run", "--steps", 4]
+    rc = train([*args, *RUN, "--eval-every", 2, "--save-every", 2, "--export", export])
+    assert rc == 0
+    return out / "run", export
+
+
+# ------------------------------------------------------------------------------------------ corpus
+
+
+def test_read_corpus_forms(text_corpus, tmp_path):
+    docs = corpus.read_corpus(text_corpus)
+    assert len(docs) == 2 and docs[1].startswith(corpus.builtin_corpus()[40])  # a.txt, then sub/b.md
+    assert corpus.read_corpus(text_corpus / "a.txt") == docs[:1]
+    assert len(corpus.read_corpus("pydoc")) > 50
+    (tmp_path / "bad.txt").write_bytes(b"ok \xff\xfe")
+    with pytest.raises(corpus.CorpusError, match="bad.txt is not UTF-8"):
+        corpus.read_corpus(tmp_path / "bad.txt")
+
+
+def test_split_and_batches_are_deterministic():
+    stream = np.arange(20_000, dtype=np.int32)
+    train_part, held = corpus.split_stream(stream, 0.1)
+    assert len(train_part) + len(held) == len(stream) and not set(train_part) & set(held)
+    assert held[0] == 9 * corpus.HELDOUT_BLOCK  # every 10th block of 2048 tokens
+    a = corpus.sample_batch(train_part, 4, 16, seed=1, step=7)
+    assert a.shape == (4, 17) and np.array_equal(a, corpus.sample_batch(train_part, 4, 16, seed=1, step=7))
+    assert not np.array_equal(a, corpus.sample_batch(train_part, 4, 16, seed=1, step=8))
+    with pytest.raises(corpus.CorpusError, match="fewer than one window"):
+        corpus.sample_batch(stream[:10], 1, 16, 0, 0)
+
+
+def test_trained_tokenizer_has_special_tokens_first(tmp_path):
+    corpus.train_bpe_tokenizer(corpus.builtin_corpus()[:20], 400, tmp_path)
+    tok = load_tokenizer(tmp_path)
+    assert tok.vocab_size == 400 and (tok.bos_id, tok.eos_id) == (0, 1)
+    stream = corpus.encode_documents(tok, ["one", "two"])
+    assert stream[0] == 0 and stream[-1] == 1 and tok.decode(stream[1:-1].tolist()).startswith("one")
+
+
+# -------------------------------------------------------------------------------------- a full run
+
+
+def test_run_writes_metrics_plot_checkpoints_and_export(full_run):
+    run, export = full_run
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "lm_loss" in r]
+    evals = [r for r in records if "heldout_loss" in r]
+    assert steps == [1, 2, 3, 4] and [r["step"] for r in evals] == [2, 4]
+    assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in records if "loss" in r)
+    assert evals[-1]["heldout_ppl"] == pytest.approx(np.exp(evals[-1]["heldout_loss"]))
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+    assert (run / "tokenizer" / "tokenizer.json").is_file()
+    model = dsv4.load_hf(export, dtype="float32")
+    assert model.cfg.vocab_size == SMALL.vocab_size and (export / "tokenizer.json").is_file()
+    logits = model(np.asarray([[0, 5, 9, 3]], np.int32))
+    assert np.all(np.isfinite(np.asarray(logits)))
+
+
+def test_resume_continues_exactly(full_run, tmp_path, small_config, text_corpus):
+    run, _ = full_run
+    args = ["--config", small_config, "--corpus", text_corpus, "--out", tmp_path / "r", *RUN, "--eval-every", 100]
+    assert train([*args, "--steps", 4, "--time-limit", 0]) == 0  # stops (and saves) after step 1
+    first = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in first if "loss" in r] == [1]
+    assert train([*args, "--steps", 4, "--resume"]) == 0
+    resumed = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    uninterrupted = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["loss"], r["grad_norm"]) for r in resumed if "loss" in r]
+    assert losses == [(r["step"], r["loss"], r["grad_norm"]) for r in uninterrupted if "loss" in r]
+
+
+# --------------------------------------------------------------------------------------- bad input
+
+
+def _error(capsys, argv) -> str:
+    assert train(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_empty_corpus_is_refused(tmp_path, capsys, small_config):
+    (tmp_path / "empty.txt").write_text("  \n\n")
+    err = _error(capsys, ["--config", small_config, "--corpus", tmp_path / "empty.txt", "--out", tmp_path / "o"])
+    assert "empty.txt is empty" in err and not (tmp_path / "o").exists()
+    (tmp_path / "d").mkdir()
+    err = _error(capsys, ["--config", small_config, "--corpus", tmp_path / "d", "--out", tmp_path / "o"])
+    assert "has no .txt/.md/.rst/.text files" in err
+
+
+def test_vocab_mismatch_is_refused(tmp_path, capsys, small_config, text_corpus):
+    corpus.train_bpe_tokenizer(corpus.read_corpus(text_corpus), SMALL.vocab_size + 88, tmp_path / "tok")
+    argv = ["--config", small_config, "--corpus", text_corpus, "--tokenizer", tmp_path / "tok", "--out", tmp_path / "o"]
+    err = _error(capsys, argv)
+    assert f"has {SMALL.vocab_size + 88} tokens but the config's vocab_size is {SMALL.vocab_size}" in err
+
+
+def test_too_long_sequence_is_refused(tmp_path, capsys, small_config):
+    err = _error(capsys, ["--config", small_config, "--seq-len", 2**21, "--out", tmp_path / "o"])
+    assert f"--seq-len {2**21} exceeds max_position_embeddings {SMALL.max_position_embeddings}" in err
+
+
+def test_resume_with_another_config_is_refused(full_run, capsys, text_corpus, tmp_path):
+    run, _ = full_run
+    other = SMALL.__class__.tiny(num_hidden_layers=2, compress_ratios=(0, 4, 0), num_hash_layers=1, index_topk=4)
+    argv = ["--config", other.save(tmp_path / "other.json"), "--corpus", text_corpus, "--out", run, "--resume"]
+    err = _error(capsys, [*argv, *RUN, "--steps", 8])
+    assert "written for another model config (differs in: compress_ratios)" in err
+
+
+def test_existing_out_is_refused_without_resume_or_overwrite(full_run, capsys, small_config):
+    run, _ = full_run
+    err = _error(capsys, ["--config", small_config, "--out", run])
+    assert "exists and is not empty" in err and (run / "metrics.jsonl").is_file()
