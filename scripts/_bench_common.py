@@ -1,0 +1,123 @@
+"""Shared pieces of the benchmark scripts: the small benchmark config and subprocess measurement.
+
+`BENCH_OVERRIDES` is the config of scripts/bench_forward.py and scripts/bench_decode.py (both still
+carry their own copy; new benchmarks import it from here). Each measurement runs in a fresh
+interpreter (`run_child`), which prints one JSON line; its peak RSS and thread pools are its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SEED = 0
+
+# ModelConfig.tiny with these overrides (every other field: the Flash release value, e.g. hc_mult 4,
+# one shared expert, YaRN on CSA/HCA layers, an MTP block of compress ratio 0).
+BENCH_OVERRIDES: dict = {
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "compress_ratios": (4, 128, 4, 128, 0),  # CSA, HCA, CSA, HCA; last = MTP
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 256,
+    "num_hash_layers": 1,
+    "num_attention_heads": 4,
+    "head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "q_lora_rank": 128,
+    "o_groups": 2,
+    "o_lora_rank": 128,
+    "sliding_window": 128,
+    "index_n_heads": 8,
+    "index_head_dim": 128,  # > qk_rope_head_dim: the indexer rotates its last 64 channels
+    "index_topk": 128,
+    "vocab_size": 4096,
+}
+
+
+def bench_config():
+    """The benchmark's ModelConfig: `ModelConfig.tiny(**BENCH_OVERRIDES)`."""
+    from dsv4.config import ModelConfig
+
+    return ModelConfig.tiny(**BENCH_OVERRIDES)
+
+
+def config_text() -> str:
+    return ", ".join(f"{k} {list(v) if isinstance(v, tuple) else v}" for k, v in BENCH_OVERRIDES.items())
+
+
+def random_tokens(vocab: int, batch: int, seq: int, seed: int = SEED):
+    """int32 [batch, seq] uniform in [0, vocab) (numpy)."""
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, vocab, (batch, seq), dtype=np.int32)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def backend_text(which: str) -> str:
+    cores = len(os.sched_getaffinity(0))
+    if which == "jax":
+        import jax
+
+        return f"jax {jax.__version__} {jax.default_backend()}, {cores} cores"
+    import torch
+
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cores} cores"
+
+
+def hf_model_and_release_tensors(cfg, seed: int = SEED, with_mtp: bool = True):
+    """(randomised float32 transformers DeepseekV4ForCausalLM, {release name: float32/int64 array}).
+
+    The release tensors hold exactly the HF model's weights (tests/release_fixture.py's name map),
+    plus a random `mtp.0.*` block (HF has none) when `with_mtp`.
+    """
+    if str(REPO / "tests") not in sys.path:
+        sys.path.insert(0, str(REPO / "tests"))
+    from release_fixture import build_hf_model, mtp_tensors, release_tensors_from_hf
+
+    hf_cfg = cfg.to_hf_dict()
+    model = build_hf_model(hf_cfg, seed)
+    release = release_tensors_from_hf(model.state_dict())
+    if with_mtp:
+        release.update(mtp_tensors(hf_cfg, seed + 10_000))
+    return model, release
+
+
+def dsv4_from_release(model, release: dict) -> None:
+    """Overwrite every variable of the dsv4 `model` in place with its release tensors (float, unquantized)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dsv4.checkpoint import param_spec
+
+    state = nnx.state(model)
+    for path, var in nnx.to_flat_state(state):
+        old = var.get_value()
+        spec = param_spec(tuple(path), tuple(old.shape), old.dtype, model.cfg)
+        var.set_value(jnp.asarray(spec.assemble([release[t.name] for t in spec.tensors]), old.dtype))
+    nnx.update(model, state)
+
+
+def run_child(script: Path, argv: list[str], timeout: float) -> dict:
+    """Run `python script *argv` in a fresh interpreter and return the last JSON line it printed;
+    a failure (OOM kill, timeout, exception) becomes {'error': ...}."""
+    cmd = [sys.executable, str(script), *argv]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return {"error": f"failed: timed out after {timeout} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"failed: exit {proc.returncode}: {tail[:300]}"}
+    return json.loads(lines[-1])
