@@ -1,7 +1,10 @@
 """Parameter declaration: every weight states its shape, dtype and logical axes where it is declared.
 
-Logical axis names (the vocabulary `sharding.rules` maps onto mesh axes):
+Logical axis names (the vocabulary `sharding.rules` maps onto mesh axes; every name below has an
+entry in `sharding.rules.REPLICATED_RULES`, and tests/test_sharding.py checks the two lists agree):
 
+    batch          B   sequences of a batch (activations, tokens, the KV cache: `sharding.placement`)
+    sequence       S   positions (activations; no strategy splits it)
     vocab          V   vocabulary
     embed          D   hidden size
     q_lora         -   query low-rank width (q_lora_rank)
@@ -14,7 +17,8 @@ Logical axis names (the vocabulary `sharding.rules` maps onto mesh axes):
     compress_slot  -   position inside a compression window (ape rows)
     compress_dim   -   compressor output channels (1 or 2 series of head_dim)
     index_heads    -   lightning-indexer query heads
-    experts        E   routed experts
+    experts        E   routed experts (the stacked expert weights: split by expert parallelism)
+    router_experts E   the router's expert axis (gate weight and bias: replicated in every strategy)
     expert_hidden  F   expert / shared-expert hidden width
     expert_slot    -   the K routed choices of tid2eid
     hc_mix         -   mHC mixing rows ((2 + n) * n)

@@ -95,8 +95,9 @@ def _env_int(name: str) -> int | None:
 def distributed_args(coordinator=None, num_processes=None, process_id=None) -> dict:
     """The arguments for `jax.distributed.initialize`: flags first, then DSV4_* environment variables.
 
-    Values still missing stay None, so JAX's own cluster detection (TPU pods, SLURM, Open MPI,
-    its JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables) fills them.
+    Values still missing stay None, so `jax.distributed.initialize` fills them: the coordinator from
+    its JAX_COORDINATOR_ADDRESS variable, the rest from its cluster detection (Cloud TPU metadata,
+    SLURM, Open MPI). JAX reads no process-count or process-id variable of its own.
     Raises ValueError for a malformed address or an inconsistent process id.
     """
     coordinator = coordinator or os.environ.get(ENV_COORDINATOR) or None

@@ -27,7 +27,9 @@ Several GPU hosts (one process per host; run on each host with its own --process
     dsv4-multihost --coordinator host0:8476 --num-processes 2 --process-id $RANK \\
       --checkpoint /data/dsv4-flash-orbax --prompts prompts.jsonl --output out.jsonl --data 2 --expert 8
 
-Under SLURM (`srun --ntasks-per-node=1`) the three cluster flags can be left out.
+Under SLURM the three cluster flags can be left out; JAX then gives each process only the GPU its
+SLURM_LOCALID names, so run one task per GPU (`srun --ntasks-per-node=GPUS_PER_HOST`), or set
+JAX_LOCAL_DEVICE_IDS=0,1,... with one task per host. The README's "Running on a mesh" has more.
 """
 
 from __future__ import annotations

@@ -157,6 +157,51 @@ def test_distributed_args_validation(monkeypatch):
         distributed_args()
 
 
+def test_every_logical_axis_has_a_rule_and_is_documented():
+    import re
+
+    from flax import nnx
+
+    import dsv4.params
+    from dsv4.config import ModelConfig
+    from dsv4.model import abstract_model
+    from dsv4.params import logical_axes
+    from sharding.placement import CACHE_AXES
+    from sharding.rules import REPLICATED_RULES, STRATEGIES
+
+    state = nnx.state(abstract_model(ModelConfig.tiny()))
+    used = {a for _, v in nnx.to_flat_state(state) for a in logical_axes(v) if a}
+    used |= {a for axes in CACHE_AXES.values() for a in axes if a}
+    assert "router_experts" in used and "batch" in used
+    assert used <= set(REPLICATED_RULES), used - set(REPLICATED_RULES)
+    assert all(set(s.rules) == set(REPLICATED_RULES) for s in STRATEGIES.values())
+    documented = set(re.findall(r"^    ([a-z_]+) +[A-Z-] ", dsv4.params.__doc__, re.M))
+    assert documented == set(REPLICATED_RULES), documented ^ set(REPLICATED_RULES)
+
+
+def test_multihost_cli_rejects_bad_prompts_and_strategy_before_loading(tmp_path, monkeypatch):
+    from sharding.serve import main, padded_batch, read_prompts
+
+    for var in ("DSV4_COORDINATOR", "DSV4_NUM_PROCESSES", "DSV4_PROCESS_ID", "JAX_COORDINATOR_ADDRESS",
+                "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):  # fmt: skip
+        monkeypatch.delenv(var, raising=False)
+    good, bad, empty = tmp_path / "good.jsonl", tmp_path / "bad.jsonl", tmp_path / "empty.jsonl"
+    good.write_text('{"id": "a", "tokens": [1, 2]}\n\n{"tokens": [3]}\n')
+    bad.write_text('{"id": 1, "tokens": [1, 2]}\n{"id": 2, "text": "hi"}\n')
+    empty.write_text("\n")
+    assert read_prompts(good) == (["a", 1], [[1, 2], [3]])
+    with pytest.raises(ValueError, match="bad.jsonl:2: each line needs a 'tokens' list"):
+        read_prompts(bad)  # text without a tokenizer
+    with pytest.raises(ValueError, match="no prompts"):
+        read_prompts(empty)
+    assert padded_batch([[1], [2], [3]], 2) == [[1], [2], [3], [1]]
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(ValueError, match="unknown sharding strategy 'fsdp'"):  # the checkpoint is never read
+        main(["--checkpoint", str(tmp_path / "missing"), "--prompts", str(good), "--output", str(out),
+              "--strategy", "fsdp"])  # fmt: skip
+    assert not out.exists()
+
+
 def test_collective_parser_counts_wire_bytes():
     from sharding.collectives import collectives, expert_weight_gathers
 
