@@ -728,11 +728,15 @@ class RuntimeConfig:
     attention_impl: "xla" | "reference" | "pallas".
     query_block: query block size of the blockwise attention and indexer paths.
     train_stats: for training, CSA layers compute the lightning indexer's KL loss (`sow`n as the
-        `nnx.Intermediate` "indexer_kl": (sum, count)) and top-k MoE layers their "expert_load".
+        `nnx.Intermediate` "indexer_kl": (sum, count)), top-k MoE layers their "expert_load" and
+        their routers the "routing" (affinities, expert ids) of the sequence-wise balance loss.
     mesh: a `jax.sharding.Mesh` with axes (data, expert, tensor) (`sharding.mesh.make_mesh`), or
         None for one device. Mesh is hashable, so the config stays a valid static argument.
     strategy: a `sharding.rules` strategy name ("dp_ep", "dp_ep_a2a", "tp_ep", "replicated") or a
         `sharding.rules.Strategy`: how parameters, caches and the routed experts use the mesh.
+    remat: rematerialise every main-stack block (`jax.checkpoint` per layer, `dsv4.model`):
+        under a gradient only the block inputs are kept and each block's activations are recomputed
+        in the backward pass. The same numbers; for training memory (no effect without a gradient).
     """
 
     dtype: str = "bfloat16"
@@ -741,6 +745,7 @@ class RuntimeConfig:
     train_stats: bool = False
     mesh: Any = None
     strategy: Any = "dp_ep"
+    remat: bool = False
 
     def __post_init__(self):
         if self.dtype not in _RUNTIME_DTYPES:
@@ -751,6 +756,8 @@ class RuntimeConfig:
             )
         if not _is_int(self.query_block) or self.query_block < 1:
             raise ConfigError(f"query_block: must be a positive integer, got {self.query_block!r}")
+        if not isinstance(self.remat, bool):
+            raise ConfigError(f"remat: must be a bool, got {self.remat!r}")
         _check_sharding(self.mesh, self.strategy)
 
     @property

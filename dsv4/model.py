@@ -80,6 +80,30 @@ class MTPBlock(nnx.Module):
         return self.norm(self.hc_head(x))
 
 
+def _block(layer: Block, streams, start, n, token_ids, cache):
+    """One block: (streams [B, C, N, D], cache) -> (streams, cache)."""
+    return layer(streams, start, n, token_ids, cache)
+
+
+def _remat_block(layer: Block, streams, start, n, token_ids, cache):
+    """`_block` under `jax.checkpoint`: the block's activations are recomputed in the backward pass.
+
+    The block is split into (graphdef, state) and merged again inside the checkpoint; what it sows
+    there (the train stats: indexer KL, expert loads, router scores) comes back out and is put on
+    `layer`, as a plain call would leave it.
+    """
+    graphdef, state = nnx.split(layer)
+
+    def body(state, streams, start, n, token_ids, cache):
+        block = nnx.merge(graphdef, state)
+        out = block(streams, start, n, token_ids, cache)
+        return out, nnx.state(block, nnx.Intermediate)
+
+    out, sown = jax.checkpoint(body)(state, streams, start, n, token_ids, cache)
+    nnx.update(layer, sown)
+    return out
+
+
 class DeepseekV4(nnx.Module):
     """DeepSeek-V4 for causal LM. Build from a `ModelConfig` (architecture) and `RuntimeConfig`."""
 
@@ -108,9 +132,10 @@ class DeepseekV4(nnx.Module):
         b, s = tokens.shape
         x = self.embed.weight.get_value()[tokens]
         x = jnp.broadcast_to(x[:, :, None, :], (b, s, self.cfg.hc_mult, x.shape[-1]))
+        call = _remat_block if self.rt.remat else _block
         new_caches = []
         for i, layer in enumerate(self.layers):
-            x, cache = layer(x, start, n, tokens, None if caches is None else caches[i])
+            x, cache = call(layer, x, start, n, tokens, None if caches is None else caches[i])
             new_caches.append(cache)
         return x, tuple(new_caches)
 

@@ -15,6 +15,11 @@ from dsv4.params import Buffer, KeyChain, constant, normal, param
 from dsv4.quantized import materialize
 
 
+def router_scores(logits: jax.Array) -> jax.Array:
+    """The router affinities sqrt(softplus(logits)): [N, E] -> [N, E] float32 (no selection bias)."""
+    return jnp.sqrt(jax.nn.softplus(logits.astype(F32)))
+
+
 def route(
     logits: jax.Array,
     top_k: int,
@@ -28,7 +33,7 @@ def route(
     layers (tid2eid[token]). Weights are the selected scores, normalised to sum 1, times `scaling`.
     Returns (weights [N, K] float32, expert ids [N, K] int32).
     """
-    scores = jnp.sqrt(jax.nn.softplus(logits.astype(F32)))
+    scores = router_scores(logits)
     if hashed is not None:
         idx = hashed.astype(jnp.int32)
     else:
@@ -159,10 +164,15 @@ class SharedExpert(nnx.Module):
 
 
 class Gate(nnx.Module):
-    """Router parameters: `weight` [D, E]; `bias` [E] (top-k layers) or `tid2eid` [V, K] (hash layers)."""
+    """Router parameters: `weight` [D, E]; `bias` [E] (top-k layers) or `tid2eid` [V, K] (hash layers).
 
-    def __init__(self, cfg: ModelConfig, hashed: bool, dtype, keys: KeyChain):
-        self.cfg, self.hashed = cfg, hashed
+    With `report` (training, top-k layers) each call sows the `nnx.Intermediate` "routing":
+    (affinities s / sum_j s_j [N, E] float32, selected expert ids [N, K] int32), the inputs of the
+    sequence-wise balance loss (`dsv4.train.seq_balance_loss`).
+    """
+
+    def __init__(self, cfg: ModelConfig, hashed: bool, dtype, keys: KeyChain, report: bool = False):
+        self.cfg, self.hashed, self.report = cfg, hashed, report and not hashed
         self.weight = param(
             keys, (cfg.hidden_size, cfg.n_routed_experts), ("embed", "router_experts"), dtype, normal(0.02)
         )
@@ -185,7 +195,11 @@ class Gate(nnx.Module):
                 cfg.routed_scaling_factor,
                 hashed=self.tid2eid.get_value()[token_ids],
             )
-        return route(logits, cfg.num_experts_per_tok, cfg.routed_scaling_factor, bias=self.bias.get_value())
+        weights, idx = route(logits, cfg.num_experts_per_tok, cfg.routed_scaling_factor, bias=self.bias.get_value())
+        if self.report:
+            scores = router_scores(logits)  # [N, E]; the same values route selected from
+            self.sow(nnx.Intermediate, "routing", (scores / jnp.sum(scores, axis=-1, keepdims=True), idx))
+        return weights, idx
 
 
 class MoE(nnx.Module):
@@ -194,7 +208,7 @@ class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, hashed: bool, keys: KeyChain):
         dtype = rt.jnp_dtype
         self.report_load, self.num_experts = rt.train_stats and not hashed, cfg.n_routed_experts
-        self.gate = Gate(cfg, hashed, dtype, keys)
+        self.gate = Gate(cfg, hashed, dtype, keys, report=rt.train_stats)
         self.experts = Experts(cfg, dtype, keys, rt)
         self.shared_experts = SharedExpert(cfg, dtype, keys) if cfg.n_shared_experts else None
 

@@ -1,13 +1,23 @@
 """Training: loss, an optax AdamW train step, auxiliary-loss-free router balancing, Orbax checkpoints.
 
-    state = init_train_state(model, train_cfg)          # model built with RuntimeConfig(train_stats=True)
+    model = training_model(model)                        # float32, train_stats, per-layer remat
+    graphdef, state = init_train_state(model, train_cfg)
     step = make_train_step(graphdef, train_cfg)          # jitted, state donated
     state, metrics = step(state, {"tokens": int32 [B, S + 1], "mask": optional [B, S + 1]})
 
 Loss = lm_weight * next-token CE (mean over real targets) + mtp_weight * CE of the MTP block on
-token t + 2 + indexer_weight * sum over CSA layers of (indexer KL sum / count). The indexer's inputs
+token t + 2 + indexer_weight * sum over CSA layers of (indexer KL sum / count)
++ seq_balance_weight * the sequence-wise balance loss (`seq_balance_loss`). The indexer's inputs
 are stop_gradient'ed in the model, so the KL term reaches only indexer parameters, and the LM terms
 never reach them (top-k is not differentiable).
+
+Sequence-wise balance loss (DeepSeek-V3/V4's complementary auxiliary loss), for each top-k routed
+MoE layer (hash layers have nothing to balance) and each sequence of T real tokens:
+    f_i = E / (K T) * #{t : expert i among the K selected for token t}
+    P_i = 1/T * sum_t s_{t,i} / sum_j s_{t,j}      (s: router affinities, without the selection bias)
+    L   = sum_i f_i P_i                              (1 when routing is perfectly even)
+averaged over sequences and layers. Only P carries a gradient (into the router weights and,
+through the router's input, everything upstream of it).
 
 Parameter groups (`split_model`): trainable `nnx.Param`s (optimised by AdamW), and `frozen`
 variables: the routers' selection `gate.bias` (updated outside the gradient, DeepSeek's
@@ -17,8 +27,14 @@ auxiliary-loss-free balancing: bias_e += rate * sign(mean load - load_e)) and th
 Mixed precision: master weights and optimizer state are float32; with compute_dtype "bfloat16" the
 matrices are cast to bfloat16 inside the step for the forward (mHC, sinks, ape, norms and router
 bias stay float32, as in the release); gradients come back in float32 through the cast.
-Not done here: `jax.checkpoint` per layer (the layer loop lives in `DeepseekV4.run`; rematerialising
-it needs a hook in dsv4/model.py).
+
+Memory: `training_model(..., remat=True)` sets RuntimeConfig(remat=True): every main-stack block is
+rematerialised (`jax.checkpoint`), so the backward pass keeps only the block inputs.
+
+Sharding: a model whose RuntimeConfig carries a mesh (`sharding.shard_model`) gets a step whose
+state is placed by the strategy's rules (`train_state_shardings`: parameters, router state and both
+Adam moments by their logical axes) and whose batch is split along the strategy's batch axes; the
+routed experts run expert-parallel. The numbers are those of the single-device step.
 """
 
 from __future__ import annotations
@@ -61,11 +77,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute_dtype: must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
-        if self.seq_balance_weight:
-            raise NotImplementedError(
-                "seq_balance_weight > 0: the sequence-wise balance loss needs the router scores, which "
-                "the model does not expose yet"
-            )
+        if not self.seq_balance_weight >= 0:
+            raise ValueError(f"seq_balance_weight: must be >= 0, got {self.seq_balance_weight}")
         if not 0 <= self.warmup_steps <= self.total_steps or self.total_steps < 1:
             raise ValueError(f"need 0 <= warmup_steps <= total_steps >= 1, got {self.warmup_steps}, {self.total_steps}")
 
@@ -87,10 +100,13 @@ def _is_router_bias(path, _var) -> bool:
 TRAINABLE = nnx.All(nnx.Param, nnx.Not(_is_router_bias))
 
 
-def training_model(model: DeepseekV4, query_block: int | None = None) -> DeepseekV4:
-    """The same weights, rebuilt float32 with RuntimeConfig(train_stats=True) (the training graph)."""
+def training_model(model: DeepseekV4, query_block: int | None = None, remat: bool = True) -> DeepseekV4:
+    """The same weights, rebuilt float32 with RuntimeConfig(train_stats=True, remat=remat) (the training graph).
+
+    The mesh and strategy of `model.rt` are kept (a sharded model stays sharded).
+    """
     rt = dataclasses.replace(
-        model.rt, dtype="float32", train_stats=True, query_block=query_block or model.rt.query_block
+        model.rt, dtype="float32", train_stats=True, remat=remat, query_block=query_block or model.rt.query_block
     )
     graphdef, _ = nnx.split(abstract_model(model.cfg, rt))
     state = jax.tree.map(lambda x: x.astype(F32) if jnp.issubdtype(x.dtype, jnp.floating) else x, nnx.state(model))
@@ -147,8 +163,11 @@ def cross_entropy(logits, targets, mask):
 
 
 def _stats(intermediates: nnx.State):
-    """(indexer loss, {gate-bias path: load [E]}) from the sown train stats."""
-    indexer, loads = jnp.zeros((), F32), {}
+    """The sown train stats: (indexer loss, {gate-bias path: load [E]}, {gate path: [(affinities, ids)]}).
+
+    affinities [N, E] float32, ids [N, K]: one pair per call of a top-k router (see `dsv4.moe.Gate`).
+    """
+    indexer, loads, routing = jnp.zeros((), F32), {}, {}
     for path, var in nnx.to_flat_state(intermediates):
         value = var.get_value()
         name = path[-1]
@@ -157,11 +176,47 @@ def _stats(intermediates: nnx.State):
                 indexer = indexer + v[0] / jnp.maximum(v[1], 1.0)
             elif name == "expert_load":
                 loads[tuple(path[:-1]) + ("gate", "bias")] = v.astype(F32)
-    return indexer, loads
+            elif name == "routing":
+                routing.setdefault(tuple(path[:-1]), []).append(v)
+    return indexer, loads, routing
+
+
+def sequence_balance(affinity, idx, mask):
+    """One layer's sequence-wise balance loss sum_i f_i P_i, averaged over the sequences with a real token.
+
+    affinity [B, S, E] float32 (s / sum_j s_j), idx [B, S, K] selected experts, mask [B, S] real tokens.
+    """
+    b, s, e = affinity.shape
+    k = idx.shape[-1]
+    m = mask.astype(F32)
+    t = jnp.sum(m, axis=1)  # [B] real tokens per sequence
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None, None], idx.shape)
+    counts = jnp.zeros((b, e), F32).at[rows, idx].add(jnp.broadcast_to(m[..., None], idx.shape))  # [B, E]
+    f = counts * e / (k * jnp.maximum(t, 1.0)[:, None])  # [B, E]
+    p = jnp.einsum("bse,bs->be", affinity, m) / jnp.maximum(t, 1.0)[:, None]  # [B, E]
+    real = (t > 0).astype(F32)
+    return jnp.sum(jnp.sum(f * p, axis=-1) * real) / jnp.maximum(jnp.sum(real), 1.0)
+
+
+def seq_balance_loss(routing: dict, input_mask) -> jax.Array:
+    """Mean over the top-k MoE layers (main stack and MTP block) of `sequence_balance`.
+
+    routing: {gate path: [(affinities [B*S', E], ids [B*S', K])]} from `_stats`; input_mask [B, S]:
+    the real input tokens. The main stack routes S tokens; the MTP block routes S - 1 (position t
+    sees tokens t and t + 1, real when both are).
+    """
+    b = input_mask.shape[0]
+    layers = []
+    for path, calls in routing.items():
+        mask = input_mask[:, :-1] & input_mask[:, 1:] if path[0] == "mtp" else input_mask
+        for affinity, idx in calls:
+            e, k = affinity.shape[-1], idx.shape[-1]
+            layers.append(sequence_balance(affinity.reshape(b, -1, e), idx.reshape(b, -1, k), mask))
+    return jnp.mean(jnp.stack(layers)) if layers else jnp.zeros((), F32)
 
 
 def loss_fn(graphdef, tc: TrainConfig, params, frozen, batch):
-    """(total loss, aux dict with lm_loss, mtp_loss, indexer_loss and the expert loads)."""
+    """(total loss, aux dict with lm_loss, mtp_loss, indexer_loss, seq_balance_loss and the expert loads)."""
     tokens = jnp.asarray(batch["tokens"], jnp.int32)
     mask = batch.get("mask")
     mask = jnp.ones(tokens.shape, jnp.bool_) if mask is None else jnp.asarray(mask, jnp.bool_)
@@ -174,11 +229,16 @@ def loss_fn(graphdef, tc: TrainConfig, params, frozen, batch):
     else:
         main, mtp_loss = model(inputs), jnp.zeros((), F32)
     lm_loss = cross_entropy(main, tokens[:, 1:], mask[:, 1:] & mask[:, :-1])
-    indexer_loss, loads = _stats(nnx.pop(model, nnx.Intermediate))
+    indexer_loss, loads, routing = _stats(nnx.pop(model, nnx.Intermediate))
     total = tc.lm_weight * lm_loss + tc.mtp_weight * mtp_loss
     if tc.indexer_weight:
         total = total + tc.indexer_weight * indexer_loss
-    return total, {"lm_loss": lm_loss, "mtp_loss": mtp_loss, "indexer_loss": indexer_loss, "loads": loads}
+    balance = jnp.zeros((), F32)
+    if tc.seq_balance_weight:  # not computed when off: the sown affinities are then dead code
+        balance = seq_balance_loss(routing, mask[:, :-1])
+        total = total + tc.seq_balance_weight * balance
+    aux = {"lm_loss": lm_loss, "mtp_loss": mtp_loss, "indexer_loss": indexer_loss, "seq_balance_loss": balance}
+    return total, {**aux, "loads": loads}
 
 
 def balance_bias(frozen: nnx.State, loads: dict, rate: float) -> tuple[nnx.State, jax.Array]:
@@ -193,42 +253,83 @@ def balance_bias(frozen: nnx.State, loads: dict, rate: float) -> tuple[nnx.State
     return frozen, (jnp.mean(jnp.stack(imbalance)) if imbalance else jnp.ones((), F32))
 
 
-def make_train_step(graphdef, tc: TrainConfig):
-    """A jitted `train_step(state, batch) -> (state, metrics)` (state donated). Checks the sequence length."""
-    opt = optimizer(tc)
+def train_state_shardings(state: TrainState, mesh, strategy=None) -> TrainState:
+    """NamedShardings for a TrainState on `mesh`: every nnx Variable (parameters, router bias and
+    tid2eid, both Adam moments) by its logical axes under `strategy`'s rules; the rest (step, Adam
+    count) replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec
 
-    @functools.partial(jax.jit, donate_argnums=0)
-    def step(state: TrainState, batch):
-        (loss, aux), grads = jax.value_and_grad(lambda p: loss_fn(graphdef, tc, p, state.frozen, batch), has_aux=True)(
-            state.params
+    from dsv4.params import logical_axes
+    from sharding.rules import get_rules, logical_to_spec  # sharding imports dsv4: import when used
+
+    rules = get_rules(strategy)
+
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            return NamedSharding(mesh, logical_to_spec(logical_axes(x), rules, mesh))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _update(graphdef, tc: TrainConfig, opt, state: TrainState, batch):
+    """One optimisation step, a pure function: (state, batch) -> (state, metrics)."""
+    (loss, aux), grads = jax.value_and_grad(lambda p: loss_fn(graphdef, tc, p, state.frozen, batch), has_aux=True)(
+        state.params
+    )
+    updates, opt_state = opt.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    frozen = jax.tree.map(lambda x: x, state.frozen)
+    frozen, imbalance = balance_bias(frozen, jax.lax.stop_gradient(aux["loads"]), tc.bias_update_rate)
+    metrics = {k: aux[k] for k in ("lm_loss", "mtp_loss", "indexer_loss", "seq_balance_loss")}
+    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), load_imbalance=imbalance)
+    return TrainState(state.step + 1, params, frozen, opt_state), metrics
+
+
+def _compile(graphdef, tc: TrainConfig, rt, state: TrainState):
+    """(jitted step, placement of (state, batch) or None). With a mesh the state keeps its shardings."""
+    fn = functools.partial(_update, graphdef, tc, optimizer(tc))
+    if rt.mesh is None:
+        return jax.jit(fn, donate_argnums=0), None
+    from sharding.placement import batch_sharding
+
+    shardings = train_state_shardings(state, rt.mesh, rt.strategy)
+    step = jax.jit(fn, donate_argnums=0, out_shardings=(shardings, None))
+    return step, (shardings, batch_sharding(rt.mesh, rt.strategy, 2))
+
+
+def _check_batch(tokens, max_len: int, rt) -> None:
+    """ValueError for a batch the step cannot take: shape, length, or a batch the mesh cannot split."""
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"batch['tokens'] must be [B, S + 1] with S >= 1, got shape {tuple(tokens.shape)}")
+    if tokens.shape[1] - 1 > max_len:
+        raise ValueError(
+            f"sequence length {tokens.shape[1] - 1} exceeds max_position_embeddings {max_len} of this config"
         )
-        updates, opt_state = opt.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        frozen = jax.tree.map(lambda x: x, state.frozen)
-        frozen, imbalance = balance_bias(frozen, jax.lax.stop_gradient(aux["loads"]), tc.bias_update_rate)
-        metrics = {
-            "loss": loss,
-            "lm_loss": aux["lm_loss"],
-            "mtp_loss": aux["mtp_loss"],
-            "indexer_loss": aux["indexer_loss"],
-            "grad_norm": optax.tree.norm(grads),
-            "load_imbalance": imbalance,
-        }
-        return TrainState(state.step + 1, params, frozen, opt_state), metrics
+    if rt.mesh is not None:
+        from sharding.placement import check_batch
 
-    limit = []
+        check_batch(int(tokens.shape[0]), rt.mesh, rt.strategy)
+
+
+def make_train_step(graphdef, tc: TrainConfig):
+    """A jitted `train_step(state, batch) -> (state, metrics)` (state donated). Checks the batch shape.
+
+    When the model's RuntimeConfig carries a mesh, the state is placed by `train_state_shardings`
+    and kept there, and the batch (tokens, mask: [B, S + 1]) is split along the strategy's batch axes.
+    """
+    compiled = {}
 
     def train_step(state: TrainState, batch):
-        tokens = batch["tokens"]
-        if tokens.ndim != 2 or tokens.shape[1] < 2:
-            raise ValueError(f"batch['tokens'] must be [B, S + 1] with S >= 1, got shape {tuple(tokens.shape)}")
-        if not limit:
-            limit.append(nnx.merge(graphdef, state.params, state.frozen).cfg.max_position_embeddings)
-        if tokens.shape[1] - 1 > limit[0]:
-            raise ValueError(
-                f"sequence length {tokens.shape[1] - 1} exceeds max_position_embeddings {limit[0]} of this config"
-            )
-        return step(state, batch)
+        if not compiled:
+            model = nnx.merge(graphdef, state.params, state.frozen)
+            compiled.update(rt=model.rt, max_len=model.cfg.max_position_embeddings)
+            compiled["step"], compiled["placement"] = _compile(graphdef, tc, model.rt, state)
+        _check_batch(batch["tokens"], compiled["max_len"], compiled["rt"])
+        if compiled["placement"] is not None:
+            state_shardings, rows = compiled["placement"]
+            state, batch = jax.device_put(state, state_shardings), jax.device_put(dict(batch), rows)
+        return compiled["step"](state, batch)
 
     return train_step
 

@@ -1,6 +1,7 @@
 """Training: LM-gradient parity with transformers, the indexer loss, overfitting, exact resume, bad input."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -205,3 +206,122 @@ def test_bad_input_is_refused(small_step):
         train.split_model(dsv4.init_model(SMALL, RuntimeConfig(dtype="float32"), seed=0))
     with pytest.raises(ValueError, match="compute_dtype"):
         train.TrainConfig(compute_dtype="float16")
+
+
+# ------------------------------------------------------------------------------ (f) per-layer remat
+
+ONE_LAYER = ModelConfig.tiny(num_hidden_layers=1, compress_ratios=(4, 0), num_hash_layers=0, index_topk=4)
+
+
+def _flat(tree) -> np.ndarray:
+    return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
+
+
+def _checkpoints(fn, *args) -> int:
+    """The number of `jax.checkpoint` equations in the top level of fn's jaxpr."""
+    eqns = jax.make_jaxpr(fn)(*args).jaxpr.eqns
+    return sum(e.primitive.name in ("checkpoint", "remat", "remat2") for e in eqns)
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+    tc = train.TrainConfig(mtp_weight=0.0, seq_balance_weight=0.01, compute_dtype="float32")
+    batch = {"tokens": tokens(ONE_LAYER, batch=2, seq=32)}
+    models = {r: train.training_model(dsv4.init_model(ONE_LAYER, RT, seed=0), remat=r) for r in (False, True)}
+    split = {r: train.split_model(m) for r, m in models.items()}
+    assert models[True].rt.remat and not models[False].rt.remat
+
+    def value_and_grad(graphdef, params, frozen):
+        return jax.value_and_grad(lambda p: train.loss_fn(graphdef, tc, p, frozen, batch), has_aux=True)(params)
+
+    # one checkpointed block per layer (recomputed in the backward pass) in the remat graph, none in the other
+    checkpoints = {r: _checkpoints(functools.partial(value_and_grad, g), p, f) for r, (g, p, f) in split.items()}
+    assert checkpoints == {True: ONE_LAYER.num_hidden_layers, False: 0}, checkpoints
+
+    out = jax.jit(lambda a, b: (value_and_grad(split[False][0], *a), value_and_grad(split[True][0], *b)))(
+        split[False][1:], split[True][1:]
+    )
+    ((loss0, aux0), grads0), ((loss1, aux1), grads1) = out
+    assert float(loss0) == float(loss1)
+    for k in ("lm_loss", "indexer_loss", "seq_balance_loss"):  # the sown stats came out of the checkpoint
+        assert abs(float(aux1[k]) - float(aux0[k])) <= 1e-6 * float(aux0[k]) and float(aux0[k]) > 0, k
+    assert aux0["loads"].keys() == aux1["loads"].keys() and len(aux1["loads"]) == 1
+    for key in aux0["loads"]:
+        np.testing.assert_array_equal(aux0["loads"][key], aux1["loads"][key])
+    err = rel(_flat(grads1), _flat(grads0))
+    print(f"remat: loss {float(loss1):.6f} (equal), gradient relative error {err:.2e}")
+    assert err <= 1e-6
+    for (path, a), (_, b) in zip(nnx.to_flat_state(grads0), nnx.to_flat_state(grads1), strict=True):
+        a, b = np.asarray(a.get_value()), np.asarray(b.get_value())
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * max(np.abs(a).max(), 1e-30), err_msg=str(path))
+
+
+# ------------------------------------------------------------------- (g) sequence-wise balance loss
+
+
+def _numpy_balance(affinity, idx, mask):
+    """DeepSeek-V3's sequence-wise balance loss for one layer, in float64: affinity [B,S,E], idx [B,S,K], mask [B,S]."""
+    b, _, e = affinity.shape
+    k, out = idx.shape[-1], []
+    for row in range(b):
+        real = mask[row]
+        t = real.sum()
+        f = np.bincount(idx[row][real].ravel(), minlength=e) * e / (k * t)
+        p = affinity[row][real].sum(0) / t
+        out.append(np.sum(f * p))
+    return float(np.mean(out))
+
+
+def test_seq_balance_loss_value():
+    model = dsv4.init_model(SMALL, RT, seed=0)
+    graphdef, params, frozen = train.split_model(model)
+    batch = {"tokens": tokens(SMALL, batch=2, seq=32)}
+    batch["mask"] = jnp.ones(batch["tokens"].shape, bool).at[1, 20:].set(False)  # row 1: 19 real inputs
+    off = dataclasses.replace(TC, compute_dtype="float32")  # seq_balance_weight 0
+    on = dataclasses.replace(off, seq_balance_weight=0.5)
+
+    @jax.jit
+    def run(params, frozen):
+        mdl = nnx.merge(graphdef, params, frozen)
+        mdl.forward_with_mtp(batch["tokens"][:, :-1])
+        routing = {p[:-1]: v.get_value()[0] for p, v in nnx.to_flat_state(nnx.pop(mdl, nnx.Intermediate))
+                   if p[-1] == "routing"}  # fmt: skip
+        return routing, *(train.loss_fn(graphdef, tc, params, frozen, batch) for tc in (on, off))
+
+    routing, (loss_on, aux_on), (loss_off, aux_off) = run(params, frozen)
+    assert set(routing) == {("layers", 1, "ffn", "gate"), ("mtp", 0, "block", "ffn", "gate")}  # top-k routers only
+    mask = np.asarray(batch["mask"])[:, :-1]
+    expected = []
+    for path, (affinity, idx) in routing.items():
+        affinity, idx = np.asarray(affinity, np.float64), np.asarray(idx)
+        np.testing.assert_allclose(affinity.sum(-1), 1.0, rtol=1e-6)  # s / sum_j s_j
+        top = np.sort(np.argsort(-affinity, axis=-1)[:, : SMALL.num_experts_per_tok], -1)  # bias 0: top-k of s
+        np.testing.assert_array_equal(np.sort(idx, -1), top)
+        m = mask[:, :-1] & mask[:, 1:] if path[0] == "mtp" else mask  # MTP position t reads tokens t and t + 1
+        b, e, k = mask.shape[0], affinity.shape[-1], idx.shape[-1]
+        expected.append(_numpy_balance(affinity.reshape(b, -1, e), idx.reshape(b, -1, k), m))
+    value = float(aux_on["seq_balance_loss"])
+    print(f"sequence balance loss {value:.6f}, numpy {np.mean(expected):.6f} (per layer {expected})")
+    assert abs(value - np.mean(expected)) <= 1e-6 * np.mean(expected) and value > 0.5  # ~1 for random routing
+    assert float(aux_off["seq_balance_loss"]) == 0.0
+    np.testing.assert_allclose(float(loss_on) - float(loss_off), 0.5 * value, rtol=1e-5)
+    for k in ("lm_loss", "mtp_loss", "indexer_loss"):
+        assert float(aux_on[k]) == float(aux_off[k]), k
+
+
+def test_seq_balance_gradient_reaches_routers_and_upstream_only():
+    model = dsv4.init_model(SMALL, RT, seed=0)
+    graphdef, params, frozen = train.split_model(model)
+    tc = train.TrainConfig(lm_weight=0.0, mtp_weight=0.0, indexer_weight=0.0, seq_balance_weight=1.0,
+                           compute_dtype="float32")  # fmt: skip
+    batch = {"tokens": tokens(SMALL, batch=2, seq=32)}
+    grads = jax.jit(jax.grad(lambda p: train.loss_fn(graphdef, tc, p, frozen, batch)[0]))(params)
+    norms = {".".join(map(str, p)): float(jnp.linalg.norm(v.get_value())) for p, v in nnx.to_flat_state(grads)}
+    nonzero = {n for n, v in norms.items() if v > 0}
+    assert norms["layers.1.ffn.gate.weight"] > 0  # the router of the top-k layer
+    assert {"layers.0.attn.wq_a.weight", "layers.1.attn.wkv.weight", "embed.weight", "layers.1.hc_ffn.fn"} <= nonzero
+    # nothing downstream of the last router, and not the indexer (its inputs are stop_gradient'ed)
+    downstream = ("head.", "norm.", "hc_head.", "layers.1.ffn.experts.", "layers.1.ffn.shared_experts.", "mtp.")
+    assert not [n for n in nonzero if n.startswith(downstream) or ".indexer." in n], sorted(nonzero)
+    assert TC.seq_balance_weight == 0.0
+    with pytest.raises(ValueError, match="seq_balance_weight"):
+        train.TrainConfig(seq_balance_weight=-1.0)
