@@ -1,6 +1,7 @@
 """dsv4: DeepSeek-V4 in JAX/Flax NNX."""
 
 from dsv4.config import ConfigError, ModelConfig, RuntimeConfig
+from dsv4.generate import generate  # the function; the module stays importable as dsv4.generate
 from dsv4.loading import load_hf
 from dsv4.model import DeepseekV4, abstract_model, forward, forward_with_mtp, init_model
 from dsv4.restore import load
@@ -15,6 +16,7 @@ __all__ = [
     "abstract_model",
     "forward",
     "forward_with_mtp",
+    "generate",
     "init_model",
     "load",
     "load_hf",

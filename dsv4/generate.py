@@ -321,6 +321,17 @@ def _decode(graphdef, state, loop: LoopState, req: _Request, key, clock: _Clock,
     return loop
 
 
+def _on_mesh(model: DeepseekV4, mesh, strategy) -> DeepseekV4:
+    """`model` placed on `mesh` by `strategy`; unchanged without a mesh (a strategy alone is an error)."""
+    if mesh is None:
+        if strategy is not None:
+            raise ValueError(f"strategy={strategy!r} needs a mesh= to apply to")
+        return model
+    from sharding.placement import shard_model
+
+    return shard_model(model, mesh, strategy if strategy is not None else "dp_ep")
+
+
 def generate_with_stats(
     model: DeepseekV4,
     prompts,
@@ -335,10 +346,13 @@ def generate_with_stats(
     max_len: int | None = None,
     stream_interval: int = 1,
     prefill_chunk: int | None = None,
+    mesh=None,
+    strategy=None,
 ) -> GenerationResult:
     """`generate`, returning a GenerationResult with timings (see `generate` for the arguments)."""
     req = _check_request(model.cfg, prompts, max_new_tokens, (temperature, top_k, top_p), stop_tokens,
                          cache_format, max_len, stream_interval, prefill_chunk)  # fmt: skip
+    model = _on_mesh(model, mesh, strategy)
     batch = len(req.prompts)
     nbytes = kv_cache.cache_bytes(model.cfg, batch, req.max_len, cache_format)
     prompt_tokens = sum(len(p) for p in req.prompts)
@@ -370,6 +384,8 @@ def generate(
     max_len: int | None = None,
     stream_interval: int = 1,
     prefill_chunk: int | None = None,
+    mesh=None,
+    strategy=None,
 ) -> list[list[int]]:
     """Generate up to `max_new_tokens` tokens after each prompt.
 
@@ -388,6 +404,9 @@ def generate(
         multiple of 128).
       prefill_chunk: prefill the prompts this many positions at a time (bounds the prefill's
         activation memory; default: all at once).
+      mesh, strategy: run on this `jax.sharding.Mesh` with this `sharding.rules` strategy (default
+        "dp_ep"): the model is placed by `sharding.placement.shard_model` first. None keeps the
+        model where it is (a model loaded with mesh= is already sharded).
     Returns:
       The new tokens of each prompt.
     Raises:
@@ -396,5 +415,5 @@ def generate(
     """
     return generate_with_stats(
         model, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, cache_format,
-        on_token, max_len, stream_interval, prefill_chunk,
+        on_token, max_len, stream_interval, prefill_chunk, mesh, strategy,
     ).tokens  # fmt: skip

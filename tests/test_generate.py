@@ -178,6 +178,7 @@ def no_device_work(monkeypatch):
         ([[3, 4]], {"stop_tokens": [600]}, "stop tokens"),
         ([[3, 4]], {"cache_format": "int8"}, "cache_format"),
         ([[3, 4]], {"prefill_chunk": 0}, "prefill_chunk"),
+        ([[3, 4]], {"strategy": "tp_ep"}, "strategy='tp_ep' needs a mesh"),
     ],
 )
 def test_bad_input_is_a_clear_error_before_any_device_work(no_device_work, prompts, kwargs, match):

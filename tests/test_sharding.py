@@ -379,7 +379,10 @@ def _run_case(model, cfg, strategy, shape, tokens, ref, ref_greedy, ref_generate
     if (strategy, shape) in GENERATE_CASES:
         from dsv4.generate import generate
 
-        out["generated_equal"] = generate(m, PROMPTS[:b], 5, stop_tokens=()) == ref_generated[:b]
+        # tp_ep: the unsharded model with mesh=/strategy= (generate places it); otherwise the sharded model
+        placement = {"mesh": mesh, "strategy": strategy} if strategy == "tp_ep" else {}
+        generated = generate(model if placement else m, PROMPTS[:b], 5, stop_tokens=(), **placement)
+        out["generated_equal"] = generated == ref_generated[:b]
     out["param_mismatches"] = _param_mismatches(m, mesh, strategy)
     out["cache_mismatches"] = _cache_mismatches(cache, mesh, strategy)
     layer = m.layers[0]
