@@ -109,6 +109,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--mtp-weight", type=float, default=0.3)
     p.add_argument("--indexer-weight", type=float, default=1.0)
+    p.add_argument("--seq-balance-weight", type=float, default=0.0, help="sequence-wise MoE balance loss weight")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--eval-every", type=int, default=100, help="held-out perplexity every N steps")
     p.add_argument("--eval-windows", type=int, default=16, help="held-out windows of seq-len + 1 tokens")
@@ -116,6 +117,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept")
     p.add_argument("--seed", type=int, default=0, help="initial weights and batch order")
+    p.add_argument("--remat", action="store_true", help="rematerialise each layer (less memory, ~10%% more compute)")
     p.add_argument("--mesh", help="device mesh, e.g. data=2,expert=4 (default: one device)")
     p.add_argument("--time-limit", type=float, help="minutes; stop early (saving and exporting) past this")
     p.add_argument("--export", type=Path, help="write the final model here in the release layout")
@@ -328,7 +330,7 @@ def _train(args) -> None:
         raise CLIError(f"--batch {args.batch} is not divisible by the mesh's data axis ({mesh.shape['data']})")
 
     rt = RuntimeConfig(dtype="float32", mesh=mesh)
-    model = train.training_model(dsv4.init_model(cfg, rt, seed=args.seed))
+    model = train.training_model(dsv4.init_model(cfg, rt, seed=args.seed), remat=args.remat)
     tc = train.TrainConfig(
         lr=args.lr,
         warmup_steps=args.warmup,
@@ -336,6 +338,7 @@ def _train(args) -> None:
         weight_decay=args.weight_decay,
         mtp_weight=args.mtp_weight,
         indexer_weight=args.indexer_weight,
+        seq_balance_weight=args.seq_balance_weight,
         compute_dtype=args.compute_dtype,
     )
     graphdef, state = train.init_train_state(model, tc)
