@@ -153,9 +153,56 @@ def indexer_topk(
 
 def index_scores(q_blk, keys, w_blk, pos_blk, ratio: int) -> jax.Array:
     """I(t, s) for one query block, -inf where entry s is not complete at t: [B, Q, T] float32."""
-    dots = jnp.einsum("bqij,btj->bqit", q_blk.astype(F32), keys.astype(F32))
+    dots = index_dots(q_blk, keys)
     scores = jnp.einsum("bqit,bqi->bqt", jax.nn.relu(dots), w_blk.astype(F32))
     return jnp.where(entry_visible(pos_blk, keys.shape[1], ratio), scores, NEG_INF)
+
+
+FEW_QUERIES = 8  # query blocks up to this size score bfloat16 keys without converting them (decode)
+
+
+@jax.custom_jvp
+def index_dots(q: jax.Array, keys: jax.Array) -> jax.Array:
+    """q [B, Q, I, J] . keys [B, T, J] -> [B, Q, I, T], in float32 arithmetic.
+
+    Reading every key is the one per-step cost of decoding that grows with the context. For a few
+    queries against bfloat16 keys (a decode step) the keys are used as they are stored: q is split
+    exactly into bfloat16 parts (`split_bfloat16`) and one bfloat16 x bfloat16 -> float32 product
+    scores all parts, so the store is read once, never converted to a float32 copy. Otherwise (a
+    prefill block, where the product dominates; float32 keys) both sides are float32.
+    """
+    if keys.dtype != jnp.bfloat16 or q.shape[1] > FEW_QUERIES:
+        return jnp.einsum("bqij,btj->bqit", q.astype(F32), keys.astype(F32))
+    parts = split_bfloat16(q)  # [P, B, Q, I, J]
+    dots = jnp.einsum("pbqij,btj->pbqit", parts, keys, preferred_element_type=F32)
+    return jnp.sum(dots, axis=0)
+
+
+@index_dots.defjvp
+def _index_dots_jvp(primals, tangents):
+    """Tangents (gradients of the indexer's KL loss in training) in float32: the product is bilinear."""
+    q, keys = primals
+    dq, dk = tangents
+    dots = jnp.einsum("bqij,btj->bqit", dq.astype(F32), keys.astype(F32))
+    dots = dots + jnp.einsum("bqij,btj->bqit", q.astype(F32), dk.astype(F32))
+    return index_dots(q, keys), dots
+
+
+def split_bfloat16(x: jax.Array) -> jax.Array:
+    """x [...] -> [P, ...] bfloat16 with x == the float32 sum of the parts: P = 1 for bfloat16 x, else 3.
+
+    A float32 significand has 24 bits, a bfloat16 one 8: the high part, the remainder's high part
+    and the rest cover them (values near the bottom of the float32 range aside, where the
+    remainders lose bits below the smallest normal number).
+    """
+    if x.dtype == jnp.bfloat16:
+        return x[None]
+    x = x.astype(F32)
+    hi = x.astype(jnp.bfloat16)
+    rest = x - hi.astype(F32)
+    mid = rest.astype(jnp.bfloat16)
+    lo = (rest - mid.astype(F32)).astype(jnp.bfloat16)
+    return jnp.stack([hi, mid, lo])
 
 
 def indexer_kl(q, entries, iq, keys, iw, positions, ratio: int, block: int) -> jax.Array:
@@ -258,12 +305,17 @@ def entry_visible(positions: jax.Array, num_entries: int, ratio: int) -> jax.Arr
 
 
 def _entry_part(q_blk, pos_blk, idx_blk, entries, ratio, scale):
-    """Logits and value function for the compressed entries one query block may read."""
+    """Logits and value function for the compressed entries one query block may read.
+
+    entries [B, T, K] in their storage dtype: HCA reads them all (T = S/128), CSA gathers its top-k
+    rows first and converts only those to float32.
+    """
     if idx_blk is None:  # HCA: every entry, causal mask
+        entries = entries.astype(F32)
         logits = jnp.einsum("bqhk,btk->bqht", q_blk, entries) * scale
         visible = entry_visible(pos_blk, entries.shape[1], ratio)[:, :, None, :]
         return jnp.where(visible, logits, NEG_INF), lambda p: jnp.einsum("bqht,btk->bqhk", p, entries)
-    gathered = jax.vmap(lambda e, i: e[jnp.maximum(i, 0)])(entries, idx_blk)  # [B, Q, N, K]
+    gathered = jax.vmap(lambda e, i: e[jnp.maximum(i, 0)])(entries, idx_blk).astype(F32)  # [B, Q, N, K]
     logits = jnp.einsum("bqhk,bqnk->bqhn", q_blk, gathered) * scale
     logits = jnp.where((idx_blk >= 0)[:, :, None, :], logits, NEG_INF)
     return logits, lambda p: jnp.einsum("bqhn,bqnk->bqhk", p, gathered)
@@ -305,7 +357,7 @@ def sparse_attention(q, kv, prev, start, sink, window, entries=None, entry_idx=N
         values = [lambda p: jnp.einsum("bqhs,bsk->bqhk", p, keys)]
         if use_entries:
             idx_blk = idx[0] if has_idx else None
-            lg, val = _entry_part(q_blk.astype(F32), pos_blk, idx_blk, entries.astype(F32), ratio, scale)
+            lg, val = _entry_part(q_blk.astype(F32), pos_blk, idx_blk, entries, ratio, scale)
             parts.append(lg)
             values.append(val)
         return _combine_with_sink(parts, values, sink.astype(F32))

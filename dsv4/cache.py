@@ -24,6 +24,12 @@ Storage formats (runtime choice, `fmt`): "bfloat16" (default), "float32" (exact,
 "compact": each K-wide entry as K-R FP8 E4M3 values with one E8M0 scale per 64, plus R BF16 RoPE
 values (448 + 7 + 128 bytes for K = 512); indexer keys as FP4 (e2m1) with one E8M0 scale per 32.
 The raw rings stay float32 in every format: they are constant-size and feed the pooling softmax.
+
+Entry stores in floats narrower than 32 bits (bfloat16, FP8 E4M3) hold their bits as unsigned
+integers (uint16, uint8) and are reinterpreted on read (a bitcast, fused into the reader). A decode
+step writes one row per sequence; an integer scatter does that in place, while XLA's CPU backend
+widens a bfloat16 or FP8 scatter to float32, converting the whole [B, T, d] store to float32 and
+back on every step (what made decode time grow with the context at batch 8).
 """
 
 from __future__ import annotations
@@ -67,26 +73,49 @@ class DenseStore:
         return DenseStore(_scatter_rows(self.values, rows, new.astype(self.values.dtype)))
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["values"], meta_fields=["dtype"])
+@dataclasses.dataclass(frozen=True)
+class BitsStore:
+    """Entries in a float format narrower than 32 bits, held as their bits: values [B, T, d] uint16 or uint8.
+
+    `dtype` (static) names the format, e.g. "bfloat16"; `read` returns the entries in it.
+    """
+
+    values: jax.Array
+    dtype: str
+
+    def read(self) -> jax.Array:
+        return from_bits(self.values, self.dtype)
+
+    def write(self, rows: jax.Array, new: jax.Array) -> BitsStore:
+        """Set entries[b, rows[b, u]] = new[b, u] (rounded to the format); rows out of range are dropped."""
+        return BitsStore(_scatter_rows(self.values, rows, to_bits(new.astype(self.dtype))), self.dtype)
+
+
 @_pytree
 class Fp8Store:
-    """Compact entries: [B, T, d-R] FP8 E4M3, [B, T, ceil((d-R)/64)] E8M0 scales, [B, T, R] BF16 RoPE."""
+    """Compact entries: [B, T, d-R] FP8 E4M3, [B, T, ceil((d-R)/64)] E8M0 scales, [B, T, R] BF16 RoPE.
+
+    The FP8 values and the BF16 RoPE values are held as their bits (uint8, uint16).
+    """
 
     nope: jax.Array
     scales: jax.Array
     rope: jax.Array
 
     def read(self) -> jax.Array:
-        nope = _blockwise(self.nope.astype(jnp.float32), FP8_BLOCK) * _e8m0(self.scales)[..., None]
+        nope = from_bits(self.nope, jnp.float8_e4m3fn).astype(jnp.float32)
+        nope = _blockwise(nope, FP8_BLOCK) * _e8m0(self.scales)[..., None]
         nope = nope.reshape(*nope.shape[:-2], nope.shape[-2] * nope.shape[-1])[..., : self.nope.shape[-1]]
-        return jnp.concatenate([nope, self.rope.astype(jnp.float32)], axis=-1)
+        return jnp.concatenate([nope, from_bits(self.rope, jnp.bfloat16).astype(jnp.float32)], axis=-1)
 
     def write(self, rows, new) -> Fp8Store:
         r = self.rope.shape[-1]
         q, s = quantize_fp8_blocks(new[..., :-r].astype(jnp.float32))
         return Fp8Store(
-            _scatter_rows(self.nope, rows, q),
+            _scatter_rows(self.nope, rows, to_bits(q)),
             _scatter_rows(self.scales, rows, s),
-            _scatter_rows(self.rope, rows, new[..., -r:].astype(self.rope.dtype)),
+            _scatter_rows(self.rope, rows, to_bits(new[..., -r:].astype(jnp.bfloat16))),
         )
 
 
@@ -98,11 +127,13 @@ class Fp4Store:
     scales: jax.Array
 
     def read(self) -> jax.Array:
+        """The keys in bfloat16, exactly: an e2m1 value (2 significant bits) times a power of two fits."""
         codes = jnp.stack([self.packed & 0xF, self.packed >> 4], axis=-1)
         codes = codes.reshape(*self.packed.shape[:-1], 2 * self.packed.shape[-1])
         values = jnp.asarray(_FP4_VALUES)[codes.astype(jnp.int32)]
         scaled = _blockwise(values, FP4_GROUP) * _e8m0(self.scales)[..., None]
-        return scaled.reshape(*values.shape[:-1], scaled.shape[-2] * FP4_GROUP)[..., : values.shape[-1]]
+        scaled = scaled.reshape(*values.shape[:-1], scaled.shape[-2] * FP4_GROUP)[..., : values.shape[-1]]
+        return scaled.astype(jnp.bfloat16)
 
     def write(self, rows, new) -> Fp4Store:
         packed, scales = quantize_fp4_groups(new.astype(jnp.float32))
@@ -115,6 +146,21 @@ def _scatter_rows(values: jax.Array, rows: jax.Array, new: jax.Array) -> jax.Arr
         return values
     batch = jnp.broadcast_to(jnp.arange(values.shape[0])[:, None], rows.shape)
     return values.at[batch, rows].set(new, mode="drop")
+
+
+def _bits_dtype(dtype) -> np.dtype:
+    """The unsigned integer dtype of the same width as `dtype`."""
+    return np.dtype(f"uint{8 * np.dtype(dtype).itemsize}")
+
+
+def to_bits(x: jax.Array) -> jax.Array:
+    """x's bits as unsigned integers of its width (bfloat16 -> uint16, FP8 -> uint8)."""
+    return jax.lax.bitcast_convert_type(x, _bits_dtype(x.dtype))
+
+
+def from_bits(bits: jax.Array, dtype) -> jax.Array:
+    """The inverse of `to_bits`: unsigned integers reinterpreted as `dtype` of the same width."""
+    return jax.lax.bitcast_convert_type(bits, jnp.dtype(dtype))
 
 
 def _blockwise(x: jax.Array, block: int) -> jax.Array:
@@ -164,10 +210,12 @@ def empty_store(batch: int, rows: int, dim: int, rope: int, fmt: str, is_index_k
         )
     if fmt == "compact":
         return Fp8Store(
-            jnp.zeros((batch, rows, dim - rope), jnp.float8_e4m3fn),
+            jnp.zeros((batch, rows, dim - rope), jnp.uint8),  # FP8 E4M3 bits (0 = +0.0)
             jnp.full((batch, rows, -(-(dim - rope) // FP8_BLOCK)), 127, jnp.uint8),
-            jnp.zeros((batch, rows, rope), jnp.bfloat16),
+            jnp.zeros((batch, rows, rope), jnp.uint16),  # bfloat16 bits
         )
+    if np.dtype(fmt).itemsize < 4:
+        return BitsStore(jnp.zeros((batch, rows, dim), _bits_dtype(fmt)), fmt)
     return DenseStore(jnp.zeros((batch, rows, dim), jnp.dtype(fmt)))
 
 
@@ -180,7 +228,7 @@ class CompressorState:
 
     raw_kv: jax.Array  # [B, P, C_w] float32, slot = position % P
     raw_gate: jax.Array  # [B, P, C_w] float32 (ape included)
-    entries: DenseStore | Fp8Store | Fp4Store  # [B, max_len // m, d]
+    entries: DenseStore | BitsStore | Fp8Store | Fp4Store  # [B, max_len // m, d]
 
 
 @_pytree
