@@ -40,53 +40,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import (  # noqa: E402  (the config is shared with bench_decode and bench_train)
+    BENCH_OVERRIDES,
+    REPO,
+    SEED,
+    bench_config,
+    config_text,
+    peak_rss_bytes,
+    random_tokens,
+)
 
-BENCH_OVERRIDES: dict = {
-    "hidden_size": 256,
-    "num_hidden_layers": 4,
-    "compress_ratios": (4, 128, 4, 128, 0),
-    "n_routed_experts": 8,
-    "num_experts_per_tok": 2,
-    "moe_intermediate_size": 256,
-    "num_hash_layers": 1,
-    "num_attention_heads": 4,
-    "head_dim": 128,
-    "qk_rope_head_dim": 64,
-    "q_lora_rank": 128,
-    "o_groups": 2,
-    "o_lora_rank": 128,
-    "sliding_window": 128,
-    "index_n_heads": 8,
-    "index_head_dim": 128,
-    "index_topk": 128,
-    "vocab_size": 4096,
-}
-SEED = 0
-
-
-def bench_config():
-    """The benchmark's ModelConfig: `ModelConfig.tiny(**BENCH_OVERRIDES)`."""
-    from dsv4.config import ModelConfig
-
-    return ModelConfig.tiny(**BENCH_OVERRIDES)
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set of this process (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _tokens(vocab: int, batch: int, seq: int):
-    import numpy as np
-
-    return np.random.default_rng(SEED).integers(0, vocab, (batch, seq), dtype=np.int32)
+__all__ = ["BENCH_OVERRIDES", "bench_config"]
 
 
 def _time_best(run, repeats: int) -> dict:
@@ -118,7 +88,7 @@ def measure_dsv4(seq: int, batch: int, impl: str, query_block: int, repeats: int
     cfg = bench_config()
     rt = RuntimeConfig(dtype="float32", attention_impl=impl, query_block=query_block)
     model = init_model(cfg, rt, SEED)
-    tokens = jax.device_put(_tokens(cfg.vocab_size, batch, seq))
+    tokens = jax.device_put(random_tokens(cfg.vocab_size, batch, seq))
     rss_before = peak_rss_bytes()
     times = _time_best(lambda: dsv4.forward(model, tokens).block_until_ready(), repeats)
     return {
@@ -136,7 +106,7 @@ def measure_hf(seq: int, batch: int, repeats: int) -> dict:
 
     cfg = bench_config()
     model = build_hf_model(cfg.to_hf_dict(), SEED)
-    tokens = torch.from_numpy(_tokens(cfg.vocab_size, batch, seq)).long()
+    tokens = torch.from_numpy(random_tokens(cfg.vocab_size, batch, seq)).long()
     rss_before = peak_rss_bytes()
 
     def run():
@@ -206,10 +176,6 @@ def _note(seq: int, name: str, r: dict) -> str:
     )
 
 
-def _config_text() -> str:
-    return ", ".join(f"{k} {list(v) if isinstance(v, tuple) else v}" for k, v in BENCH_OVERRIDES.items())
-
-
 def main_table(args) -> None:
     rows, notes = [], []
     for seq in args.seqs:
@@ -221,7 +187,7 @@ def main_table(args) -> None:
         rows.append((seq, ours, theirs))
     print(f"DeepSeek-V4 forward, float32, batch {args.batch}, dsv4 attention_impl={args.impl}, "
           f"query_block={args.query_block}, best of {args.repeats} after a compile/warm-up run")  # fmt: skip
-    print(f"config: ModelConfig.tiny({_config_text()})")
+    print(f"config: ModelConfig.tiny({config_text()})")
     print("weights: random, different on each side (a speed benchmark, not a parity check)\n")
     print("| S | dsv4 tokens/s | dsv4 peak RSS | transformers tokens/s | transformers peak RSS | speedup |")
     print("|---:|---:|---:|---:|---:|---:|")
