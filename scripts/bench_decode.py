@@ -26,51 +26,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SEED = 0
-# ModelConfig.tiny with these overrides (every other field: the Flash release value, e.g. hc_mult 4).
-CONFIG = {
-    "vocab_size": 4096,
-    "hidden_size": 256,
-    "num_hidden_layers": 4,
-    "compress_ratios": (4, 128, 4, 128, 0),  # CSA, HCA, CSA, HCA; MTP (not run)
-    "num_hash_layers": 1,
-    "num_attention_heads": 4,
-    "head_dim": 128,
-    "qk_rope_head_dim": 64,
-    "q_lora_rank": 128,
-    "o_groups": 2,
-    "o_lora_rank": 128,
-    "sliding_window": 128,
-    "index_n_heads": 8,
-    "index_head_dim": 128,
-    "index_topk": 128,
-    "n_routed_experts": 8,
-    "num_experts_per_tok": 2,
-    "moe_intermediate_size": 256,
-}
-
-
-def bench_config():
-    from dsv4.config import ModelConfig
-
-    return ModelConfig.tiny(**CONFIG)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import BENCH_OVERRIDES as CONFIG  # noqa: E402  (shared with bench_forward, bench_train)
+from _bench_common import REPO, SEED, bench_config, peak_rss_bytes  # noqa: E402
 
 
 def _prompts(batch: int, context: int):
     import numpy as np
 
     return np.random.default_rng(SEED).integers(2, CONFIG["vocab_size"], (batch, context))
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 # ----------------------------------------------------------------------------- one measurement
@@ -143,7 +112,7 @@ def measure_one(which: str, context: int, batch: int, args) -> dict:
     load_before = os.getloadavg()[0]
     out = fn(context, batch, args)
     load = max(load_before, os.getloadavg()[0])  # 1-minute load average: above the core count = contention
-    out.update(which=which, context=context, batch=batch, peak_rss=_peak_rss(), load=load)
+    out.update(which=which, context=context, batch=batch, peak_rss=peak_rss_bytes(), load=load)
     return out
 
 
