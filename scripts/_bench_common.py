@@ -1,7 +1,7 @@
 """Shared pieces of the benchmark scripts: the small benchmark config and subprocess measurement.
 
-`BENCH_OVERRIDES` is the config of scripts/bench_forward.py and scripts/bench_decode.py (both still
-carry their own copy; new benchmarks import it from here). Each measurement runs in a fresh
+`BENCH_OVERRIDES` is the config of scripts/bench_forward.py, scripts/bench_decode.py and
+scripts/bench_train.py. Each measurement runs in a fresh
 interpreter (`run_child`), which prints one JSON line; its peak RSS and thread pools are its own.
 """
 
