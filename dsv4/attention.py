@@ -126,29 +126,64 @@ def _align_tokens(raw_kv, raw_gate, c, z, base, start, n, span):
 # ------------------------------------------------------------------------------------------- indexer
 
 
+KEY_CHUNK = 512  # compressed entries indexer_topk scores at a time (only the chunks a query block can see)
+
+
 def indexer_topk(
     q: jax.Array, keys: jax.Array, weights: jax.Array, positions: jax.Array, ratio: int, k: int, block: int
 ) -> jax.Array:
     """Top-k compressed entries per query by I(t,s) = sum_h w[t,h] * relu(q[t,h] . k[s]).
 
     q [B, S, I, J], keys [B, T, J], weights [B, S, I] (scales folded in), positions [B, S].
-    Scores are computed `block` queries at a time; only [B, block, I, T] exists at once.
-    Entries not yet complete at a query's position are excluded; when fewer than k are visible
-    the remaining slots hold -1 (invalid). Returns int32 [B, S, min(k, T)].
+    Scores are computed `block` queries at a time. With more than KEY_CHUNK entries, a query block
+    scores only the chunks of KEY_CHUNK entries its queries can see (causal: about half the work of
+    scoring every entry in a prefill) and merges each chunk into a running top-k: [B, block, I,
+    KEY_CHUNK] exists at once. Entries not yet complete at a query's position are excluded; when
+    fewer than k are visible the remaining slots hold -1 (invalid). Ties go to the lower entry index
+    either way, so both forms return the same indices in the same order. Returns int32 [B, S, min(k, T)].
     """
     b, s = positions.shape
     t = keys.shape[1]
     k = min(k, t)
     if k == 0:
         return jnp.zeros((b, s, 0), jnp.int32)
+    # selection is not differentiable; keeping tangents out also keeps the chunk loop out of autodiff
+    q, keys, weights = jax.lax.stop_gradient((q, keys, weights))
 
-    def one_block(args):
-        q_blk, w_blk, pos_blk = args  # [B, Q, I, J], [B, Q, I], [B, Q]
-        scores = index_scores(q_blk, keys, w_blk, pos_blk, ratio)
-        idx = jax.lax.top_k(scores, k)[1]
-        return jnp.where(idx < ((pos_blk + 1) // ratio)[..., None], idx, -1).astype(jnp.int32)
+    def valid(idx, pos_blk):
+        return jnp.where((idx >= 0) & (idx < ((pos_blk + 1) // ratio)[..., None]), idx, -1).astype(jnp.int32)
 
-    return _map_query_blocks(one_block, (q, weights, positions), block)
+    if t <= KEY_CHUNK:
+
+        def one_block(args):
+            q_blk, w_blk, pos_blk = args  # [B, Q, I, J], [B, Q, I], [B, Q]
+            scores = index_scores(q_blk, keys, w_blk, pos_blk, ratio)
+            return valid(jax.lax.top_k(scores, k)[1], pos_blk)
+
+        return _map_query_blocks(one_block, (q, weights, positions), block)
+
+    n_chunks = -(-t // KEY_CHUNK)
+    keys = jnp.pad(keys, ((0, 0), (0, n_chunks * KEY_CHUNK - t), (0, 0)))
+
+    def chunked_block(args):
+        q_blk, w_blk, pos_blk = args
+        seen = (jnp.max(pos_blk) + 1) // ratio  # entries any query of this block can see
+        needed = jnp.minimum(-(-seen // KEY_CHUNK), n_chunks)
+
+        def merge(c, carry):
+            best, best_idx = carry  # [B, Q, k] scores (descending) and their entry indices
+            offset = c * KEY_CHUNK
+            chunk = jax.lax.dynamic_slice_in_dim(keys, offset, KEY_CHUNK, axis=1)
+            scores = index_scores(q_blk, chunk, w_blk, pos_blk - offset * ratio, ratio)
+            ids = jnp.broadcast_to(offset + jnp.arange(KEY_CHUNK, dtype=jnp.int32), scores.shape)
+            scores = jnp.where(ids < t, scores, NEG_INF)  # the padding past the last entry
+            top, where = jax.lax.top_k(jnp.concatenate([best, scores], axis=-1), k)
+            return top, jnp.take_along_axis(jnp.concatenate([best_idx, ids], axis=-1), where, axis=-1)
+
+        init = (jnp.full(pos_blk.shape + (k,), NEG_INF, F32), jnp.full(pos_blk.shape + (k,), -1, jnp.int32))
+        return valid(jax.lax.fori_loop(0, needed, merge, init)[1], pos_blk)
+
+    return _map_query_blocks(chunked_block, (q, weights, positions), block)
 
 
 def index_scores(q_blk, keys, w_blk, pos_blk, ratio: int) -> jax.Array:

@@ -199,3 +199,29 @@ def test_tiled_grouped_matmul_equals_ragged_dot(sizes):
     np.testing.assert_allclose(tiled, ragged, rtol=1e-5, atol=1e-5)
     row, g = len(x) - 1, int(np.flatnonzero(gs)[-1])  # the last row belongs to the last non-empty group
     np.testing.assert_allclose(tiled[row], np.asarray(x[row]) @ np.asarray(w[g]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "many_ties"])
+def test_chunked_indexer_topk_equals_scoring_every_entry(monkeypatch, ties):
+    """Causal key chunks with a running top-k give the indices (and order) of one top-k over all entries."""
+    from dsv4 import attention
+
+    rng = np.random.default_rng(0)
+    b, s, heads, dim, ratio, k = 2, 96, 2, 16, 4, 40
+    t = 1300  # three chunks of 512, the last partial
+    q = rng.standard_normal((b, s, heads, dim)).astype(np.float32)
+    keys = rng.standard_normal((b, t, dim)).astype(np.float32)
+    if ties:  # integer-valued inputs with one mostly-negative head: many exactly equal (often zero) scores
+        q, keys = np.round(q), np.round(keys)
+        q[..., 0, :] = -np.abs(q[..., 0, :])
+    weights = rng.standard_normal((b, s, heads)).astype(np.float32)
+    positions = np.stack([np.arange(s) * 55 + 3, np.arange(s) * 54]).astype(np.int32)  # up to ~5,230 / 4 entries
+    args = [jnp.asarray(a) for a in (q, keys, weights, positions)]
+
+    chunked = np.asarray(attention.indexer_topk(*args, ratio, k, 32))
+    monkeypatch.setattr(attention, "KEY_CHUNK", 10**6)
+    whole = np.asarray(attention.indexer_topk(*args, ratio, k, 32))
+    assert np.array_equal(chunked, whole)
+    visible = (positions + 1) // ratio
+    assert np.all((chunked < visible[..., None]) & (chunked >= -1))
+    assert np.all((chunked == -1).sum(-1) == np.maximum(k - visible, 0))  # -1 only where fewer than k exist
