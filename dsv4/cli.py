@@ -65,8 +65,8 @@ def checkpoint_kind(path: Path) -> str:
     if (path / "config.json").is_file() and has_weights:
         return "release"
     raise CLIError(
-        f"{path}: neither a release-layout checkpoint (config.json + *.safetensors) nor a converted "
-        f"one ({CONVERTED_MARKER})"
+        f"{path}: not a checkpoint: neither a release-layout checkpoint (config.json + *.safetensors) nor a "
+        f"converted one ({CONVERTED_MARKER})"
     )
 
 

@@ -24,10 +24,11 @@ import dataclasses
 import sys
 from pathlib import Path
 
-CONVERTED_MARKER = "dsv4_checkpoint.json"  # dsv4.convert.MANIFEST_FILE
+from dsv4.cli import CLIError
+from dsv4.cli import checkpoint_kind as layout_kind
 
 
-class ExportError(Exception):
+class ExportError(CLIError):
     """A user error: printed as one line, exit status 2."""
 
 
@@ -90,22 +91,12 @@ def training_steps(path: Path) -> list[int]:
 
 
 def checkpoint_kind(path: Path) -> str:
-    """The kind of checkpoint: "training", "converted" or "release"; ExportError naming `path` for anything else."""
+    """The kind of checkpoint: "training", "converted" or "release"; CLIError naming `path` for anything else."""
     if not path.exists():
         raise ExportError(f"{path}: no such checkpoint directory")
-    if not path.is_dir():
-        raise ExportError(f"{path}: not a directory (expected a checkpoint directory)")
-    if training_steps(path):
+    if path.is_dir() and training_steps(path):
         return "training"
-    if (path / CONVERTED_MARKER).is_file():
-        return "converted"
-    has_weights = (path / "model.safetensors.index.json").is_file() or any(path.glob("*.safetensors"))
-    if (path / "config.json").is_file() and has_weights:
-        return "release"
-    raise ExportError(
-        f"{path}: not a checkpoint: expected a training checkpoint (step folders from dsv4.train.Checkpointer), "
-        f"a release-layout one (config.json + *.safetensors) or a converted one ({CONVERTED_MARKER})"
-    )
+    return layout_kind(path)  # "converted" | "release", as dsv4-generate reads them
 
 
 def _pick_step(path: Path, step: int | None) -> int:
@@ -182,13 +173,9 @@ def load_any(path: Path, step: int | None = None):
     if kind == "training":
         model, step = load_training_checkpoint(path, step)
         return model, f"training checkpoint step {step}"
-    if kind == "release":
-        from dsv4.loading import load_hf
+    from dsv4.cli import load_model
 
-        return load_hf(path, dtype="float32"), "release-layout checkpoint"
-    from dsv4.restore import load
-
-    return load(path, dtype="float32"), "converted checkpoint"
+    return load_model(path, "float32"), f"{kind} checkpoint"
 
 
 # ------------------------------------------------------------------------------------------ command
@@ -241,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(args)
-    except (ExportError, ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (CLIError, ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"dsv4-export: error: {err}", file=sys.stderr)
         return 2
     return 0
