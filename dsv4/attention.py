@@ -46,8 +46,11 @@ def pool_windows(c: jax.Array, z: jax.Array, overlap: bool) -> jax.Array:
         z = jnp.concatenate([prev_z, z[..., d:]], axis=2)
     z = z.astype(F32)
     empty = jnp.all(z == NEG_INF, axis=2, keepdims=True)  # a window with no token yet (never emitted)
-    weights = jax.nn.softmax(jnp.where(empty, 0.0, z), axis=2)  # finite there, so no NaN in gradients
-    return jnp.sum(weights * c.astype(F32), axis=2)
+    z = jnp.where(empty, 0.0, z)  # finite there, so no NaN in gradients
+    # softmax over the window axis m, written out: the weighted sum as a batched dot over m (XLA:CPU
+    # runs a multiply + reduce over this non-minor axis several times slower than the dot)
+    e = jnp.exp(z - jax.lax.stop_gradient(jnp.max(z, axis=2, keepdims=True)))
+    return jnp.einsum("btmc,btmc->btc", e, c.astype(F32)) / jnp.sum(e, axis=2)
 
 
 class Compressor(nnx.Module):
@@ -126,7 +129,14 @@ def _align_tokens(raw_kv, raw_gate, c, z, base, start, n, span):
 # ------------------------------------------------------------------------------------------- indexer
 
 
+FEW_QUERIES = 8  # query blocks up to this size score bfloat16 keys without converting them (decode)
 KEY_CHUNK = 512  # compressed entries indexer_topk scores at a time (only the chunks a query block can see)
+FEW_QUERY_KEY_CHUNK = 8192  # the same for blocks of <= FEW_QUERIES queries (decode): fewer loop steps
+
+
+def key_chunk(queries: int) -> int:
+    """Entries scored at a time by a block of `queries` queries: [B, queries, I, chunk] float32 scores."""
+    return FEW_QUERY_KEY_CHUNK if queries <= FEW_QUERIES else KEY_CHUNK
 
 
 def indexer_topk(
@@ -135,10 +145,10 @@ def indexer_topk(
     """Top-k compressed entries per query by I(t,s) = sum_h w[t,h] * relu(q[t,h] . k[s]).
 
     q [B, S, I, J], keys [B, T, J], weights [B, S, I] (scales folded in), positions [B, S].
-    Scores are computed `block` queries at a time. With more than KEY_CHUNK entries, a query block
-    scores only the chunks of KEY_CHUNK entries its queries can see (causal: about half the work of
-    scoring every entry in a prefill) and merges each chunk into a running top-k: [B, block, I,
-    KEY_CHUNK] exists at once. Entries not yet complete at a query's position are excluded; when
+    Scores are computed `block` queries at a time. With more than `key_chunk(block)` entries, a
+    query block scores only the chunks of that many entries its queries can see (causal: about half
+    the work of scoring every entry in a prefill) and merges each chunk into a running top-k:
+    [B, block, I, chunk] exists at once. Entries not yet complete at a query's position are excluded; when
     fewer than k are visible the remaining slots hold -1 (invalid). Ties go to the lower entry index
     either way, so both forms return the same indices in the same order. Returns int32 [B, S, min(k, T)].
     """
@@ -153,7 +163,8 @@ def indexer_topk(
     def valid(idx, pos_blk):
         return jnp.where((idx >= 0) & (idx < ((pos_blk + 1) // ratio)[..., None]), idx, -1).astype(jnp.int32)
 
-    if t <= KEY_CHUNK:
+    chunk_len = key_chunk(min(block, s))
+    if t <= chunk_len:
 
         def one_block(args):
             q_blk, w_blk, pos_blk = args  # [B, Q, I, J], [B, Q, I], [B, Q]
@@ -162,20 +173,20 @@ def indexer_topk(
 
         return _map_query_blocks(one_block, (q, weights, positions), block)
 
-    n_chunks = -(-t // KEY_CHUNK)
-    keys = jnp.pad(keys, ((0, 0), (0, n_chunks * KEY_CHUNK - t), (0, 0)))
+    n_chunks = -(-t // chunk_len)
+    keys = jnp.pad(keys, ((0, 0), (0, n_chunks * chunk_len - t), (0, 0)))
 
     def chunked_block(args):
         q_blk, w_blk, pos_blk = args
         seen = (jnp.max(pos_blk) + 1) // ratio  # entries any query of this block can see
-        needed = jnp.minimum(-(-seen // KEY_CHUNK), n_chunks)
+        needed = jnp.minimum(-(-seen // chunk_len), n_chunks)
 
         def merge(c, carry):
             best, best_idx = carry  # [B, Q, k] scores (descending) and their entry indices
-            offset = c * KEY_CHUNK
-            chunk = jax.lax.dynamic_slice_in_dim(keys, offset, KEY_CHUNK, axis=1)
+            offset = c * chunk_len
+            chunk = jax.lax.dynamic_slice_in_dim(keys, offset, chunk_len, axis=1)
             scores = index_scores(q_blk, chunk, w_blk, pos_blk - offset * ratio, ratio)
-            ids = jnp.broadcast_to(offset + jnp.arange(KEY_CHUNK, dtype=jnp.int32), scores.shape)
+            ids = jnp.broadcast_to(offset + jnp.arange(chunk_len, dtype=jnp.int32), scores.shape)
             scores = jnp.where(ids < t, scores, NEG_INF)  # the padding past the last entry
             top, where = jax.lax.top_k(jnp.concatenate([best, scores], axis=-1), k)
             return top, jnp.take_along_axis(jnp.concatenate([best_idx, ids], axis=-1), where, axis=-1)
@@ -192,8 +203,6 @@ def index_scores(q_blk, keys, w_blk, pos_blk, ratio: int) -> jax.Array:
     scores = jnp.einsum("bqit,bqi->bqt", jax.nn.relu(dots), w_blk.astype(F32))
     return jnp.where(entry_visible(pos_blk, keys.shape[1], ratio), scores, NEG_INF)
 
-
-FEW_QUERIES = 8  # query blocks up to this size score bfloat16 keys without converting them (decode)
 
 
 @jax.custom_jvp

@@ -65,7 +65,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str
 
     "ragged_dot" is `jax.lax.ragged_dot` (a grouped GEMM on GPU and TPU). Its CPU lowering
     multiplies every row by every expert and masks, so "auto" uses "tiled" on CPU: each group is
-    padded to whole tiles of TILE rows and every tile multiplies by its own expert only.
+    padded to whole tiles of `tile_rows(M, E)` rows and every tile multiplies by its own expert only.
     """
     if impl == "auto":
         impl = "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
@@ -74,27 +74,39 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str
     return _tiled_grouped_matmul(x, w, group_sizes)
 
 
-TILE = 64
+TILE = 64  # rows per tile once there are enough rows per expert
+
+
+def tile_rows(m: int, e: int) -> int:
+    """Rows per tile for M rows over E experts: TILE, or the power of two >= M/E when that is smaller.
+
+    Every group is padded to whole tiles, so up to E * (tile - 1) rows are padding: at decode
+    (M = batch * K, a handful of rows) 64-row tiles would multiply 8 experts x 64 rows for 2 real
+    ones. Small tiles keep the padding proportional to M.
+    """
+    per_expert = max(1, -(-m // e))
+    return min(TILE, 1 << (per_expert - 1).bit_length())
 
 
 def _tiled_grouped_matmul(x, w, group_sizes):
     m, e = x.shape[0], w.shape[0]
-    padded_sizes = -(-group_sizes // TILE) * TILE
-    n_tiles = -(-(m + e * (TILE - 1)) // TILE)  # static bound on sum(padded_sizes) / TILE
+    tile = tile_rows(m, e)
+    padded_sizes = -(-group_sizes // tile) * tile
+    n_tiles = -(-(m + e * (tile - 1)) // tile)  # static bound on sum(padded_sizes) / tile
     starts = jnp.cumsum(group_sizes) - group_sizes
     padded_starts = jnp.cumsum(padded_sizes) - padded_sizes
     group = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(m), side="right")  # [M]
     dest = padded_starts[group] + jnp.arange(m) - starts[group]  # row -> padded row
-    x_pad = jnp.zeros((n_tiles * TILE, x.shape[1]), x.dtype).at[dest].set(x)
-    tile_group = jnp.searchsorted(jnp.cumsum(padded_sizes), jnp.arange(n_tiles) * TILE, side="right")
+    x_pad = jnp.zeros((n_tiles * tile, x.shape[1]), x.dtype).at[dest].set(x)
+    tile_group = jnp.searchsorted(jnp.cumsum(padded_sizes), jnp.arange(n_tiles) * tile, side="right")
     tile_group = jnp.minimum(tile_group, e - 1)  # tiles past the last group hold only zero rows
 
     def one_tile(args):
-        rows, g = args  # [TILE, D], expert id
+        rows, g = args  # [tile, D], expert id
         return jnp.matmul(rows, w[g], preferred_element_type=F32)
 
-    y = jax.lax.map(one_tile, (x_pad.reshape(n_tiles, TILE, -1), tile_group), batch_size=16)
-    return y.reshape(n_tiles * TILE, -1)[dest]
+    y = jax.lax.map(one_tile, (x_pad.reshape(n_tiles, tile, -1), tile_group), batch_size=16)
+    return y.reshape(n_tiles * tile, -1)[dest]
 
 
 def expert_ffn(x_sorted, w1, w3, w2, group_sizes, limit, impl: str = "auto"):

@@ -188,7 +188,7 @@ def test_csa_pooling_first_window_and_overlap_literal():
     np.testing.assert_allclose(out, [0.5, (100 + 101 + 2 + 3) / 4, (102 + 103 + 4 + 5) / 4])
 
 
-@pytest.mark.parametrize("sizes", [[0, 20, 0, 17, 0], [1, 0, 0, 0, 0], [70, 3, 0, 129, 1]])
+@pytest.mark.parametrize("sizes", [[0, 20, 0, 17, 0], [1, 0, 0, 0, 0], [70, 3, 0, 129, 1], [3, 0, 5, 1, 7]])
 def test_tiled_grouped_matmul_equals_ragged_dot(sizes):
     rng = np.random.default_rng(len(sizes) + sum(sizes))
     gs = np.asarray(sizes, np.int32)
@@ -201,8 +201,18 @@ def test_tiled_grouped_matmul_equals_ragged_dot(sizes):
     np.testing.assert_allclose(tiled[row], np.asarray(x[row]) @ np.asarray(w[g]), rtol=1e-5, atol=1e-5)
 
 
+def test_tile_rows_keep_padding_proportional_to_rows():
+    from dsv4.moe import TILE, tile_rows
+
+    assert tile_rows(2, 8) == 1  # a decode step: top-2 of one token
+    assert tile_rows(16, 8) == 2  # batch 8
+    assert tile_rows(16, 5) == 4  # 4 rows per expert on average
+    assert tile_rows(8192, 8) == TILE  # a prefill
+
+
+@pytest.mark.parametrize("block", [32, 4], ids=["prefill_block", "few_queries"])
 @pytest.mark.parametrize("ties", [False, True], ids=["random", "many_ties"])
-def test_chunked_indexer_topk_equals_scoring_every_entry(monkeypatch, ties):
+def test_chunked_indexer_topk_equals_scoring_every_entry(monkeypatch, ties, block):
     """Causal key chunks with a running top-k give the indices (and order) of one top-k over all entries."""
     from dsv4 import attention
 
@@ -218,9 +228,12 @@ def test_chunked_indexer_topk_equals_scoring_every_entry(monkeypatch, ties):
     positions = np.stack([np.arange(s) * 55 + 3, np.arange(s) * 54]).astype(np.int32)  # up to ~5,230 / 4 entries
     args = [jnp.asarray(a) for a in (q, keys, weights, positions)]
 
-    chunked = np.asarray(attention.indexer_topk(*args, ratio, k, 32))
+    monkeypatch.setattr(attention, "FEW_QUERY_KEY_CHUNK", 512)  # so that few-query blocks chunk too
+    assert attention.key_chunk(block) == 512
+    chunked = np.asarray(attention.indexer_topk(*args, ratio, k, block))
     monkeypatch.setattr(attention, "KEY_CHUNK", 10**6)
-    whole = np.asarray(attention.indexer_topk(*args, ratio, k, 32))
+    monkeypatch.setattr(attention, "FEW_QUERY_KEY_CHUNK", 10**6)
+    whole = np.asarray(attention.indexer_topk(*args, ratio, k, block))
     assert np.array_equal(chunked, whole)
     visible = (positions + 1) // ratio
     assert np.all((chunked < visible[..., None]) & (chunked >= -1))
