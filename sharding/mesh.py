@@ -136,10 +136,23 @@ def initialize_distributed(
     check_processes(args["num_processes"], args["process_id"])
 
 
+CLUSTER_MARKERS = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+
+
 def _cluster_detected() -> bool:
-    """Whether JAX's auto-detection has a cluster to find (TPU pod, SLURM, Open MPI, JAX_* variables)."""
-    markers = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
-    return any(os.environ.get(m) for m in markers)
+    """Whether `jax.distributed.initialize` has a cluster to find without arguments.
+
+    True when one of CLUSTER_MARKERS is set, or when one of JAX's own cluster environments says it
+    is present (a Cloud TPU VM slice through its metadata server, GKE, SLURM, Open MPI, Kubernetes):
+    the same detection `initialize` runs, so a plain TPU VM slice needs no flags.
+    """
+    if any(os.environ.get(m) for m in CLUSTER_MARKERS):
+        return True
+    try:  # JAX has no public API for its detection; without this module only the markers count
+        from jax._src.clusters import ClusterEnv
+    except ImportError:
+        return False
+    return any(not env.opt_in_only_method and env.is_env_present() for env in ClusterEnv._cluster_types)
 
 
 def check_processes(num_processes: int | None, process_id: int | None = None, timeout_s: int = 60) -> None:

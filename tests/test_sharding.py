@@ -182,8 +182,9 @@ def test_every_logical_axis_has_a_rule_and_is_documented():
 def test_multihost_cli_rejects_bad_prompts_and_strategy_before_loading(tmp_path, monkeypatch):
     from sharding.serve import main, padded_batch, read_prompts
 
-    for var in ("DSV4_COORDINATOR", "DSV4_NUM_PROCESSES", "DSV4_PROCESS_ID", "JAX_COORDINATOR_ADDRESS",
-                "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):  # fmt: skip
+    from sharding.mesh import CLUSTER_MARKERS
+
+    for var in ("DSV4_COORDINATOR", "DSV4_NUM_PROCESSES", "DSV4_PROCESS_ID", *CLUSTER_MARKERS):
         monkeypatch.delenv(var, raising=False)
     good, bad, empty = tmp_path / "good.jsonl", tmp_path / "bad.jsonl", tmp_path / "empty.jsonl"
     good.write_text('{"id": "a", "tokens": [1, 2]}\n\n{"tokens": [3]}\n')
@@ -553,3 +554,28 @@ if __name__ == "__main__":
     workers = {"matrix": worker_matrix, "experts": worker_experts, "errors": worker_errors}
     workers["placement"] = worker_placement
     print(json.dumps(workers[sys.argv[1]]()))
+
+
+def test_cluster_detection_asks_jax_cluster_environments(monkeypatch):
+    """A plain Cloud TPU VM slice sets none of the marker variables: JAX's own detection must count."""
+    from jax._src.clusters import ClusterEnv
+
+    from sharding import mesh
+
+    for var in mesh.CLUSTER_MARKERS:
+        monkeypatch.delenv(var, raising=False)
+
+    class Present:
+        opt_in_only_method = False
+        is_env_present = staticmethod(lambda: True)
+
+    class OptInOnly(Present):  # like mpi4py: only used when asked for by name
+        opt_in_only_method = True
+
+    monkeypatch.setattr(ClusterEnv, "_cluster_types", [OptInOnly])
+    assert not mesh._cluster_detected()
+    monkeypatch.setattr(ClusterEnv, "_cluster_types", [OptInOnly, Present])
+    assert mesh._cluster_detected()
+    monkeypatch.setattr(ClusterEnv, "_cluster_types", [])
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    assert mesh._cluster_detected()
