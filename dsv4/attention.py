@@ -131,12 +131,17 @@ def _align_tokens(raw_kv, raw_gate, c, z, base, start, n, span):
 
 FEW_QUERIES = 8  # query blocks up to this size score bfloat16 keys without converting them (decode)
 KEY_CHUNK = 512  # compressed entries indexer_topk scores at a time (only the chunks a query block can see)
-FEW_QUERY_KEY_CHUNK = 8192  # the same for blocks of <= FEW_QUERIES queries (decode): fewer loop steps
+FEW_QUERY_DOTS = 1 << 22  # float32 index dots per batch row a block of <= FEW_QUERIES queries may hold
 
 
-def key_chunk(queries: int) -> int:
-    """Entries scored at a time by a block of `queries` queries: [B, queries, I, chunk] float32 scores."""
-    return FEW_QUERY_KEY_CHUNK if queries <= FEW_QUERIES else KEY_CHUNK
+def key_chunk(queries: int, heads: int) -> int:
+    """Entries scored at a time by a block of `queries` queries of `heads` indexer heads.
+
+    A prefill block takes KEY_CHUNK, so that it skips the chunks it cannot see. A few queries (a
+    decode step) take as many entries as FEW_QUERY_DOTS allows ([B, queries, heads, chunk] float32
+    dots, 16 MiB per row): one pass over every entry up to long contexts, no chunk loop.
+    """
+    return KEY_CHUNK if queries > FEW_QUERIES else max(KEY_CHUNK, FEW_QUERY_DOTS // (queries * heads))
 
 
 def indexer_topk(
@@ -145,7 +150,7 @@ def indexer_topk(
     """Top-k compressed entries per query by I(t,s) = sum_h w[t,h] * relu(q[t,h] . k[s]).
 
     q [B, S, I, J], keys [B, T, J], weights [B, S, I] (scales folded in), positions [B, S].
-    Scores are computed `block` queries at a time. With more than `key_chunk(block)` entries, a
+    Scores are computed `block` queries at a time. With more than `key_chunk(block, I)` entries, a
     query block scores only the chunks of that many entries its queries can see (causal: about half
     the work of scoring every entry in a prefill) and merges each chunk into a running top-k:
     [B, block, I, chunk] exists at once. Entries not yet complete at a query's position are excluded; when
@@ -163,7 +168,7 @@ def indexer_topk(
     def valid(idx, pos_blk):
         return jnp.where((idx >= 0) & (idx < ((pos_blk + 1) // ratio)[..., None]), idx, -1).astype(jnp.int32)
 
-    chunk_len = key_chunk(min(block, s))
+    chunk_len = key_chunk(min(block, s), q.shape[2])
     if t <= chunk_len:
 
         def one_block(args):

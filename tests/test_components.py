@@ -228,11 +228,11 @@ def test_chunked_indexer_topk_equals_scoring_every_entry(monkeypatch, ties, bloc
     positions = np.stack([np.arange(s) * 55 + 3, np.arange(s) * 54]).astype(np.int32)  # up to ~5,230 / 4 entries
     args = [jnp.asarray(a) for a in (q, keys, weights, positions)]
 
-    monkeypatch.setattr(attention, "FEW_QUERY_KEY_CHUNK", 512)  # so that few-query blocks chunk too
-    assert attention.key_chunk(block) == 512
+    monkeypatch.setattr(attention, "FEW_QUERY_DOTS", 512 * 4 * heads)  # so that few-query blocks chunk too
+    assert attention.key_chunk(block, heads) == 512
     chunked = np.asarray(attention.indexer_topk(*args, ratio, k, block))
     monkeypatch.setattr(attention, "KEY_CHUNK", 10**6)
-    monkeypatch.setattr(attention, "FEW_QUERY_KEY_CHUNK", 10**6)
+    monkeypatch.setattr(attention, "FEW_QUERY_DOTS", 10**9)
     whole = np.asarray(attention.indexer_topk(*args, ratio, k, block))
     assert np.array_equal(chunked, whole)
     visible = (positions + 1) // ratio
