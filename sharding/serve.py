@@ -94,20 +94,17 @@ def read_prompts(path, tokenizer=None) -> tuple[list, list[list[int]]]:
 
 
 def load_model(path, mesh, strategy: str, dtype: str, attention_impl: str = "xla"):
-    """A converted (Orbax) checkpoint via dsv4.restore, else a release directory via dsv4.load_hf."""
+    """A converted (Orbax) checkpoint via dsv4.restore.load, else a release directory via dsv4.load_hf.
+
+    Either way every array is created or restored directly into its shards of `mesh`.
+    """
+    from dsv4.convert import MANIFEST_FILE
     from dsv4.loading import load_hf
-    from sharding.placement import with_runtime
-    from sharding.rules import get_rules
+    from dsv4.restore import load
 
     path = Path(path)
-    try:
-        from dsv4.convert import MANIFEST_FILE
-        from dsv4.restore import load
-    except ImportError:  # converter not installed: release layout only
-        MANIFEST_FILE, load = None, None
-    if MANIFEST_FILE and (path / MANIFEST_FILE).exists():
-        model = load(path, mesh=mesh, dtype=dtype, attention_impl=attention_impl, rules=get_rules(strategy))
-        return with_runtime(model, mesh, strategy)
+    if (path / MANIFEST_FILE).exists():
+        return load(path, mesh=mesh, dtype=dtype, attention_impl=attention_impl, strategy=strategy)
     return load_hf(path, dtype=dtype, attention_impl=attention_impl, mesh=mesh, strategy=strategy)
 
 

@@ -1,9 +1,10 @@
 """dsv4-multihost across two local processes (4 CPU devices each, gloo collectives) vs one process.
 
-Both runs load the same tiny release-layout checkpoint (tests/release_fixture.py, FP8/FP4 weights
-dequantized to float32) and generate greedily for the same prompts; the two-process run (mesh
-data=2 x expert=4 over both processes, dp_ep) must write exactly the tokens of the one-process,
-one-device run. A cluster whose processes disagree on --num-processes fails on every process with
+The one-process, one-device run loads a tiny release-layout checkpoint (tests/release_fixture.py,
+FP8/FP4 weights dequantized to float32); the two-process run (mesh data=2 x expert=4 over both
+processes, dp_ep) restores the same checkpoint converted by `dsv4.convert` to Orbax (float32), each
+process reading its own shards. Both generate greedily for the same prompts, and the two-process
+run must write exactly the tokens of the one-process run. A cluster whose processes disagree on --num-processes fails on every process with
 a clear message before anything is compiled.
 """
 
@@ -55,11 +56,15 @@ def _finish(procs: list[subprocess.Popen], timeout: int = 600) -> list[tuple[int
 def checkpoint(tmp_path_factory):
     from release_fixture import TINY_FLASH, write_release_checkpoint
 
-    path = tmp_path_factory.mktemp("multihost_ckpt")
-    write_release_checkpoint(TINY_FLASH, path, seed=3)
-    prompts = path / "prompts.jsonl"
+    from dsv4 import convert
+
+    root = tmp_path_factory.mktemp("multihost_ckpt")
+    release, converted = root / "release", root / "orbax"
+    write_release_checkpoint(TINY_FLASH, release, seed=3)
+    convert.convert(release, converted, dtype="float32", progress=False)
+    prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "tokens": p}) + "\n" for i, p in enumerate(PROMPTS)))
-    return path, prompts
+    return release, converted, prompts
 
 
 def _common(checkpoint, prompts, output) -> list[str]:
@@ -72,13 +77,13 @@ def _read(path) -> list[dict]:
 
 
 def test_two_processes_generate_the_single_process_tokens(checkpoint, tmp_path):
-    ckpt, prompts = checkpoint
-    single = _serve(_common(ckpt, prompts, tmp_path / "single.jsonl") + ["--data", "1", "--expert", "1"], 1)
+    release, converted, prompts = checkpoint
+    single = _serve(_common(release, prompts, tmp_path / "single.jsonl") + ["--data", "1", "--expert", "1"], 1)
     [(rc, err)] = _finish([single])
     assert rc == 0, err[-4000:]
     port = _free_port()
     procs = [
-        _serve(_common(ckpt, prompts, tmp_path / f"multi{i}.jsonl")
+        _serve(_common(converted, prompts, tmp_path / f"multi{i}.jsonl")
                + ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i),
                   "--data", "2", "--expert", "4"], 4)
         for i in range(2)
@@ -95,7 +100,7 @@ def test_two_processes_generate_the_single_process_tokens(checkpoint, tmp_path):
 
 
 def test_process_count_mismatch_fails_on_every_process_before_compiling(checkpoint, tmp_path):
-    ckpt, prompts = checkpoint
+    _, ckpt, prompts = checkpoint
     port = _free_port()
     procs = [
         _serve(_common(ckpt, prompts, tmp_path / "out.jsonl")
@@ -109,7 +114,7 @@ def test_process_count_mismatch_fails_on_every_process_before_compiling(checkpoi
 
 
 def test_load_hf_creates_parameters_in_their_shards(checkpoint):
-    ckpt, _ = checkpoint
+    ckpt, _, _ = checkpoint
     cmd = [sys.executable, __file__, str(ckpt)]
     proc = subprocess.run(cmd, env=_env(8), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
