@@ -357,7 +357,8 @@ class Checkpointer:
         ocp = self._ocp
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_meta(self.cfg, self.tc)))
         saved = self.manager.save(int(state.step), args=args, force=force)
-        self.manager.wait_until_finished()
+        if saved:  # complete on disk before the next step donates (overwrites) the state's buffers
+            self.manager.wait_until_finished()
         return saved
 
     def latest_step(self) -> int | None:
