@@ -169,7 +169,8 @@ def test_default_checkpoint_is_trained():
     trained = dsv4.load_hf(DEFAULT, dtype="float32")
     ppl = _heldout_perplexity(trained, tok)
     # the shipped weights are the FP8/FP4 rounding of the trained ones: perplexity moves a little
-    assert ppl == pytest.approx(record["heldout_perplexity"], rel=0.05)
+    # (99.27 vs the recorded 98.47: +0.8%)
+    assert ppl == pytest.approx(record["heldout_perplexity"], rel=0.02)
     random_model = dsv4.init_model(cli_train.embedded_config(), RuntimeConfig(dtype="float32"), seed=0)
     # at least 10x better than a uniform guess; the negative control (random weights) is worse than uniform
     assert ppl < trained.cfg.vocab_size / 10 < _heldout_perplexity(random_model, tok)
