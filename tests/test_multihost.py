@@ -4,8 +4,8 @@ The one-process, one-device run loads a tiny release-layout checkpoint (tests/re
 FP8/FP4 weights dequantized to float32); the two-process run (mesh data=2 x expert=4 over both
 processes, dp_ep) restores the same checkpoint converted by `dsv4.convert` to Orbax (float32), each
 process reading its own shards. Both generate greedily for the same prompts, and the two-process
-run must write exactly the tokens of the one-process run. A cluster whose processes disagree on --num-processes fails on every process with
-a clear message before anything is compiled.
+run must write exactly the tokens of the one-process run. A cluster whose processes disagree on
+--num-processes fails on every process with a clear message before anything is compiled.
 """
 
 from __future__ import annotations

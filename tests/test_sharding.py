@@ -180,9 +180,8 @@ def test_every_logical_axis_has_a_rule_and_is_documented():
 
 
 def test_multihost_cli_rejects_bad_prompts_and_strategy_before_loading(tmp_path, monkeypatch):
-    from sharding.serve import main, padded_batch, read_prompts
-
     from sharding.mesh import CLUSTER_MARKERS
+    from sharding.serve import main, padded_batch, read_prompts
 
     for var in ("DSV4_COORDINATOR", "DSV4_NUM_PROCESSES", "DSV4_PROCESS_ID", *CLUSTER_MARKERS):
         monkeypatch.delenv(var, raising=False)
