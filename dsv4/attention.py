@@ -153,9 +153,10 @@ def indexer_topk(
     Scores are computed `block` queries at a time. With more than `key_chunk(block, I)` entries, a
     query block scores only the chunks of that many entries its queries can see (causal: about half
     the work of scoring every entry in a prefill) and merges each chunk into a running top-k:
-    [B, block, I, chunk] exists at once. Entries not yet complete at a query's position are excluded; when
-    fewer than k are visible the remaining slots hold -1 (invalid). Ties go to the lower entry index
-    either way, so both forms return the same indices in the same order. Returns int32 [B, S, min(k, T)].
+    [B, block, I, chunk] exists at once. Entries not yet complete at a query's position are
+    excluded; when fewer than k are visible the remaining slots hold -1 (invalid). Ties go to the
+    lower entry index either way, so both forms return the same indices in the same order.
+    Returns int32 [B, S, min(k, T)].
     """
     b, s = positions.shape
     t = keys.shape[1]
@@ -207,7 +208,6 @@ def index_scores(q_blk, keys, w_blk, pos_blk, ratio: int) -> jax.Array:
     dots = index_dots(q_blk, keys)
     scores = jnp.einsum("bqit,bqi->bqt", jax.nn.relu(dots), w_blk.astype(F32))
     return jnp.where(entry_visible(pos_blk, keys.shape[1], ratio), scores, NEG_INF)
-
 
 
 @jax.custom_jvp

@@ -70,12 +70,16 @@ def checkpoint_kind(path: Path) -> str:
     )
 
 
-def load_model(path: Path, dtype: str):
-    """Load a release-layout (`dsv4.load_hf`) or converted (`dsv4.restore.load`) checkpoint."""
+def load_model(path: Path, dtype: str, **placement):
+    """Load a release-layout (`dsv4.load_hf`) or converted (`dsv4.restore.load`) checkpoint.
+
+    placement: `mesh=`, `strategy=`, `attention_impl=`, passed to either loader (each creates or
+    restores every array directly into its shards of the mesh).
+    """
     if checkpoint_kind(path) == "release":
         from dsv4.loading import load_hf
 
-        return load_hf(path, dtype=dtype)
+        return load_hf(path, dtype=dtype, **placement)
     try:
         restore = importlib.import_module("dsv4.restore")
     except ImportError as err:
@@ -83,7 +87,7 @@ def load_model(path: Path, dtype: str):
             f"{path} is a converted checkpoint, but this dsv4 cannot restore one ({err}); "
             "use the release-layout directory instead"
         ) from None
-    return restore.load(path, dtype=dtype)
+    return restore.load(path, dtype=dtype, **placement)
 
 
 # ------------------------------------------------------------------------------------ dsv4-generate

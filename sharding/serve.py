@@ -93,21 +93,6 @@ def read_prompts(path, tokenizer=None) -> tuple[list, list[list[int]]]:
     return ids, prompts
 
 
-def load_model(path, mesh, strategy: str, dtype: str, attention_impl: str = "xla"):
-    """A converted (Orbax) checkpoint via dsv4.restore.load, else a release directory via dsv4.load_hf.
-
-    Either way every array is created or restored directly into its shards of `mesh`.
-    """
-    from dsv4.convert import MANIFEST_FILE
-    from dsv4.loading import load_hf
-    from dsv4.restore import load
-
-    path = Path(path)
-    if (path / MANIFEST_FILE).exists():
-        return load(path, mesh=mesh, dtype=dtype, attention_impl=attention_impl, strategy=strategy)
-    return load_hf(path, dtype=dtype, attention_impl=attention_impl, mesh=mesh, strategy=strategy)
-
-
 def padded_batch(prompts: list[list[int]], multiple: int) -> list[list[int]]:
     """The prompts plus copies of the first, up to a multiple of `multiple` rows (the batch split)."""
     extra = -len(prompts) % multiple
@@ -164,6 +149,7 @@ def main(argv=None) -> int:
     initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
     import jax
 
+    from dsv4.cli import load_model
     from dsv4.generate import stop_ids_of
     from dsv4.sampling import SamplingParams
     from sharding.mesh import make_mesh
@@ -178,7 +164,8 @@ def main(argv=None) -> int:
         rows *= mesh.shape[a]
     batch = padded_batch(prompts, rows)
     start = time.perf_counter()
-    model = load_model(args.checkpoint, mesh, args.strategy, args.dtype, args.attention_impl)
+    model = load_model(Path(args.checkpoint), args.dtype, mesh=mesh, strategy=args.strategy,
+                       attention_impl=args.attention_impl)  # fmt: skip
     validate(model.cfg, mesh, strategy, batch=len(batch))
     load_s = time.perf_counter() - start
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
