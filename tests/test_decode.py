@@ -158,7 +158,7 @@ def test_bad_inputs_raise_clear_errors(setup):
 def test_narrow_cache_decode_steps_equal_its_prefill(setup, fmt):
     """Decode steps over a bfloat16 / compact cache (the indexer scores its stored keys without a
     float32 copy) equal one prefill over the same storage format, up to the window ring's rounding
-    (the prefill attends to its own keys unrounded): measured 1.3e-5 (bfloat16)."""
+    (the prefill attends to its own keys unrounded): measured 1.3e-5 for both formats."""
     cfg, model, tokens, _ = setup
     one_chunk, _ = prefill(model, tokens, init_cache(cfg, 2, SEQ, fmt))
     logits, cache = prefill(model, tokens[:, :270], init_cache(cfg, 2, SEQ, fmt))
@@ -166,7 +166,7 @@ def test_narrow_cache_decode_steps_equal_its_prefill(setup, fmt):
     for i in range(270, SEQ):
         step, cache = decode_step(model, tokens[:, i], cache)
         steps.append(np.asarray(step)[:, None])
-    assert rel_err(np.concatenate(steps, axis=1), one_chunk) < 1e-4
+    assert rel_err(np.concatenate(steps, axis=1), one_chunk) < 5e-5
 
 
 def test_index_dots_of_bfloat16_keys_match_float32():
@@ -182,7 +182,8 @@ def test_index_dots_of_bfloat16_keys_match_float32():
     loss = lambda q, k: jnp.sum(jnp.sin(index_dots(q, k)))  # noqa: E731
     ref = lambda q, k: jnp.sum(jnp.sin(jnp.einsum("bqij,btj->bqit", q, k.astype(jnp.float32))))  # noqa: E731
     for got, exp in zip(jax.grad(loss, (0, 1))(q, keys), jax.grad(ref, (0, 1))(q, keys), strict=True):
-        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(exp, np.float32), rtol=2e-2, atol=1e-2)
+        # measured: dq 7e-6 abs (float32 tangents), dkeys equal (bfloat16)
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(exp, np.float32), rtol=1e-4, atol=5e-5)
 
 
 def test_decode_step_writes_narrow_stores_in_place():
