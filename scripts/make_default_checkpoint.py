@@ -32,6 +32,11 @@ RECIPE = [
 ]  # fmt: skip
 
 
+def _recipe(flag: str) -> str:
+    """The value RECIPE gives `flag`."""
+    return RECIPE[RECIPE.index(flag) + 1]
+
+
 def _summary(run: Path, seconds: float) -> dict:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "lm_loss" in r]
@@ -40,7 +45,7 @@ def _summary(run: Path, seconds: float) -> dict:
         "command": "dsv4-train " + " ".join(RECIPE),
         "wall_seconds": round(seconds),
         "steps": steps[-1]["step"],
-        "tokens_seen": steps[-1]["step"] * 8 * 256,
+        "tokens_seen": steps[-1]["step"] * int(_recipe("--batch")) * int(_recipe("--seq-len")),
         "final_train_loss": steps[-1]["lm_loss"],
         "heldout_loss": evals[-1]["heldout_loss"],
         "heldout_perplexity": math.exp(evals[-1]["heldout_loss"]),
