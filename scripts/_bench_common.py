@@ -64,15 +64,50 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def torch_device() -> str:
+    """Where the transformers side runs: $DSV4_BENCH_TORCH_DEVICE, else "cuda" when torch sees a GPU,
+    else "cpu" (so on a GPU machine both sides run on the GPU, on a CPU machine both on the CPUs)."""
+    import torch
+
+    return os.environ.get("DSV4_BENCH_TORCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_sync() -> None:
+    """Wait for queued CUDA work (a no-op on CPU, where torch is synchronous)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def device_peak_bytes(which: str) -> int | None:
+    """Peak accelerator memory this process allocated (None on CPU): JAX's `peak_bytes_in_use` of
+    device 0, torch's `max_memory_allocated`."""
+    if which == "jax":
+        import jax
+
+        if jax.default_backend() == "cpu":
+            return None
+        stats = jax.local_devices()[0].memory_stats() or {}
+        return stats.get("peak_bytes_in_use")
+    import torch
+
+    return torch.cuda.max_memory_allocated() if torch_device().startswith("cuda") else None
+
+
 def backend_text(which: str) -> str:
     cores = len(os.sched_getaffinity(0))
     if which == "jax":
         import jax
 
-        return f"jax {jax.__version__} {jax.default_backend()}, {cores} cores"
+        where = f"{jax.default_backend()} ({jax.devices()[0].device_kind})"
+        return f"jax {jax.__version__} {where}, {cores} cores"
     import torch
 
-    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cores} cores"
+    where = torch_device()
+    if where.startswith("cuda"):
+        where += f" ({torch.cuda.get_device_name()})"
+    return f"torch {torch.__version__} {where}, {torch.get_num_threads()} threads, {cores} cores"
 
 
 def hf_model_and_release_tensors(cfg, seed: int = SEED, with_mtp: bool = True):

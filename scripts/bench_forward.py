@@ -19,8 +19,12 @@ agreement; tests/test_parity.py checks that the two compute the same function.
 
 transformers' eager attention materialises [B, H, S, S + S/m] float32 logits, mask and
 probabilities (1.8 GiB peak RSS measured at S = 4096; at 16384 each such array is 5 GiB and
-several live at once: tens of GiB), so S above `--hf-max-seq` (default 4096) is
-not run for it.
+several live at once: tens of GiB), so S above `--hf-max-seq` (default 4096 on CPU, 16384 on a
+GPU) is not run for it.
+
+On a GPU machine both sides run on the GPU (transformers on `cuda`, synchronised after each
+forward; `DSV4_BENCH_TORCH_DEVICE` overrides), and the memory columns report each side's peak
+device memory (JAX `peak_bytes_in_use`, torch `max_memory_allocated`) instead of peak RSS.
 
 The config (ModelConfig.tiny with these overrides; everything else is the Flash release value,
 e.g. hc_mult 4, one shared expert, YaRN on CSA/HCA layers, an MTP block the forward does not run):
@@ -50,10 +54,14 @@ from _bench_common import (  # noqa: E402  (the config is shared with bench_deco
     BENCH_OVERRIDES,
     REPO,
     SEED,
+    backend_text,
     bench_config,
     config_text,
+    device_peak_bytes,
     peak_rss_bytes,
     random_tokens,
+    torch_device,
+    torch_sync,
 )
 
 __all__ = ["BENCH_OVERRIDES", "bench_config"]
@@ -91,11 +99,7 @@ def measure_dsv4(seq: int, batch: int, impl: str, query_block: int, repeats: int
     tokens = jax.device_put(random_tokens(cfg.vocab_size, batch, seq))
     rss_before = peak_rss_bytes()
     times = _time_best(lambda: dsv4.forward(model, tokens).block_until_ready(), repeats)
-    return {
-        **times,
-        "peak_rss_before_forward": rss_before,
-        "backend": f"jax {jax.__version__} {jax.default_backend()}, {len(os.sched_getaffinity(0))} cores",
-    }
+    return {**times, "peak_rss_before_forward": rss_before, "backend": backend_text("jax")}
 
 
 def measure_hf(seq: int, batch: int, repeats: int) -> dict:
@@ -105,20 +109,21 @@ def measure_hf(seq: int, batch: int, repeats: int) -> dict:
     from release_fixture import build_hf_model
 
     cfg = bench_config()
-    model = build_hf_model(cfg.to_hf_dict(), SEED)
-    tokens = torch.from_numpy(random_tokens(cfg.vocab_size, batch, seq)).long()
+    device = torch_device()
+    model = build_hf_model(cfg.to_hf_dict(), SEED).to(device)
+    tokens = torch.from_numpy(random_tokens(cfg.vocab_size, batch, seq)).long().to(device)
     rss_before = peak_rss_bytes()
 
     def run():
         with torch.no_grad():
             model(tokens, use_cache=False)
+        torch_sync()
 
     times = _time_best(run, repeats)
     return {
         **times,
         "peak_rss_before_forward": rss_before,
-        "backend": f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"attn {model.config._attn_implementation}",
+        "backend": f"{backend_text('torch')}, attn {model.config._attn_implementation}",
     }
 
 
@@ -129,7 +134,7 @@ def measure_one(which: str, seq: int, args) -> dict:
         out = measure_hf(seq, args.batch, args.repeats)
     out.update(
         which=which, seq=seq, batch=args.batch, tokens_per_s=args.batch * seq / out["best_s"],
-        peak_rss=peak_rss_bytes(),
+        peak_rss=peak_rss_bytes(), device_peak=device_peak_bytes("jax" if which == "dsv4" else "torch"),
     )  # fmt: skip
     return out
 
@@ -153,13 +158,20 @@ def run_child(which: str, seq: int, args) -> dict:
     return json.loads(lines[-1])
 
 
+def hf_max_seq(args) -> int:
+    """--hf-max-seq, else 4096 on CPU (host RAM) and 16384 on a GPU (tens of GiB of device memory)."""
+    if args.hf_max_seq is not None:
+        return args.hf_max_seq
+    return 16384 if torch_device().startswith("cuda") else 4096
+
+
 def hf_skip_reason(seq: int, args) -> str | None:
-    if seq <= args.hf_max_seq:
+    if seq <= hf_max_seq(args):
         return None
     cfg = bench_config()
     per_copy = args.batch * cfg.num_attention_heads * seq * (seq + seq // 4) * 4 / 2**30
     return (
-        f"not run: S > --hf-max-seq {args.hf_max_seq}; its eager attention builds [B, H, S, S + S/4] "
+        f"not run: S > --hf-max-seq {hf_max_seq(args)}; its eager attention builds [B, H, S, S + S/4] "
         f"float32 arrays ({per_copy:.1f} GiB each, several at once)"
     )
 
@@ -189,7 +201,8 @@ def main_table(args) -> None:
           f"query_block={args.query_block}, best of {args.repeats} after a compile/warm-up run")  # fmt: skip
     print(f"config: ModelConfig.tiny({config_text()})")
     print("weights: random, different on each side (a speed benchmark, not a parity check)\n")
-    print("| S | dsv4 tokens/s | dsv4 peak RSS | transformers tokens/s | transformers peak RSS | speedup |")
+    mem = "peak device memory" if any(r.get("device_peak") for _, o, t in rows for r in (o, t)) else "peak RSS"
+    print(f"| S | dsv4 tokens/s | dsv4 {mem} | transformers tokens/s | transformers {mem} | speedup |")
     print("|---:|---:|---:|---:|---:|---:|")
     for seq, ours, theirs in rows:
         cells = [str(seq)]
@@ -197,7 +210,7 @@ def main_table(args) -> None:
             if "error" in r:
                 cells += [r["error"].split(":")[0], "-"]
             else:
-                cells += [f"{r['tokens_per_s']:,.0f}", _gb(r["peak_rss"])]
+                cells += [f"{r['tokens_per_s']:,.0f}", _gb(r.get("device_peak") or r["peak_rss"])]
         ok = "error" not in ours and "error" not in theirs
         cells.append(f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.1f}x" if ok else "-")
         print("| " + " | ".join(cells) + " |")
@@ -216,7 +229,7 @@ def parse_args(argv=None):
     p.add_argument("--impl", choices=["xla", "reference"], default="xla", help="dsv4 attention_impl")
     p.add_argument("--query-block", type=int, default=128, help="dsv4 query block (attention, indexer)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs after the first; the best counts")
-    p.add_argument("--hf-max-seq", type=int, default=4096, help="longest S to run transformers at")
+    p.add_argument("--hf-max-seq", type=int, help="longest S to run transformers at (default 4096 CPU, 16384 GPU)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per measurement")
     p.add_argument("--cores", type=int, help="pin each measurement to this many CPUs (default: all)")
     p.add_argument("--one", nargs=2, metavar=("WHICH", "S"), help="measure dsv4|hf at S, print JSON")

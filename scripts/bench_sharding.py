@@ -13,6 +13,9 @@ weights never need to move. The ratio measured / minimum is the figure of merit.
 CPU timings say little about accelerators (the fake devices share the host's cores); the bytes
 are what the compiled program would move on any backend with the padded exchange. On GPU/TPU the
 all_to_all strategies use ragged_all_to_all, which moves only the routed rows.
+
+With fewer than 8 devices (one GPU, say) every strategy runs on the 1x1x1 mesh instead: the
+single-device decode step each strategy compiles to, with no collectives to count.
 """
 
 from __future__ import annotations
@@ -51,6 +54,12 @@ RUNS = [
     ("tp_ep", (1, 8, 1)),
     ("replicated", (2, 4, 1)),
 ]
+SINGLE_DEVICE_RUNS = [(name, (1, 1, 1)) for name in ("dp_ep", "dp_ep_a2a", "tp_ep", "replicated")]
+
+
+def runs_for(device_count: int) -> list:
+    """RUNS on 8 or more devices, else every strategy on the one-device mesh."""
+    return RUNS if device_count >= 8 else SINGLE_DEVICE_RUNS
 
 
 def parse_args(argv=None):
@@ -115,7 +124,7 @@ def main(argv=None) -> None:
     print("| strategy | mesh (d,e,t) | decode step ms | collectives | bytes/device | analytic min | ratio | "
           "expert-weight gathers |")  # fmt: skip
     print("|---|---|---:|---|---:|---:|---:|---:|")
-    for strategy, shape in RUNS:
+    for strategy, shape in runs_for(jax.device_count()):
         if args.only and get_strategy(strategy).name not in args.only:
             continue
         r = bench_one(model, cfg, strategy, shape, args)

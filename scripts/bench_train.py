@@ -6,9 +6,10 @@
     python scripts/bench_train.py --one '{"impl": "dsv4", "dtype": "float32", "loss": "lm", ...}'
 
 Both sides train the small config of scripts/_bench_common.py (hidden 256, 4 layers CSA/HCA/CSA/HCA,
-8 routed experts top-2 + 1 shared, head_dim 128, index_topk 128, vocab 4096) on this machine's
-CPUs, from the same weights (transformers' model randomised by tests/release_fixture.build_hf_model,
-copied into dsv4 through the release names; dsv4's MTP block, which transformers lacks, gets the
+8 routed experts top-2 + 1 shared, head_dim 128, index_topk 128, vocab 4096) on this machine
+(both on the CPUs, or both on the GPU where torch sees one: `_bench_common.torch_device`), from
+the same weights (transformers' model randomised by tests/release_fixture.build_hf_model, copied
+into dsv4 through the release names; dsv4's MTP block, which transformers lacks, gets the
 fixture's random `mtp.0.*`) and the same batch of random tokens [B, S + 1] (inputs: the first S,
 targets: the last S).
 
@@ -30,7 +31,7 @@ targets: the last S).
 
 Timing: each row runs in a fresh interpreter; `--warmup` steps (the first one compiles dsv4's
 step) are excluded, then `--steps` steps are timed back to back (dsv4: `block_until_ready` on each
-step's metrics; torch is synchronous on CPU). tokens/s = steps x B x S / their total wall time.
+step's metrics; torch: `float(loss)` each step waits for the device). tokens/s = steps x B x S / their total wall time.
 The first step's LM loss of each row is printed: the float32 rows start from the same weights and
 batch, so theirs agree (to about 1e-6).
 
@@ -77,9 +78,21 @@ from _bench_common import (  # noqa: E402
     peak_rss_bytes,
     random_tokens,
     run_child,
+    torch_device,
 )
 
 HF_LR, HF_BETAS, HF_WD, CLIP = 3e-4, (0.9, 0.95), 0.1, 1.0  # = TrainConfig's defaults
+# Dense bfloat16 tensor-core peak, TFLOP/s, by device-kind substring (vendor datasheets, SXM parts):
+# the denominator of model FLOPs utilisation. Other devices: pass --peak-tflops.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+
+
+def peak_tflops(args, results) -> float | None:
+    """--peak-tflops, else the datasheet bf16 peak of the device the dsv4 rows ran on (None: unknown, CPU)."""
+    if args.peak_tflops:
+        return args.peak_tflops
+    kinds = {r.get("device_kind", "") for _, r in results if "error" not in r}
+    return next((v for kind in kinds for k, v in PEAK_BF16_TFLOPS.items() if k in kind), None)
 
 
 def train_config(dtype: str, loss: str):
@@ -192,7 +205,7 @@ def measure_dsv4(spec: dict) -> dict:
         return float(jax.block_until_ready(metrics["lm_loss"]))
 
     out = _time_steps(run_step, spec["warmup"], spec["steps"])
-    return {**out, **extra, "backend": backend_text("jax")}
+    return {**out, **extra, "backend": backend_text("jax"), "device_kind": jax.devices()[0].device_kind}
 
 
 def _training_model(model, remat: bool):
@@ -237,10 +250,11 @@ def measure_hf(spec: dict) -> dict:
     cfg = bench_config()
     model, _ = hf_model_and_release_tensors(cfg, SEED, with_mtp=False)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec["dtype"]]
-    model = model.to(dtype).train()
+    device = torch_device()
+    model = model.to(device=device, dtype=dtype).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=HF_LR, betas=HF_BETAS, weight_decay=HF_WD)
-    tokens = torch.from_numpy(random_tokens(cfg.vocab_size, spec["batch"], spec["seq"] + 1)).long()
+    tokens = torch.from_numpy(random_tokens(cfg.vocab_size, spec["batch"], spec["seq"] + 1)).long().to(device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
     def run_step():
@@ -305,20 +319,24 @@ def main_table(args) -> None:
           f"{os.cpu_count()} CPUs")  # fmt: skip
     print(f"config: ModelConfig.tiny({config_text()})")
     print("weights: the same on both sides (transformers' random init copied into dsv4); same batch\n")
-    print("| impl | dtype | loss | batch | seq | tokens/s | GFLOP/s | speedup |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    peak = peak_tflops(args, results)
+    mfu_head, mfu_rule = (" MFU |", "---:|") if peak else ("", "")
+    print(f"| impl | dtype | loss | batch | seq | tokens/s | GFLOP/s | speedup |{mfu_head}")
+    print(f"|---|---|---|---:|---:|---:|---:|---:|{mfu_rule}")
     notes = []
     for spec, r in results:
         cells = [spec["impl"], spec["dtype"], _loss_text(spec), str(spec["batch"]), str(spec["seq"])]
         name = f"{spec['impl']} {spec['dtype']} {spec['loss']}"
         if "error" in r:
-            cells += [r["error"].split(":")[0], "-", "-"]
+            cells += [r["error"].split(":")[0], "-", "-"] + (["-"] if peak else [])
             notes.append(f"{name}: {r['error']}")
         else:
             step_s = r["total_s"] / spec["steps"]
             gflops = flops[spec["loss"]]["total"] / step_s / 1e9
             speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.1f}x" if ref else "-"
             cells += [f"{r['tokens_per_s']:,.0f}", f"{gflops:,.1f}", speed]
+            if peak:
+                cells.append(f"{100 * gflops / (peak * 1e3):.3g}%")
             note = (f"{name}: {step_s * 1e3:,.0f} ms/step (min {r['step_min_s'] * 1e3:,.0f}, max "
                     f"{r['step_max_s'] * 1e3:,.0f}; CPU {r['cpu_s'] / spec['steps'] * 1e3:,.0f} ms/step), first step "
                     f"(compile/warm-up) {r['first_s']:.1f} s, first-step LM loss {r['loss0']:.6f}, peak RSS "
@@ -331,6 +349,8 @@ def main_table(args) -> None:
             notes.append(note)
         print("| " + " | ".join(cells) + " |")
     print()
+    if peak:
+        print(f"- MFU: model FLOP/s / {peak:g} TFLOP/s (dense bfloat16 peak of the device; every row, float32 too)")
     for loss, f in flops.items():
         print(f"- model FLOPs per step ({loss} loss): {f['total'] / 1e9:,.2f} G = matmul {f['matmul'] / 1e9:,.2f} "
               f"(N_train {f['n_train'] / 1e6:.2f}M, N_fwd {f['n_fwd'] / 1e6:.2f}M weights/token) + attention "
@@ -352,6 +372,7 @@ def parse_args(argv=None):
     p.add_argument("--xla-flops", action="store_true", help="also report XLA's FLOP count (one more compile)")
     p.add_argument("--breakdown", action="store_true", help="also time dsv4's forward loss and value_and_grad alone")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per row")
+    p.add_argument("--peak-tflops", type=float, help="MFU denominator (default: known GPUs' bf16 peak)")
     p.add_argument("--one", metavar="JSON", help="measure one row spec, print JSON")
     args = p.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
