@@ -93,6 +93,25 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+# Triton's matmul needs every dimension of a dot >= 16. The MLIR path Pallas takes does not check
+# it: on an H200 an HCA chunk with 4 entries (a [32, 4] x [4, 512] product) compiled and returned
+# wrong values (max error 2.35). The compiled GPU form pads every dot dimension up to this. The
+# interpreter has no such limit, and tiles of 1-2 rows keep it fast and exercise the chunk loops;
+# tests raise INTERPRET_MIN_DOT to run the padded tiles through the interpreter too.
+TRITON_MIN_DOT = 16
+INTERPRET_MIN_DOT = 1
+
+
+def min_dot(interpret: bool) -> int:
+    """The smallest dot dimension the GPU form may use: TRITON_MIN_DOT when compiled."""
+    return INTERPRET_MIN_DOT if interpret else TRITON_MIN_DOT
+
+
+def gpu_tile(size: int, block: int, interpret: bool) -> int:
+    """A GPU-form tile over `size` items: the power of two >= size, at most `block`, at least `min_dot`."""
+    return max(min_dot(interpret), min(block, next_pow2(size)))
+
+
 def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
     """Pad x at the end of `axis` up to `size` (no copy when it already has that size)."""
     extra = size - x.shape[axis]

@@ -161,6 +161,8 @@ def run_checks(sz: Sizes, small: bool, interpret: bool) -> bool:
     cases = [
         ("chunk csa", sparse_attention, sparse_attention_reference, chunk_inputs(sz, "csa", batch, length)),
         ("chunk hca", sparse_attention, sparse_attention_reference, chunk_inputs(sz, "hca", batch, length)),
+        # 8x longer: more entries than one entry chunk (the length above gives a few, padded up)
+        ("chunk hca x8", sparse_attention, sparse_attention_reference, chunk_inputs(sz, "hca", 1, 8 * length)),
         (
             "decode csa",
             sparse_attention_decode,

@@ -35,11 +35,13 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels._common import (
     F32,
     FLOAT_DTYPES,
+    cdiv,
     check_dtype,
     check_positive,
     check_shape,
     gpu_compiler_params,
     interpret_param,
+    min_dot,
     next_pow2,
     pad_axis,
     resolve_backend,
@@ -219,6 +221,11 @@ def _launch(q, keys, weights, vis, k: int, blocks: IndexerTopkBlocks, backend: s
     bq = blocks.block_q
     jp = round_up(jdim, 128) if backend == "tpu" else next_pow2(jdim)
     hs = min(blocks.block_h, n_heads)
+    if backend == "gpu":  # Triton: power-of-two tiles, every dot dimension >= 16 ([bq * hs, jp] x [bt, jp])
+        least = min_dot(interpret)
+        hs = max(next_pow2(hs), next_pow2(cdiv(least, bq)))
+        bt, jp = max(bt, least), max(jp, least)
+        tp = round_up(t, bt)
     ip = round_up(n_heads, hs)  # padded heads have q = 0 and w = 0
     sp = round_up(s, bq)
     q = pad_axis(pad_axis(pad_axis(q, 1, sp), 2, ip), 3, jp)
@@ -312,6 +319,8 @@ def indexer_topk(
         raise ValueError(f"blocks: expected IndexerTopkBlocks, got {type(blocks).__name__}")
     for name in ("block_q", "block_t", "block_h", "num_warps", "num_stages"):
         check_positive(f"blocks.{name}", getattr(blocks, name))
+    if backend == "gpu" and blocks.block_q & (blocks.block_q - 1):
+        raise ValueError(f"blocks.block_q: the GPU form needs a power of two, got {blocks.block_q}")
     q, keys, weights = (jax.lax.stop_gradient(a) for a in (q, keys, weights))
     t = keys.shape[1]
     if backend == "reference" or min(k, t) == 0 or s == 0:

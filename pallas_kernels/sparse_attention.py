@@ -45,8 +45,8 @@ from pallas_kernels._common import (
     check_positive,
     check_shape,
     gpu_compiler_params,
+    gpu_tile,
     interpret_param,
-    next_pow2,
     pad_axis,
     resolve_backend,
     round_up,
@@ -62,7 +62,8 @@ INT_DTYPES = (jnp.int32,)
 
 @dataclasses.dataclass(frozen=True)
 class SparseAttentionBlocks:
-    """Block sizes. Sizes larger than the problem are clipped to it.
+    """Block sizes. Sizes larger than the problem are clipped to it; the GPU form then raises each
+    tile (heads, window keys, entries, head_dim) to at least TRITON_MIN_DOT = 16 when compiled.
 
     block_q: chunk-form queries per grid step (GPU; TPU uses 1). block_h: heads per grid step (GPU;
     TPU uses all). block_w: window keys per chunk (GPU; TPU reads the window as one chunk).
@@ -246,8 +247,11 @@ def _gpu_kernel(*refs, names, plan: _Plan, scale: float, n_rows: int, n_entries:
             return softmax_step(st, q, gather(r["kv"], off, valid, n_slots), valid[None, :], scale)
 
         n_win = cdiv(plan.window if plan.mode == "chunk" else n_slots, bw)
-        n_win = n_win if ns == 1 else jnp.where(split == 0, n_win, 0)  # split 0 owns the window
-        state = jax.lax.fori_loop(0, n_win, window_chunk, state)
+
+        def window(st):  # a loop of static length: Triton needs a loop's bounds to share one type
+            return jax.lax.fori_loop(0, n_win, window_chunk, st)
+
+        state = window(state) if ns == 1 else jax.lax.cond(split == 0, window, lambda st: st, state)  # split 0's
 
         if plan.kind != "window":
             if plan.kind == "csa":
@@ -365,17 +369,17 @@ def _gpu_call(plan, q, kv, win_pos, sink, pos, entries, entry_idx, rope):
     """Pad to the GPU form's blocks, launch, combine splits. q [B, Sq, H, K], pos [B, Sq]."""
     b, s, h, k = q.shape
     blk = plan.blocks
-    kp = next_pow2(k)
-    bh = min(blk.block_h, next_pow2(h))
+    kp = gpu_tile(k, k, plan.interpret)
+    bh = gpu_tile(h, blk.block_h, plan.interpret)
     bq = blk.block_q if plan.mode == "chunk" else 1
     sp, hp = round_up(s, bq), round_up(h, bh)
     n_slots = kv.shape[1]
-    bw = min(blk.block_w, next_pow2(plan.window if plan.mode == "chunk" else n_slots))
+    bw = gpu_tile(plan.window if plan.mode == "chunk" else n_slots, blk.block_w, plan.interpret)
     n_entries = 0 if entries is None else entries.shape[1]
     if plan.kind == "csa":
-        bn = min(blk.block_n, next_pow2(entry_idx.shape[-1]))
+        bn = gpu_tile(entry_idx.shape[-1], blk.block_n, plan.interpret)
     else:
-        bn = min(blk.block_n, next_pow2(max(n_entries, 1)))
+        bn = gpu_tile(n_entries, blk.block_n, plan.interpret)
     nh = hp // bh
     ns = 1 if plan.kind == "window" else blk.num_splits
     if ns == 0:  # enough programs to fill a GPU, but not more splits than entry chunks

@@ -34,3 +34,28 @@ def pro_ckpt(tmp_path_factory):
     from release_fixture import TINY_PRO
 
     return _build_checkpoint(tmp_path_factory, "tiny_pro", TINY_PRO, seed=1)
+
+
+@pytest.fixture
+def verify_triton_modules(monkeypatch):
+    """Run MLIR's verifier on every Triton module the Pallas GPU lowering builds, on a CPU host.
+
+    Lowering for CUDA on a CPU host stops at a serialized Triton module; the GPU parses (and
+    verifies) it only when compiling. Verifying here catches ill-typed modules early: a decode
+    kernel whose loop bounds had two integer types passed the lowering test and failed on an H200
+    with "'scf.for' op failed to verify that all of {lowerBound, upperBound, step} have same type".
+    Yields the list of kernel names verified.
+    """
+    from jax._src.pallas.triton import lowering
+
+    original = lowering.lower_jaxpr_to_triton_module
+    verified = []
+
+    def lower_and_verify(jaxpr, *args, **kwargs):
+        result = original(jaxpr, *args, **kwargs)
+        result.module.operation.verify()  # raises MLIRError with the verifier's diagnostics
+        verified.append(jaxpr.debug_info.func_name)
+        return result
+
+    monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
+    return verified

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from dsv4.attention import indexer_topk as model_indexer_topk
-from pallas_kernels import IndexerTopkBlocks, indexer_topk, indexer_topk_reference
+from pallas_kernels import IndexerTopkBlocks, _common, indexer_topk, indexer_topk_reference
 
 reference = jax.jit(indexer_topk_reference, static_argnames=("ratio", "k"))
 
@@ -131,19 +131,47 @@ def test_blocks_type_error():
         indexer_topk(**_inputs(CASES["k1_bf16"], seed=0), blocks=(1, 2, 3), interpret=True)
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
-def test_flash_sized_kernel_lowers(backend):
-    """Triton (CUDA) and Mosaic (TPU) lowering at Flash sizes (64 heads x 128, top-512) on a CPU host;
-    a check of ops and shapes only: nothing is compiled to device code or run."""
+def _lower(backend: str, s=64, heads=64, dim=128, t=2048, k=512):
     sd = jax.ShapeDtypeStruct
     args = (
-        sd((1, 64, 64, 128), jnp.bfloat16),
-        sd((1, 2048, 128), jnp.bfloat16),
-        sd((1, 64, 64), jnp.float32),
-        sd((1, 64), jnp.int32),
+        sd((1, s, heads, dim), jnp.bfloat16),
+        sd((1, t, dim), jnp.bfloat16),
+        sd((1, s, heads), jnp.float32),
+        sd((1, s), jnp.int32),
     )
     blocks = IndexerTopkBlocks(block_q=2, block_t=128, block_h=16) if backend == "gpu" else None
     platform = "cuda" if backend == "gpu" else "tpu"
-    fn = jax.jit(lambda *a: indexer_topk(*a, 4, 512, blocks=blocks, backend=backend))
+    fn = jax.jit(lambda *a: indexer_topk(*a, 4, k, blocks=blocks, backend=backend))
     text = fn.trace(*args).lower(lowering_platforms=(platform,)).as_text()
     assert ("triton" if backend == "gpu" else "tpu_custom_call") in text
+
+
+def test_flash_sized_kernel_lowers_for_tpu():
+    """Mosaic (TPU) lowering at Flash sizes (64 heads x 128, top-512) on a CPU host: ops and shapes only."""
+    _lower("tpu")
+
+
+def test_gpu_kernel_lowers_to_valid_triton(verify_triton_modules):
+    """Triton (CUDA) lowering at Flash sizes and at sizes below 16 (3 heads x 8, top-4 of 6 keys),
+    with MLIR's verifier run on each module; nothing is compiled to device code."""
+    _lower("gpu")
+    _lower("gpu", s=5, heads=3, dim=8, t=6, k=4)
+    assert len(verify_triton_modules) == 2
+
+
+def test_tiles_padded_to_the_triton_minimum_match_reference(monkeypatch):
+    """The compiled GPU form pads heads x queries, keys and the head dim to >= 16; run those padded
+    tiles through the interpreter (3 heads x 8 dims, 6 keys, top-4)."""
+    monkeypatch.setattr(_common, "INTERPRET_MIN_DOT", _common.TRITON_MIN_DOT)
+    rng = np.random.default_rng(4)
+    b, s, heads, dim, t = 2, 9, 3, 8, 6
+    args = dict(
+        q=jnp.asarray(rng.standard_normal((b, s, heads, dim)), jnp.float32),
+        keys=jnp.asarray(rng.standard_normal((b, t, dim)), jnp.float32),
+        weights=jnp.asarray(rng.standard_normal((b, s, heads)), jnp.float32),
+        positions=jnp.asarray(np.arange(s)[None].repeat(b, 0) + [[0], [3]], jnp.int32),
+        ratio=2,
+        k=4,
+    )
+    got = indexer_topk(**args, interpret=True)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(indexer_topk_reference(**args)))

@@ -26,6 +26,7 @@ from jax.experimental.pallas import tpu as pltpu
 from dsv4.attention import sparse_attention as model_sparse_attention
 from pallas_kernels import (
     SparseAttentionBlocks,
+    _common,
     sparse_attention,
     sparse_attention_decode,
     sparse_attention_decode_reference,
@@ -147,6 +148,31 @@ def test_chunk_kernel_matches_model_xla_path(case):
     model = model_sparse_attention(*args.values(), block=4)
     out = sparse_attention(*args.values(), blocks=SMALL, interpret=True)
     _check(out, model, case.dtype)
+
+
+PADDED_TILE_CASES = {  # problems smaller than 16 in every dimension: all padded when compiled for a GPU
+    "chunk_hca_4_entries": Case("hca", 1, 9, 3, 8, 4, t=4, ratio=2, start=(3,)),
+    "chunk_csa_rope": Case("csa", 2, 5, 2, 16, 3, t=6, n=3, start=(0, 4), rope=8),
+    "decode_hca_splits": Case(
+        "hca", 2, 1, 2, 8, 4, t=5, ratio=1, start=(3, 9), blocks=SparseAttentionBlocks(num_splits=2)
+    ),
+    "decode_csa": Case("csa", 2, 1, 4, 16, 5, t=7, n=4, ratio=2, start=(2, 20)),
+}
+
+
+@pytest.mark.parametrize("name", list(PADDED_TILE_CASES))
+def test_tiles_padded_to_the_triton_minimum_match_reference(name, monkeypatch):
+    """The compiled GPU form pads heads, keys, entries and head_dim to >= 16 (TRITON_MIN_DOT); run
+    those padded tiles (rows beyond the data masked) through the interpreter."""
+    monkeypatch.setattr(_common, "INTERPRET_MIN_DOT", _common.TRITON_MIN_DOT)
+    case = PADDED_TILE_CASES[name]
+    if case.s == 1:
+        args = _decode_inputs(case, seed=len(name))
+        out, ref = sparse_attention_decode(**args, blocks=case.blocks, interpret=True), decode_reference(**args)
+    else:
+        args = _chunk_inputs(case, seed=len(name))
+        out, ref = sparse_attention(**args, blocks=case.blocks, interpret=True), reference(**args)
+    _check(out, ref, case.dtype)
 
 
 def test_chunk_kernel_negative_control():
@@ -317,18 +343,11 @@ def _lower(fn, args, platform):
     assert ("triton" if platform == "cuda" else "tpu_custom_call") in text
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
-def test_flash_sized_kernels_lower(backend):
-    """The compiled paths (Triton for CUDA, Mosaic for TPU) lower at Flash sizes on a CPU host.
-
-    This checks the kernels use only ops and shapes those lowerings accept; it does not compile
-    them to device code or run them.
-    """
+def _lower_all_forms(backend: str, blocks, b=2, s=64, h=64, k=512, w=128, t=1024, n=512):
+    """Lower the chunk form (window only, CSA with fused RoPE) and the decode form (HCA, CSA)."""
     sd, bf, i32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.int32
-    b, s, h, k, w, t, n = 2, 64, 64, 512, 128, 1024, 512
     platform = "cuda" if backend == "gpu" else "tpu"
-    blocks = SparseAttentionBlocks(num_splits=4) if backend == "gpu" else None
-    rope = (sd((b, s, 32), jnp.float32),) * 2
+    rope = (sd((b, s, min(32, k // 2)), jnp.float32),) * 2
     chunk = (sd((b, s, h, k), bf), sd((b, s, k), bf), sd((b, w - 1, k), bf), sd((b,), i32), sd((h,), jnp.float32))
     ent, idx = sd((b, t, k), bf), sd((b, s, n), i32)
     _lower(lambda *a: sparse_attention(*a, w, blocks=blocks, backend=backend), chunk, platform)
@@ -336,8 +355,28 @@ def test_flash_sized_kernels_lower(backend):
         q, kv, p, st, sk, w, e, i, 4, r, blocks=blocks, backend=backend
     )
     _lower(csa, (*chunk, ent, idx, rope), platform)
+    dec = (sd((b, h, k), bf), sd((b, w, k), bf), sd((b, w), i32), sd((h,), jnp.float32), sd((b,), i32), ent)
     hca = lambda q, kw, wp, sk, p, e: sparse_attention_decode(  # noqa: E731
         q, kw, wp, sk, p, w, e, None, 128, blocks=blocks, backend=backend
     )
-    dec = (sd((b, h, k), bf), sd((b, w, k), bf), sd((b, w), i32), sd((h,), jnp.float32), sd((b,), i32), ent)
     _lower(hca, dec, platform)
+    dcsa = lambda q, kw, wp, sk, p, e, i: sparse_attention_decode(  # noqa: E731
+        q, kw, wp, sk, p, w, e, i, 4, blocks=blocks, backend=backend
+    )
+    _lower(dcsa, (*dec, sd((b, n), i32)), platform)
+
+
+def test_flash_sized_kernels_lower_for_tpu():
+    """The Mosaic (TPU) form lowers at Flash sizes on a CPU host: ops and shapes only, nothing runs."""
+    _lower_all_forms("tpu", None)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_gpu_kernels_lower_to_valid_triton(num_splits, verify_triton_modules):
+    """The Triton (CUDA) form lowers at Flash sizes and at sizes below 16 in every dimension, and
+    MLIR's verifier accepts every module, with and without flash-decoding splits (the split form
+    once built a loop the GPU's Triton parser rejected). Nothing is compiled to device code."""
+    blocks = SparseAttentionBlocks(num_splits=num_splits)
+    _lower_all_forms("gpu", blocks)
+    _lower_all_forms("gpu", blocks, b=1, s=5, h=3, k=8, w=4, t=6, n=3)
+    assert len(verify_triton_modules) == 8
