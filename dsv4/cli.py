@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,13 +79,8 @@ def load_model(path: Path, dtype: str, **placement):
         from dsv4.loading import load_hf
 
         return load_hf(path, dtype=dtype, **placement)
-    try:
-        restore = importlib.import_module("dsv4.restore")
-    except ImportError as err:
-        raise CLIError(
-            f"{path} is a converted checkpoint, but this dsv4 cannot restore one ({err}); "
-            "use the release-layout directory instead"
-        ) from None
+    from dsv4 import restore
+
     return restore.load(path, dtype=dtype, **placement)
 
 
