@@ -18,16 +18,22 @@ from dsv4.params import KeyChain, constant, normal, param
 def sinkhorn(comb: jax.Array, iters: int, eps: float) -> jax.Array:
     """Doubly-stochastic projection of [..., N, N] (rows = input stream j, cols = output stream k).
 
-    Column-normalise once, then (iters - 1) times rows then columns, each with `+ eps`.
+    Column-normalise once, then (iters - 1) times rows then columns, each with `+ eps`. Runs with the
+    N x N axes leading and the tokens last ([N, N, M]), so every sum and division works on contiguous
+    token vectors: XLA:CPU took 13 ms for the forward + backward of 1,024 tokens' [4, 4] matrices in
+    the [..., N, N] layout (its small reductions over the last axes), 0.9 ms in this one.
     """
+    lead, n = comb.shape[:-2], comb.shape[-1]
+    c = jnp.moveaxis(comb.reshape(-1, n, n), 0, -1)  # [N (j), N (k), M]
 
-    def cols(c):
-        return c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
+    def cols(c):  # sum over the input streams j
+        return c / (jnp.sum(c, axis=0, keepdims=True) + eps)
 
-    def rows(c):
-        return c / (jnp.sum(c, axis=-1, keepdims=True) + eps)
+    def rows(c):  # sum over the output streams k
+        return c / (jnp.sum(c, axis=1, keepdims=True) + eps)
 
-    return jax.lax.fori_loop(0, iters - 1, lambda _, c: cols(rows(c)), cols(comb))
+    c = jax.lax.fori_loop(0, iters - 1, lambda _, c: cols(rows(c)), cols(c))
+    return jnp.moveaxis(c, -1, 0).reshape(*lead, n, n)
 
 
 def _mix_logits(streams: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
@@ -64,9 +70,15 @@ class HyperConnection(nnx.Module):
 
     @staticmethod
     def expand(block_out: jax.Array, streams: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:
-        """new[k] = post[k] * block_out + sum_j comb[j, k] * streams[j]  (comb applied transposed)."""
+        """new[k] = post[k] * block_out + sum_j comb[j, k] * streams[j]  (comb applied transposed).
+
+        The post term is an einsum too: as a broadcast multiply, its gradient for block_out was a sum
+        over the stream axis that XLA:CPU ran 3x slower (forward + backward of one expand at 1,024
+        tokens: 20.7 -> 6.6 ms); the values are the same products.
+        """
         mixed = jnp.einsum("bsjk,bsjd->bskd", comb, streams.astype(F32))
-        return (post[..., None] * block_out.astype(F32)[:, :, None, :] + mixed).astype(streams.dtype)
+        spread = jnp.einsum("bsk,bsd->bskd", post, block_out.astype(F32))
+        return (spread + mixed).astype(streams.dtype)
 
 
 class HyperHead(nnx.Module):
