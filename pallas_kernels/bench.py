@@ -2,6 +2,7 @@
 
     python pallas_kernels/bench.py            # GPU/TPU: Flash sizes; CPU: small sizes, interpret mode
     python pallas_kernels/bench.py --only decode --iters 20
+    python pallas_kernels/bench.py --sweep     # GPU: block sizes of the attention kernels
 
 On a GPU or TPU it first checks each kernel against its reference at a moderate size, then times
 Flash-sized shapes (64 heads, head_dim 512, top-k 512, window 128; decode batch 1-64 at contexts
@@ -33,6 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 from dsv4.attention import indexer_topk as xla_indexer_topk  # noqa: E402
 from dsv4.attention import sparse_attention as xla_sparse_attention  # noqa: E402
 from pallas_kernels import (  # noqa: E402
+    SparseAttentionBlocks,
     indexer_topk,
     indexer_topk_reference,
     sparse_attention,
@@ -301,12 +303,48 @@ def run_table(sz: Sizes, interpret: bool, ceil, iters: int, only: str) -> None:
         _row(f"indexer top-{k} S={length}", kernel, xla, dyn, flops, nbytes, ceil, iters)
 
 
+# Block sizes tried by --sweep (GPU form): heads per program, entries per chunk, warps, pipeline stages.
+SWEEP = [
+    SparseAttentionBlocks(block_h=bh, block_n=bn, num_splits=0, num_warps=w, num_stages=st)
+    for bh in (16, 32, 64)
+    for bn in (32, 64)
+    for w, st in ((4, 2), (8, 2), (8, 3))
+]
+
+
+def run_sweep(sz: Sizes, iters: int) -> None:
+    """Time every SWEEP block choice on one decode and one prefill shape (CSA), checked against the
+    reference at the same shape first; prints one row per choice, fastest last per shape."""
+    shapes = [
+        ("decode csa B=8 ctx=131072", sparse_attention_decode, sparse_attention_decode_reference,
+         decode_inputs(sz, "csa", 8, 131072)),
+        ("prefill csa S=16384", sparse_attention, sparse_attention_reference, chunk_inputs(sz, "csa", 1, 16384)),
+    ]  # fmt: skip
+    statics = ("window", "ratio")
+    for label, kernel, ref, args in shapes:
+        dyn = {k: v for k, v in args.items() if k not in statics}
+        st = {k: args[k] for k in statics}
+        expected = jax.jit(lambda a, st=st, ref=ref: ref(**a, **st))(dyn)
+        rows = []
+        for blocks in SWEEP:
+            fn = jax.jit(lambda a, st=st, kernel=kernel, blocks=blocks: kernel(**a, **st, blocks=blocks))
+            try:
+                err = float(jnp.max(jnp.abs(fn(dyn) - expected)))
+                rows.append((_time(fn, dyn, iters=iters), err, blocks))
+            except Exception as e:  # noqa: BLE001 - a block choice the compiler refuses is a row, not a crash
+                print(f"  {label} {blocks}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+        for ms, err, blocks in sorted(rows, key=lambda r: -r[0]):
+            print(f"{label:28s} h{blocks.block_h:<3d} n{blocks.block_n:<3d} warps {blocks.num_warps} "
+                  f"stages {blocks.num_stages}: {ms:8.3f} ms  max err {err:.1e}", flush=True)  # fmt: skip
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="small sizes even on an accelerator")
     parser.add_argument("--iters", type=int, default=None, help="timed calls per row (median)")
     parser.add_argument("--only", default="", help="rows to time: decode, prefill or indexer")
     parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="GPU: time the SWEEP block sizes instead of the table")
     opts = parser.parse_args(argv)
     platform = jax.default_backend()
     accelerated = platform in ("gpu", "cuda", "rocm", "tpu")
@@ -318,6 +356,11 @@ def main(argv=None) -> int:
         f"device: {jax.devices()[0].device_kind} ({platform}); {'interpret mode, ' if interpret else ''}"
         f"{'small' if small else 'Flash'} sizes"
     )
+    if opts.sweep:
+        if interpret:
+            parser.error("--sweep times compiled GPU kernels: it needs a GPU")
+        run_sweep(sz, iters)
+        return 0
     ok = True
     if not opts.skip_checks:
         print("checks against the references:")
