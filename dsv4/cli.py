@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from dsv4.config import ConfigError, ModelConfig, RuntimeConfig
+from dsv4.xla_flags import prefer_plain_cpu_fusions
 
 CONVERTED_MARKER = "dsv4_checkpoint.json"  # dsv4.convert's manifest: a converted (Orbax) checkpoint
 CACHE_FORMATS = ("bfloat16", "compact", "float32")
@@ -196,6 +197,7 @@ def _generate(args) -> None:
 
 def generate_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `dsv4-generate`."""
+    prefer_plain_cpu_fusions()
     return _run("dsv4-generate", _generate, generate_parser().parse_args(argv))
 
 

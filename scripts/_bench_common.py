@@ -101,7 +101,8 @@ def backend_text(which: str) -> str:
         import jax
 
         where = f"{jax.default_backend()} ({jax.devices()[0].device_kind})"
-        return f"jax {jax.__version__} {where}, {cores} cores"
+        flags = os.environ.get("XLA_FLAGS", "")
+        return f"jax {jax.__version__} {where}, {cores} cores" + (f", XLA_FLAGS {flags!r}" if flags else "")
     import torch
 
     where = torch_device()

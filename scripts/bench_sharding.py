@@ -115,6 +115,9 @@ def ops_summary(found) -> str:
 
 
 def main(argv=None) -> None:
+    from dsv4.xla_flags import prefer_plain_cpu_fusions
+
+    prefer_plain_cpu_fusions()  # before JAX starts: what the dsv4 console scripts do
     args = parse_args(argv)
     cfg = ModelConfig.tiny(n_routed_experts=args.experts, num_experts_per_tok=args.top_k)
     model = init_model(cfg, RuntimeConfig(dtype=args.dtype), seed=0)

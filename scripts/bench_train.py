@@ -381,6 +381,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
+    from dsv4.xla_flags import prefer_plain_cpu_fusions
+
+    prefer_plain_cpu_fusions()  # before JAX starts: what the dsv4 console scripts do
     args = parse_args(argv)
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
