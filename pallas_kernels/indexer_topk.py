@@ -217,7 +217,6 @@ def _launch(q, keys, weights, vis, k: int, blocks: IndexerTopkBlocks, backend: s
     t = keys.shape[1]
     kp = next_pow2(k)
     bt = max(kp, min(next_pow2(blocks.block_t), next_pow2(t)))
-    tp = round_up(t, bt)
     bq = blocks.block_q
     jp = round_up(jdim, 128) if backend == "tpu" else next_pow2(jdim)
     hs = min(blocks.block_h, n_heads)
@@ -225,7 +224,7 @@ def _launch(q, keys, weights, vis, k: int, blocks: IndexerTopkBlocks, backend: s
         least = min_dot(interpret)
         hs = max(next_pow2(hs), next_pow2(cdiv(least, bq)))
         bt, jp = max(bt, least), max(jp, least)
-        tp = round_up(t, bt)
+    tp = round_up(t, bt)
     ip = round_up(n_heads, hs)  # padded heads have q = 0 and w = 0
     sp = round_up(s, bq)
     q = pad_axis(pad_axis(pad_axis(q, 1, sp), 2, ip), 3, jp)

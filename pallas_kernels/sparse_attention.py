@@ -47,6 +47,8 @@ from pallas_kernels._common import (
     gpu_compiler_params,
     gpu_tile,
     interpret_param,
+    min_dot,
+    next_pow2,
     pad_axis,
     resolve_backend,
     round_up,
@@ -251,7 +253,8 @@ def _gpu_kernel(*refs, names, plan: _Plan, scale: float, n_rows: int, n_entries:
         def window(st):  # a loop of static length: Triton needs a loop's bounds to share one type
             return jax.lax.fori_loop(0, n_win, window_chunk, st)
 
-        state = window(state) if ns == 1 else jax.lax.cond(split == 0, window, lambda st: st, state)  # split 0's
+        # with splits, split 0 owns the window
+        state = window(state) if ns == 1 else jax.lax.cond(split == 0, window, lambda st: st, state)
 
         if plan.kind != "window":
             if plan.kind == "csa":
@@ -369,7 +372,7 @@ def _gpu_call(plan, q, kv, win_pos, sink, pos, entries, entry_idx, rope):
     """Pad to the GPU form's blocks, launch, combine splits. q [B, Sq, H, K], pos [B, Sq]."""
     b, s, h, k = q.shape
     blk = plan.blocks
-    kp = gpu_tile(k, k, plan.interpret)
+    kp = max(min_dot(plan.interpret), next_pow2(k))  # head_dim: every channel, padded to a power of two
     bh = gpu_tile(h, blk.block_h, plan.interpret)
     bq = blk.block_q if plan.mode == "chunk" else 1
     sp, hp = round_up(s, bq), round_up(h, bh)

@@ -31,7 +31,8 @@ targets: the last S).
 
 Timing: each row runs in a fresh interpreter; `--warmup` steps (the first one compiles dsv4's
 step) are excluded, then `--steps` steps are timed back to back (dsv4: `block_until_ready` on each
-step's metrics; torch: `float(loss)` each step waits for the device). tokens/s = steps x B x S / their total wall time.
+step's metrics; torch: `float(loss)` each step waits for the device). tokens/s = steps x B x S /
+their total wall time.
 The first step's LM loss of each row is printed: the float32 rows start from the same weights and
 batch, so theirs agree (to about 1e-6).
 

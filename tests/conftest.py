@@ -44,7 +44,7 @@ def verify_triton_modules(monkeypatch):
     verifies) it only when compiling. Verifying here catches ill-typed modules early: a decode
     kernel whose loop bounds had two integer types passed the lowering test and failed on an H200
     with "'scf.for' op failed to verify that all of {lowerBound, upperBound, step} have same type".
-    Yields the list of kernel names verified.
+    Returns the list the names of the verified kernels are appended to.
     """
     from jax._src.pallas.triton import lowering
 

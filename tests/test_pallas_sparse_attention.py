@@ -373,10 +373,11 @@ def test_flash_sized_kernels_lower_for_tpu():
 
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_gpu_kernels_lower_to_valid_triton(num_splits, verify_triton_modules):
-    """The Triton (CUDA) form lowers at Flash sizes and at sizes below 16 in every dimension, and
-    MLIR's verifier accepts every module, with and without flash-decoding splits (the split form
-    once built a loop the GPU's Triton parser rejected). Nothing is compiled to device code."""
+    """The Triton (CUDA) form lowers at Flash sizes and at sizes below 16 and no power of two
+    (head_dim 24), and MLIR's verifier accepts every module, with and without flash-decoding splits
+    (the split form once built a loop the GPU's Triton parser rejected). Nothing is compiled to
+    device code."""
     blocks = SparseAttentionBlocks(num_splits=num_splits)
     _lower_all_forms("gpu", blocks)
-    _lower_all_forms("gpu", blocks, b=1, s=5, h=3, k=8, w=4, t=6, n=3)
+    _lower_all_forms("gpu", blocks, b=1, s=5, h=3, k=24, w=4, t=6, n=3)
     assert len(verify_triton_modules) == 8
