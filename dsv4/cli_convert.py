@@ -23,10 +23,10 @@ memory: the converter streams in units of about --unit-mb of output (default 102
 layer's non-expert tensors, each layer's routed experts in groups, the embedding and the head in
 row ranges, the MTP block. Two units live in memory at a time (one being built, one being
 written), so peak host memory stays within about
-    2 x the largest unit + 16 MiB per worker + ~0.5 GB fixed overhead (Python, JAX, the plan),
+    2 x the largest unit + 32 MiB per worker + ~0.5 GB fixed overhead (Python, JAX, the plan),
 whatever the checkpoint size. With the defaults the largest unit is about 1.07 GB (Flash and Pro
 in bfloat16, Flash in float32) or 1.9 GB (Pro in float32: the MTP block), so expect at most
-about 2.7 GB (4.3 GB for Pro in float32) plus 16 MiB per worker.
+about 2.7 GB (4.3 GB for Pro in float32) plus 32 MiB per worker.
 disk: DST needs about 2 bytes (bfloat16) or 4 bytes (float32) per parameter (Flash ~0.58 / 1.2 TB,
 Pro ~3.2 / 6.4 TB), or about the size of SRC with --keep-quantized.
 """

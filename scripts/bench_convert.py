@@ -1,15 +1,20 @@
 """Benchmark `dsv4-convert` on a synthetic release-layout checkpoint with Flash-shaped tensors.
 
     python scripts/bench_convert.py --out /tmp/dsv4-bench [--layers 1] [--vocab 8192] [--workers N]
+                                    [--cache warm|cold|both]
 
 Writes a checkpoint whose every tensor has its Flash shape and release storage (FP8 projections
 with E8M0 tile scales, packed FP4 routed experts with per-32 scales, BF16/F32/I64 elsewhere; all
 256 experts per layer) filled with random bytes, then times:
 
-  raw read      `cat` of every shard to /dev/null (the files are in the page cache, as for the runs)
+  raw read      `cat` of every shard to /dev/null
   plain copy    `cp -r` of the checkpoint: the ceiling of any conversion that writes as much
   convert       dsv4-convert to bfloat16 and with --keep-quantized, each in a fresh subprocess,
                 reporting its throughput (source bytes / second) and peak RSS against the bound.
+
+Each is timed with the source in the page cache ("warm": what a second conversion of the same
+files finds) and evicted from it before the run ("cold": `posix_fadvise(DONTNEED)` after a sync,
+so every byte comes from the disk, as when converting a freshly downloaded release).
 
 `write_synthetic_release` is also used by the memory-bound test.
 """
@@ -140,17 +145,37 @@ def _name_shards(out_dir: Path, shards: list, total: int) -> None:
 # ---------------------------------------------------------------------------------------- timing
 
 
-def raw_read_seconds(src: Path) -> float:
-    """Seconds for `cat` to read every shard to /dev/null."""
+def evict_from_page_cache(src: Path) -> None:
+    """Drop the shards' pages from the page cache (written back first), so the next read hits the disk."""
+    os.sync()
+    for path in src.glob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _prepare(src: Path, cache: str) -> None:
+    if cache == "cold":
+        evict_from_page_cache(src)
+    else:
+        subprocess.run(["cat", *sorted(map(str, src.glob("*.safetensors")))], stdout=subprocess.DEVNULL, check=True)
+
+
+def raw_read_seconds(src: Path, cache: str = "warm") -> float:
+    """Seconds for `cat` to read every shard to /dev/null (from the page cache or, cold, the disk)."""
     shards = sorted(str(p) for p in src.glob("*.safetensors"))
+    _prepare(src, cache)
     start = time.perf_counter()
     subprocess.run(["cat", *shards], stdout=subprocess.DEVNULL, check=True)
     return time.perf_counter() - start
 
 
-def copy_seconds(src: Path, dst: Path) -> float:
+def copy_seconds(src: Path, dst: Path, cache: str = "warm") -> float:
     """Seconds for `cp -r` of the checkpoint (the ceiling of any conversion that writes it all)."""
     shutil.rmtree(dst, ignore_errors=True)
+    _prepare(src, cache)
     start = time.perf_counter()
     subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
     seconds = time.perf_counter() - start
@@ -158,9 +183,10 @@ def copy_seconds(src: Path, dst: Path) -> float:
     return seconds
 
 
-def run_convert(src: Path, dst: Path, extra: list[str]) -> dict:
+def run_convert(src: Path, dst: Path, extra: list[str], cache: str = "warm") -> dict:
     """One conversion in a fresh subprocess; its summary (from the manifest) plus wall and CPU seconds."""
     shutil.rmtree(dst, ignore_errors=True)
+    _prepare(src, cache)
     cmd = [sys.executable, str(_REPO / "scripts" / "convert_hf.py"), str(src), str(dst), "--no-progress", *extra]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -174,6 +200,36 @@ def run_convert(src: Path, dst: Path, extra: list[str]) -> dict:
     return summary
 
 
+def _cache_rows(src: Path, dst: Path, total: int, workers: int, cache: str) -> list[str]:
+    """Table rows of the raw read, the copy and the conversions with the source `cache` (warm/cold)."""
+    cat = min(raw_read_seconds(src, cache) for _ in range(3))
+    cp = min(copy_seconds(src, dst, cache) for _ in range(2))
+    rows = [
+        ("raw read (`cat` to /dev/null)", total / cat, total / cat, cat, None, None, None),
+        ("plain copy (`cp -r`)", total / cp, total / cp, cp, None, None, None),
+    ]
+    runs = (
+        (f"convert to bfloat16, --workers {workers}", ["--workers", str(workers)]),
+        ("convert to bfloat16, --workers 1", ["--workers", "1"]),
+        (f"convert --keep-quantized, --workers {workers}", ["--workers", str(workers), "--keep-quantized"]),
+    )
+    for label, extra in runs:
+        s = run_convert(src, dst, extra, cache)
+        streaming = s["seconds"] - s["setup_seconds"]
+        rows.append((label, s["bytes_read"] / s["seconds"], s["bytes_read"] / streaming, s["seconds"], s["cpu"],
+                     s["peak_rss_bytes"], s["memory_bound_bytes"]))  # fmt: skip
+    raw = total / cat
+
+    def fmt(v, scale=1e9):
+        return f"{v / scale:.2f}" if v else "-"
+
+    return [
+        f"| {cache} | {label} | {rate / 1e9:.2f} | {stream / 1e9:.2f} | {100 * stream / raw:.0f}% | {secs:.1f} |"
+        f" {fmt(cpu, 1)} | {fmt(rss)} | {fmt(bound)} |"
+        for label, rate, stream, secs, cpu, rss, bound in rows
+    ]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("/tmp/dsv4-bench"), help="work directory")
@@ -181,38 +237,20 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--keep", action="store_true", help="keep the files afterwards")
+    parser.add_argument("--cache", choices=("warm", "cold", "both"), default="both",
+                        help="source in the page cache, evicted before each run, or both (default)")  # fmt: skip
     args = parser.parse_args(argv)
     src, dst = args.out / "src", args.out / "dst"
     shutil.rmtree(args.out, ignore_errors=True)
     start = time.perf_counter()
     total = write_synthetic_release(flash_shaped_config(args.layers, args.vocab), src)
     print(f"synthetic checkpoint: {total / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s ({src})")
-    raw_read_seconds(src)  # warm the page cache like the conversions find it
-    cat = min(raw_read_seconds(src) for _ in range(3))
-    cp = min(copy_seconds(src, dst) for _ in range(2))
-    rows = [
-        ("raw read (`cat` to /dev/null, page cache)", total / cat, total / cat, cat, None, None, None),
-        ("plain copy (`cp -r`)", total / cp, total / cp, cp, None, None, None),
-    ]
-    n = args.workers
-    runs = (
-        (f"convert to bfloat16, --workers {n}", ["--workers", str(n)]),
-        ("convert to bfloat16, --workers 1", ["--workers", "1"]),
-        (f"convert --keep-quantized, --workers {n}", ["--workers", str(n), "--keep-quantized"]),
-    )
-    for label, extra in runs:
-        s = run_convert(src, dst, extra)
-        streaming = s["seconds"] - s["setup_seconds"]
-        rows.append((label, s["bytes_read"] / s["seconds"], s["bytes_read"] / streaming, s["seconds"], s["cpu"],
-                     s["peak_rss_bytes"], s["memory_bound_bytes"]))  # fmt: skip
-    print("\n| run | GB/s (whole run) | GB/s (streaming) | streaming % of raw read | seconds | CPU seconds |"
-          " peak RSS GB | bound GB |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
-    raw = total / cat
-    for label, rate, stream, secs, cpu, rss, bound in rows:
-        fmt = lambda v, scale=1e9: f"{v / scale:.2f}" if v else "-"  # noqa: E731
-        print(f"| {label} | {rate / 1e9:.2f} | {stream / 1e9:.2f} | {100 * stream / raw:.0f}% | {secs:.1f} |"
-              f" {fmt(cpu, 1)} | {fmt(rss)} | {fmt(bound)} |")  # fmt: skip
+    print("\n| cache | run | GB/s (whole run) | GB/s (streaming) | streaming % of raw read | seconds |"
+          " CPU seconds | peak RSS GB | bound GB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for cache in ("warm", "cold") if args.cache == "both" else (args.cache,):
+        for row in _cache_rows(src, dst, total, args.workers, cache):
+            print(row, flush=True)
     if not args.keep:
         shutil.rmtree(args.out, ignore_errors=True)
 

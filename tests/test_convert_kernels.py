@@ -4,6 +4,8 @@ Everything is compared exactly (bit for bit, NaN == NaN) against the reference p
 uses: `checkpoint.read_dequantized` + `ParamSpec.assemble` + `astype`, or `dsv4.quant`.
 """
 
+import errno
+
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -16,7 +18,7 @@ from dsv4.config import ModelConfig, RuntimeConfig
 from dsv4.loading import weight_block
 from dsv4.model import abstract_model
 from dsv4.quantized import QuantizedWeight, decode_e8m0, materialize
-from dsv4.safetensors_io import CheckpointIndex
+from dsv4.safetensors_io import CheckpointIndex, write_safetensors
 
 
 def _same(a, b) -> bool:
@@ -103,6 +105,52 @@ def test_fp4_tables_decode_like_quant():
     assert _same(convert._FP8_VALUES, fp8)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_scaled_tables_equal_the_reference_product_for_every_scale_and_byte(dtype):
+    """Entry (s << 8 | b): value(b) * 2^(s - 127) in float32, cast once, for all 65,536 pairs
+    (including the NaN scale 255, overflow to inf and bfloat16 subnormals)."""
+    scale = np.repeat(np.arange(256, dtype=np.uint8), 256)  # [65536]
+    byte = np.tile(np.arange(256, dtype=np.uint8), 256)
+    (fp8,) = convert._scaled_tables("F8_E4M3", np.dtype(dtype))
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected = quant.dequantize_fp8(byte.view(ml_dtypes.float8_e4m3fn)[:, None], scale[:, None], (1, 1))
+    assert _same(fp8.view(dtype), expected[:, 0].astype(dtype))
+    low, high = convert._scaled_tables("I8", np.dtype(dtype))
+    with np.errstate(invalid="ignore", over="ignore"):
+        pairs = quant.dequantize_fp4(byte[:, None], scale[:, None])  # [65536, 2]
+    assert _same(low.view(dtype), pairs[:, 0].astype(dtype)) and _same(high.view(dtype), pairs[:, 1].astype(dtype))
+
+
+def _single_tensor_reader(tmp_path, name, stored, scale, scale_code):
+    write_safetensors(tmp_path / "model.safetensors", {name: stored, name.replace(".weight", ".scale"): scale},
+                      {name.replace(".weight", ".scale"): scale_code} if scale_code else None)  # fmt: skip
+    return convert.SourceReader(CheckpointIndex(tmp_path))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("scale_fmt", ["ue8m0", "float"])
+def test_fp8_transposed_conversion_with_either_scale_format(tmp_path, monkeypatch, scale_fmt, dtype):
+    """E8M0 scales take the scaled-table path, float scales the float32 one; blocks start mid-tile."""
+    monkeypatch.setattr(convert, "READ_BLOCK_BYTES", 4 * 300 * 50)  # 50 rows a block: tiles split
+    w = np.random.default_rng(4).standard_normal((260, 300)).astype(np.float32)  # partial tiles on both axes
+    q, s = quant.quantize_fp8(w, scale_fmt=scale_fmt)
+    reader = _single_tensor_reader(tmp_path, "x.weight", q, s, "F8_E8M0" if scale_fmt == "ue8m0" else None)
+    got = np.empty((300, 260), dtype)
+    convert.convert_tensor(reader, ReleaseTensor("x.weight", (260, 300), "fp8"), got, "transpose", (128, 128))
+    assert _same(got, quant.dequantize_fp8(q, s).T.astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fp4_expert_conversion_with_a_partial_scale_group(tmp_path, monkeypatch, dtype):
+    monkeypatch.setattr(convert, "READ_BLOCK_BYTES", 4 * 80 * 7)  # 7 rows a block
+    w = np.random.default_rng(5).standard_normal((40, 80)).astype(np.float32)  # 80 % 32: a partial group
+    packed, s = quant.quantize_fp4(w)
+    reader = _single_tensor_reader(tmp_path, "e.weight", packed, s, "F8_E8M0")
+    got = np.empty((80, 40), dtype)
+    convert.convert_tensor(reader, ReleaseTensor("e.weight", (40, 80), "expert"), got, "experts", (128, 128))
+    assert _same(got, quant.dequantize_fp4(packed, s).T.astype(dtype))
+
+
 # --------------------------------------------------------------------------- QuantizedWeight
 
 
@@ -159,3 +207,48 @@ def test_quantized_weight_refuses_unknown_formats():
         QuantizedWeight(jnp.zeros(1), jnp.zeros(1), fmt="int4", layout="transpose", dtype="float32")
     with pytest.raises(ValueError, match="layout"):
         QuantizedWeight(jnp.zeros(1), jnp.zeros(1), fmt="fp8", layout="diagonal", dtype="float32")
+
+
+# ------------------------------------------------------------------------------ chunk writing
+
+
+def _chunk_bytes(n: int, offset: int = 0) -> np.ndarray:
+    """n bytes of data starting `offset` bytes past a direct-I/O boundary."""
+    buf = convert._aligned_empty((n + offset,), np.uint8)[offset:]
+    buf[:] = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
+    return buf
+
+
+@pytest.mark.parametrize("offset", [0, 16])
+def test_chunks_written_directly_or_buffered_hold_their_bytes(tmp_path, monkeypatch, offset):
+    """Aligned chunks take O_DIRECT, misaligned ones the page cache; both land intact, padded."""
+    opened = []
+    real_open = convert.os.open
+    monkeypatch.setattr(convert.os, "open", lambda *a, **k: opened.append(a[1]) or real_open(*a, **k))
+    store = convert.ArrayStore(tmp_path)
+    data = _chunk_bytes(2 * convert.DIRECT_IO_MIN_BYTES, offset)
+    store.write_chunk(tmp_path / "c", data, data.nbytes + 100)
+    on_disk = np.fromfile(tmp_path / "c", np.uint8)
+    assert _same(on_disk[: data.nbytes], data) and not on_disk[data.nbytes :].any()
+    assert on_disk.nbytes == data.nbytes + 100
+    assert bool(opened) == (offset == 0 and hasattr(convert.os, "O_DIRECT"))
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no temporary left behind
+
+
+def test_chunk_writes_fall_back_when_the_filesystem_refuses_direct_io(tmp_path, monkeypatch):
+    def refuse(path, flags, mode=0o777):
+        raise OSError(errno.EINVAL, "O_DIRECT not supported", str(path))
+
+    monkeypatch.setattr(convert.os, "open", refuse)
+    data = _chunk_bytes(2 * convert.DIRECT_IO_MIN_BYTES)
+    convert.ArrayStore(tmp_path).write_chunk(tmp_path / "c", data, data.nbytes)
+    assert _same(np.fromfile(tmp_path / "c", np.uint8), data)
+
+
+def test_unit_buffers_are_aligned_and_reused():
+    buffers = convert._Buffers()
+    first = buffers.take((3, 5, 7), ml_dtypes.bfloat16)
+    assert first.ctypes.data % convert.DIRECT_IO_ALIGN == 0 and first.shape == (3, 5, 7)
+    buffers.release([first])
+    again = buffers.take((2, 5, 7), ml_dtypes.bfloat16)  # fewer rows: the spare serves
+    assert again.ctypes.data == first.ctypes.data and again.shape == (2, 5, 7)

@@ -187,7 +187,7 @@ def _bench_module():
 def test_peak_memory_stays_within_the_bound(tmp_path):
     bench = _bench_module()
     big = dsv4.ModelConfig.tiny(
-        hidden_size=512, moe_intermediate_size=1024, n_routed_experts=64, num_hidden_layers=4,
+        hidden_size=512, moe_intermediate_size=1024, n_routed_experts=80, num_hidden_layers=4,
         compress_ratios=(0, 4, 128, 0, 0), vocab_size=4096, num_hash_layers=1,
     )  # fmt: skip
     total = bench.write_synthetic_release(big, tmp_path / "big", max_shard_bytes=64 << 20)
