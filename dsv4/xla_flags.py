@@ -2,9 +2,11 @@
 
 XLA:CPU hands some fusions (reductions, small dots) to YNNPACK. For this model that is slower: on
 the 2-core CI machine, paired runs with YNNPACK fusions off gave a train step of 0.89-1.09 s
-against 1.11-1.29 s, a forward at S = 4096 of 1.15-1.33 s against 1.38-1.43 s, and a decode step
-at 8K of 2.9 ms against 4.0 ms; single reductions such as Sinkhorn's backward ran 20x slower
-through YNNPACK. The library itself never touches the environment: programs call
+against 1.11-1.29 s, a forward at S = 4096 of 1.15-1.33 s against 1.38-1.43 s, a prefill at 8K x 8
+of ~3,000 against ~2,300 tokens/s; single reductions such as Sinkhorn's backward ran 20x slower
+through YNNPACK. (Batch-8 decode steps are the exception: 15-16 ms against 12-14 ms; batch-1
+decode is unchanged. `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+reduce` keeps XLA's
+defaults.) The library itself never touches the environment: programs call
 `prefer_plain_cpu_fusions()` first thing, and library users can set the same flag themselves.
 """
 
