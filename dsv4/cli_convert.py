@@ -28,7 +28,9 @@ whatever the checkpoint size. With the defaults the largest unit is about 1.07 G
 in bfloat16, Flash in float32) or 1.9 GB (Pro in float32: the MTP block), so expect at most
 about 2.7 GB (4.3 GB for Pro in float32) plus 32 MiB per worker.
 disk: DST needs about 2 bytes (bfloat16) or 4 bytes (float32) per parameter (Flash ~0.58 / 1.2 TB,
-Pro ~3.2 / 6.4 TB), or about the size of SRC with --keep-quantized.
+Pro ~3.2 / 6.4 TB), or about the size of SRC with --keep-quantized. Chunks of 1 MiB or more are
+written with direct I/O (O_DIRECT: no copy into the page cache), or buffered where the filesystem
+refuses it (tmpfs, some network filesystems). Each worker has two writer threads.
 """
 
 

@@ -4,8 +4,9 @@ The release is far larger than host memory (Flash 160 GB, Pro 865 GB), so the co
 units of about `unit_bytes` of output: the top-level tensors, each block's non-expert tensors, each
 block's routed experts in groups, the embedding and the head in row ranges, and the MTP block. A
 unit is read with plain positional reads (no memory map), dequantized block of rows by block of
-rows, laid out as the model wants it, written as zarr chunk files and released. Two units live in
-host memory at a time: the one being written and the one being built.
+rows, laid out as the model wants it, written as zarr chunk files (with direct I/O where the
+filesystem allows it) and released. Two units live in host memory at a time: the one being written
+and the one being built.
 
 On-disk layout of DST:
 
