@@ -812,8 +812,9 @@ class ArrayStore:
     def write_chunk(self, path: Path, content, full_nbytes: int) -> None:
         """Write one zarr chunk file atomically (temp + rename), zero-padded to `full_nbytes`.
 
-        Converted arrays go to disk with direct I/O where the filesystem and the buffer allow it
-        (see `_write_direct`); source byte ranges are copied in the kernel.
+        Converted arrays, and source byte ranges read into an aligned buffer, go to disk with
+        direct I/O where the filesystem and the alignment allow it (see `_write_direct`); other
+        writes go through the page cache (source ranges copied in the kernel).
         """
         tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
         if isinstance(content, FileRange):
@@ -864,7 +865,7 @@ def _write_direct(path: Path, pieces: Iterable[memoryview]) -> bool:
     except BaseException as err:
         os.close(fd)
         os.unlink(path)
-        if isinstance(err, OSError) and err.errno == errno.EINVAL:
+        if isinstance(err, OSError) and err.errno in (errno.EINVAL, errno.EOPNOTSUPP):
             return False
         raise
     os.close(fd)
