@@ -747,7 +747,6 @@ class ArrayStore:
     def __init__(self, directory: Path, on_copy: Callable[[int], None] | None = None):
         self.directory = Path(directory)
         self.on_copy = on_copy or (lambda n: None)
-        self.direct_io = True  # False: every write through the page cache
         self._context = ts.Context()
         self._arrays: dict[str, ts.TensorStore] = {}
 
@@ -818,14 +817,14 @@ class ArrayStore:
         """
         tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
         if isinstance(content, FileRange):
-            if not (self.direct_io and _direct_io_fits(content.nbytes) and _write_direct(tmp, _range_pieces(content))):
+            if not (_direct_io_fits(content.nbytes) and _write_direct(tmp, _range_pieces(content))):
                 with open(tmp, "wb", buffering=0) as f:
                     _copy_range(content, f)
             self.on_copy(content.nbytes)
         else:
             data = memoryview(content.reshape(-1).view(np.uint8))
             address = content.ctypes.data
-            if not (self.direct_io and _direct_io_fits(data.nbytes, address) and _write_direct(tmp, [data])):
+            if not (_direct_io_fits(data.nbytes, address) and _write_direct(tmp, [data])):
                 with open(tmp, "wb", buffering=0) as f:
                     _write_all(f, data)
         if tmp.stat().st_size < full_nbytes:
