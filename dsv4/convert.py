@@ -606,8 +606,8 @@ def _read_rows(reader: SourceReader, name: str, r0: int, r1: int) -> np.ndarray:
 def _decode_transposed(reader: SourceReader, t: ReleaseTensor, code: str, r0: int, r1: int, block, dtype):
     """Release rows [r0, r1) of `t` as columns [K, r1 - r0] in scratch.
 
-    Quantized with E8M0 scales: dequantized straight into `dtype`; with float scales: float32;
-    anything else: as stored.
+    Quantized with E8M0 scales (FP4 always: the index validation allows no other): dequantized
+    straight into `dtype`; FP8 with float scales: float32; anything else: as stored.
     """
     raw = _read_rows(reader, t.name, r0, r1)
     m, width = raw.shape
@@ -621,13 +621,9 @@ def _decode_transposed(reader: SourceReader, t: ReleaseTensor, code: str, r0: in
             return _lookup_scaled(code, bytes_t, scale[rows].T, block[1], dtype)
         values_t = np.take(_FP8_VALUES, bytes_t, out=_SCRATCH.get("values_t", (width, m), np.float32))
         return _scale_columns(values_t, scale, r0, block)
-    scale = reader.rows(t.scale_name, r0, r1)
-    if scale.dtype == np.uint8:  # byte row j holds elements 2j and 2j + 1: one scale per 16 byte rows
-        return _lookup_scaled(code, bytes_t, scale.T, quant.FP4_GROUP // 2, dtype)
-    pairs = _SCRATCH.get("values_t", (width, 2, m), np.float32)  # byte row j -> elements 2j, 2j + 1
-    np.take(_FP4_LOW, bytes_t, out=pairs[:, 0])
-    np.take(_FP4_HIGH, bytes_t, out=pairs[:, 1])
-    return _scale_columns(pairs.reshape(2 * width, m), scale, r0, (1, quant.FP4_GROUP))
+    scale = reader.rows(t.scale_name, r0, r1).view(np.uint8)  # E8M0 or U8 bytes
+    # byte row j holds elements 2j and 2j + 1: one scale per 16 byte rows
+    return _lookup_scaled(code, bytes_t, scale.T, quant.FP4_GROUP // 2, dtype)
 
 
 def _lookup_scaled(code: str, bytes_t: np.ndarray, scale_t: np.ndarray, rows_per_scale: int, dtype) -> np.ndarray:

@@ -122,9 +122,9 @@ def test_scaled_tables_equal_the_reference_product_for_every_scale_and_byte(dtyp
     assert _same(low.view(dtype), pairs[:, 0].astype(dtype)) and _same(high.view(dtype), pairs[:, 1].astype(dtype))
 
 
-def _single_tensor_reader(tmp_path, name, stored, scale, scale_code):
-    write_safetensors(tmp_path / "model.safetensors", {name: stored, name.replace(".weight", ".scale"): scale},
-                      {name.replace(".weight", ".scale"): scale_code} if scale_code else None)  # fmt: skip
+def _single_tensor_reader(tmp_path, t: ReleaseTensor, stored, scale, scale_code):
+    dtypes = {t.scale_name: scale_code} if scale_code else None
+    write_safetensors(tmp_path / "model.safetensors", {t.name: stored, t.scale_name: scale}, dtypes)
     return convert.SourceReader(CheckpointIndex(tmp_path))
 
 
@@ -135,9 +135,10 @@ def test_fp8_transposed_conversion_with_either_scale_format(tmp_path, monkeypatc
     monkeypatch.setattr(convert, "READ_BLOCK_BYTES", 4 * 300 * 50)  # 50 rows a block: tiles split
     w = np.random.default_rng(4).standard_normal((260, 300)).astype(np.float32)  # partial tiles on both axes
     q, s = quant.quantize_fp8(w, scale_fmt=scale_fmt)
-    reader = _single_tensor_reader(tmp_path, "x.weight", q, s, "F8_E8M0" if scale_fmt == "ue8m0" else None)
+    t = ReleaseTensor("x.weight", (260, 300), "fp8")
+    reader = _single_tensor_reader(tmp_path, t, q, s, "F8_E8M0" if scale_fmt == "ue8m0" else None)
     got = np.empty((300, 260), dtype)
-    convert.convert_tensor(reader, ReleaseTensor("x.weight", (260, 300), "fp8"), got, "transpose", (128, 128))
+    convert.convert_tensor(reader, t, got, "transpose", (128, 128))
     assert _same(got, quant.dequantize_fp8(q, s).T.astype(dtype))
 
 
@@ -146,9 +147,10 @@ def test_fp4_expert_conversion_with_a_partial_scale_group(tmp_path, monkeypatch,
     monkeypatch.setattr(convert, "READ_BLOCK_BYTES", 4 * 80 * 7)  # 7 rows a block
     w = np.random.default_rng(5).standard_normal((40, 80)).astype(np.float32)  # 80 % 32: a partial group
     packed, s = quant.quantize_fp4(w)
-    reader = _single_tensor_reader(tmp_path, "e.weight", packed, s, "F8_E8M0")
+    t = ReleaseTensor("e.weight", (40, 80), "expert")
+    reader = _single_tensor_reader(tmp_path, t, packed, s, "F8_E8M0")
     got = np.empty((80, 40), dtype)
-    convert.convert_tensor(reader, ReleaseTensor("e.weight", (40, 80), "expert"), got, "experts", (128, 128))
+    convert.convert_tensor(reader, t, got, "experts", (128, 128))
     assert _same(got, quant.dequantize_fp4(packed, s).T.astype(dtype))
 
 

@@ -40,3 +40,26 @@ def test_this_jaxlib_accepts_the_flag():
     assert ok.returncode == 0 and ok.stdout.strip() == "6.0", ok.stderr[-500:]
     bad = _run_jax("--xla_no_such_flag_for_dsv4=1")
     assert bad.returncode != 0 and "Unknown flag" in bad.stderr
+
+
+def _ynn_fusions(flags: str) -> int:
+    """`ynn_fusion` instructions in the optimized HLO of a row reduction, compiled under `flags`."""
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "f = jax.jit(lambda x: (x / x.sum(-1, keepdims=True)).sum(-2))\n"
+        "print(f.lower(jnp.ones((4096, 4, 4))).compile().as_text().count('%ynn_fusion'))"
+    )
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-500:]
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_flag_takes_the_ynnpack_fusions_out():
+    """The flag is not a no-op (XLA's own --help text calls the default list empty): XLA:CPU's
+    default compilation of a reduction has YNNPACK fusions, compilation under the flag has none."""
+    if xla_flags._jaxlib_minor() not in xla_flags.KNOWN_JAXLIB:
+        assert not xla_flags.prefer_plain_cpu_fusions({})
+        return
+    assert _ynn_fusions("") > 0
+    assert _ynn_fusions(xla_flags.NO_YNN_FUSIONS) == 0
