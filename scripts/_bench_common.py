@@ -41,15 +41,39 @@ BENCH_OVERRIDES: dict = {
 }
 
 
-def bench_config():
-    """The benchmark's ModelConfig: `ModelConfig.tiny(**BENCH_OVERRIDES)`."""
+def bench_config(changes: dict | None = None):
+    """The benchmark's ModelConfig: `ModelConfig.tiny(**BENCH_OVERRIDES)`, then `changes` (`--set`)."""
     from dsv4.config import ModelConfig
 
-    return ModelConfig.tiny(**BENCH_OVERRIDES)
+    return ModelConfig.tiny(**{**BENCH_OVERRIDES, **(changes or {})})
 
 
-def config_text() -> str:
-    return ", ".join(f"{k} {list(v) if isinstance(v, tuple) else v}" for k, v in BENCH_OVERRIDES.items())
+def config_text(changes: dict | None = None) -> str:
+    items = {**BENCH_OVERRIDES, **(changes or {})}.items()
+    return ", ".join(f"{k} {list(v) if isinstance(v, tuple) else v}" for k, v in items)
+
+
+def parse_changes(pairs: list[str] | None) -> dict:
+    """`--set KEY=VALUE ...` -> {KEY: value}: VALUE as JSON (numbers, lists), else the string itself.
+
+    Raises SystemExit naming the pair when it has no "=" or KEY is not a ModelConfig field.
+    """
+    import dataclasses
+
+    from dsv4.config import ModelConfig
+
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    out = {}
+    for pair in pairs or []:
+        key, sep, text = pair.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE with KEY a ModelConfig field")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        out[key] = tuple(value) if isinstance(value, list) else value
+    return out
 
 
 def random_tokens(vocab: int, batch: int, seq: int, seed: int = SEED):

@@ -3,6 +3,7 @@
     python scripts/bench_forward.py                      # S = 1024, 4096, 16384
     python scripts/bench_forward.py --seqs 256           # smoke check, a few seconds per run
     python scripts/bench_forward.py --one dsv4 4096      # one measurement, printed as JSON
+    python scripts/bench_forward.py --seqs 4096 --set num_attention_heads=16   # another config
 
 Both sides run the same small DeepSeek-V4 config in float32 on this machine's CPUs, batch
 `--batch` (default 1), random tokens. dsv4: `dsv4.forward` (the jitted [B, S] -> logits forward,
@@ -58,6 +59,7 @@ from _bench_common import (  # noqa: E402  (the config is shared with bench_deco
     bench_config,
     config_text,
     device_peak_bytes,
+    parse_changes,
     peak_rss_bytes,
     random_tokens,
     torch_device,
@@ -86,14 +88,14 @@ def _time_best(run, repeats: int) -> dict:
 # ------------------------------------------------------------------------------ one measurement
 
 
-def measure_dsv4(seq: int, batch: int, impl: str, query_block: int, repeats: int) -> dict:
+def measure_dsv4(seq: int, batch: int, impl: str, query_block: int, repeats: int, changes: dict) -> dict:
     import jax
 
     import dsv4
     from dsv4.config import RuntimeConfig
     from dsv4.model import init_model
 
-    cfg = bench_config()
+    cfg = bench_config(changes)
     rt = RuntimeConfig(dtype="float32", attention_impl=impl, query_block=query_block)
     model = init_model(cfg, rt, SEED)
     tokens = jax.device_put(random_tokens(cfg.vocab_size, batch, seq))
@@ -102,13 +104,13 @@ def measure_dsv4(seq: int, batch: int, impl: str, query_block: int, repeats: int
     return {**times, "peak_rss_before_forward": rss_before, "backend": backend_text("jax")}
 
 
-def measure_hf(seq: int, batch: int, repeats: int) -> dict:
+def measure_hf(seq: int, batch: int, repeats: int, changes: dict) -> dict:
     import torch
 
     sys.path.insert(0, str(REPO / "tests"))
     from release_fixture import build_hf_model
 
-    cfg = bench_config()
+    cfg = bench_config(changes)
     device = torch_device()
     model = build_hf_model(cfg.to_hf_dict(), SEED).to(device)
     tokens = torch.from_numpy(random_tokens(cfg.vocab_size, batch, seq)).long().to(device)
@@ -129,9 +131,9 @@ def measure_hf(seq: int, batch: int, repeats: int) -> dict:
 
 def measure_one(which: str, seq: int, args) -> dict:
     if which == "dsv4":
-        out = measure_dsv4(seq, args.batch, args.impl, args.query_block, args.repeats)
+        out = measure_dsv4(seq, args.batch, args.impl, args.query_block, args.repeats, args.changes)
     else:
-        out = measure_hf(seq, args.batch, args.repeats)
+        out = measure_hf(seq, args.batch, args.repeats, args.changes)
     out.update(
         which=which, seq=seq, batch=args.batch, tokens_per_s=args.batch * seq / out["best_s"],
         peak_rss=peak_rss_bytes(), device_peak=device_peak_bytes("jax" if which == "dsv4" else "torch"),
@@ -147,6 +149,7 @@ def run_child(which: str, seq: int, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", which, str(seq)]
     cmd += ["--batch", str(args.batch), "--impl", args.impl, "--query-block", str(args.query_block)]
     cmd += ["--repeats", str(args.repeats)] + (["--cores", str(args.cores)] if args.cores else [])
+    cmd += ["--set", *args.set] if args.set else []
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=REPO)
     except subprocess.TimeoutExpired:
@@ -168,7 +171,7 @@ def hf_max_seq(args) -> int:
 def hf_skip_reason(seq: int, args) -> str | None:
     if seq <= hf_max_seq(args):
         return None
-    cfg = bench_config()
+    cfg = bench_config(args.changes)
     per_copy = args.batch * cfg.num_attention_heads * seq * (seq + seq // 4) * 4 / 2**30
     return (
         f"not run: S > --hf-max-seq {hf_max_seq(args)}; its eager attention builds [B, H, S, S + S/4] "
@@ -199,7 +202,7 @@ def main_table(args) -> None:
         rows.append((seq, ours, theirs))
     print(f"DeepSeek-V4 forward, float32, batch {args.batch}, dsv4 attention_impl={args.impl}, "
           f"query_block={args.query_block}, best of {args.repeats} after a compile/warm-up run")  # fmt: skip
-    print(f"config: ModelConfig.tiny({config_text()})")
+    print(f"config: ModelConfig.tiny({config_text(args.changes)})")
     print("weights: random, different on each side (a speed benchmark, not a parity check)\n")
     mem = "peak device memory" if any(r.get("device_peak") for _, o, t in rows for r in (o, t)) else "peak RSS"
     print(f"| S | dsv4 tokens/s | dsv4 {mem} | transformers tokens/s | transformers {mem} | speedup |")
@@ -233,9 +236,11 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per measurement")
     p.add_argument("--cores", type=int, help="pin each measurement to this many CPUs (default: all)")
     p.add_argument("--one", nargs=2, metavar=("WHICH", "S"), help="measure dsv4|hf at S, print JSON")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="change config fields (JSON values)")
     args = p.parse_args(argv)
     if args.one and args.one[0] not in ("dsv4", "hf"):
         p.error("--one takes dsv4 or hf")
+    args.changes = parse_changes(args.set)
     return args
 
 
