@@ -4,6 +4,7 @@ from dsv4.config import ConfigError, ModelConfig, RuntimeConfig
 from dsv4.generate import generate  # the function; the module stays importable as dsv4.generate
 from dsv4.loading import load_hf
 from dsv4.model import DeepseekV4, abstract_model, forward, forward_with_mtp, init_model
+from dsv4.probes import probe
 from dsv4.restore import load
 from dsv4.safetensors_io import CheckpointError
 
@@ -20,4 +21,5 @@ __all__ = [
     "init_model",
     "load",
     "load_hf",
+    "probe",
 ]

@@ -21,6 +21,7 @@ from dsv4.cache import CompressorState, DenseStore, LayerCache, _scatter_rows
 from dsv4.config import ModelConfig, RuntimeConfig
 from dsv4.layers import F32, Linear, RMSNorm, apply_rope, rms_norm, rope_angles, rope_inv_freq
 from dsv4.params import KeyChain, constant, normal, param
+from dsv4.probes import record
 from dsv4.quantized import materialize
 
 NEG_INF = -jnp.inf
@@ -520,12 +521,14 @@ class Attention(nnx.Module):
         if self.compressor is not None:
             comp = self.compressor.update(x, start, n, cache.compressor)
             entries = comp.entries.read()
+            record(self, "compressed_kv", entries)
         if self.indexer is not None:  # its inputs are cut from the LM gradient: top-k is not differentiable
             xs, qrs = jax.lax.stop_gradient(x), jax.lax.stop_gradient(qr)
             index = self.indexer.compressor.update(xs, start, n, cache.indexer)
             keys = index.entries.read()
             iq, iw = self.indexer.queries(xs, qrs, positions)
             entry_idx = self.indexer.select(iq, iw, keys, positions, self.rt)
+            record(self, "topk", entry_idx)
             if self.rt.train_stats:
                 kl = indexer_kl(q, entries, iq, keys, iw, positions, self.ratio, self.rt.query_block)
                 self.sow(nnx.Intermediate, "indexer_kl", kl)

@@ -13,6 +13,7 @@ from flax import nnx
 from dsv4.config import ModelConfig
 from dsv4.layers import F32, rms_norm
 from dsv4.params import KeyChain, constant, normal, param
+from dsv4.probes import record
 
 
 def sinkhorn(comb: jax.Array, iters: int, eps: float) -> jax.Array:
@@ -66,7 +67,10 @@ class HyperConnection(nnx.Module):
         post = 2 * jax.nn.sigmoid(mix[..., n : 2 * n] * scale[1] + base[n : 2 * n])
         comb = mix[..., 2 * n :] * scale[2] + base[2 * n :]
         comb = jax.nn.softmax(comb.reshape(*comb.shape[:-1], n, n), axis=-1) + cfg.hc_eps
-        return pre, post, sinkhorn(comb, cfg.hc_sinkhorn_iters, cfg.hc_eps)
+        comb = sinkhorn(comb, cfg.hc_sinkhorn_iters, cfg.hc_eps)
+        for name, value in (("pre", pre), ("post", post), ("comb", comb)):
+            record(self, name, value)
+        return pre, post, comb
 
     @staticmethod
     def expand(block_out: jax.Array, streams: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:
@@ -95,4 +99,5 @@ class HyperHead(nnx.Module):
         """[B, S, N, D] -> [B, S, D]."""
         mix = _mix_logits(streams, self.fn.get_value(), self.cfg.rms_norm_eps)
         pre = jax.nn.sigmoid(mix * self.scale.get_value()[0] + self.base.get_value()) + self.cfg.hc_eps
+        record(self, "pre", pre)
         return collapse(streams, pre)

@@ -12,6 +12,7 @@ from flax import nnx
 from dsv4.config import ModelConfig, RuntimeConfig
 from dsv4.layers import F32, Linear
 from dsv4.params import Buffer, KeyChain, constant, normal, param
+from dsv4.probes import record
 from dsv4.quantized import materialize
 
 
@@ -229,6 +230,8 @@ class MoE(nnx.Module):
         b, s, d = x.shape
         flat = x.reshape(b * s, d)
         weights, idx = self.gate(flat, token_ids.reshape(-1))
+        record(self, "expert_ids", idx.reshape(b, s, -1))
+        record(self, "expert_weights", weights.reshape(b, s, -1))
         if self.report_load:  # per-expert token counts, for auxiliary-loss-free bias balancing
             self.sow(nnx.Intermediate, "expert_load", jnp.bincount(idx.reshape(-1), length=self.num_experts))
         y = self.experts(flat, weights, idx)
