@@ -45,7 +45,8 @@ def bench_config(changes: dict | None = None):
     """The benchmark's ModelConfig: `ModelConfig.tiny(**BENCH_OVERRIDES)`, then `changes` (`--set`)."""
     from dsv4.config import ModelConfig
 
-    return ModelConfig.tiny(**{**BENCH_OVERRIDES, **(changes or {})})
+    changes = {k: tuple(v) if isinstance(v, list) else v for k, v in (changes or {}).items()}  # JSON lists
+    return ModelConfig.tiny(**{**BENCH_OVERRIDES, **changes})
 
 
 def config_text(changes: dict | None = None) -> str:

@@ -76,6 +76,7 @@ from _bench_common import (  # noqa: E402
     config_text,
     dsv4_from_release,
     hf_model_and_release_tensors,
+    parse_changes,
     peak_rss_bytes,
     random_tokens,
     run_child,
@@ -107,7 +108,7 @@ def train_config(dtype: str, loss: str):
 # ------------------------------------------------------------------------------------ FLOP count
 
 
-def model_flops_per_step(batch: int, seq: int, mtp_weight: float, indexer_weight: float) -> dict:
+def model_flops_per_step(batch: int, seq: int, mtp_weight: float, indexer_weight: float, changes=None) -> dict:
     """The analytic count of the module docstring, with its parts."""
     import jax.numpy as jnp
     import numpy as np
@@ -115,7 +116,7 @@ def model_flops_per_step(batch: int, seq: int, mtp_weight: float, indexer_weight
 
     from dsv4.model import abstract_model
 
-    cfg = bench_config()
+    cfg = bench_config(changes)
     n_train = n_fwd = 0.0
     for path, var in nnx.to_flat_state(nnx.state(abstract_model(cfg), nnx.Param)):
         names = [str(p) for p in path]
@@ -184,7 +185,7 @@ def measure_dsv4(spec: dict) -> dict:
     from dsv4 import train
     from dsv4.config import RuntimeConfig
 
-    cfg = bench_config()
+    cfg = bench_config(spec.get("changes"))
     hf_model, release = hf_model_and_release_tensors(cfg, SEED)
     del hf_model
     model = dsv4.init_model(cfg, RuntimeConfig(dtype="float32", query_block=spec["query_block"]), SEED)
@@ -248,7 +249,7 @@ def _dsv4_extras(graphdef, tc, state, batch, spec) -> dict:
 def measure_hf(spec: dict) -> dict:
     import torch
 
-    cfg = bench_config()
+    cfg = bench_config(spec.get("changes"))
     model, _ = hf_model_and_release_tensors(cfg, SEED, with_mtp=False)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec["dtype"]]
     device = torch_device()
@@ -286,7 +287,7 @@ def measure_one(spec: dict) -> dict:
 def row_specs(args) -> list[dict]:
     base = {"batch": args.batch, "seq": args.seq, "warmup": args.warmup, "steps": args.steps,
             "query_block": args.query_block, "remat": args.remat, "xla_flops": args.xla_flops,
-            "breakdown": args.breakdown}  # fmt: skip
+            "breakdown": args.breakdown, "changes": args.changes}  # fmt: skip
     rows = [{**base, "impl": "dsv4", "dtype": d, "loss": "lm"} for d in args.dsv4_dtypes]
     rows += [{**base, "impl": "dsv4", "dtype": d, "loss": "full"} for d in args.full_loss_dtypes]
     rows += [{**base, "impl": "transformers", "dtype": d, "loss": "lm"} for d in args.hf_dtypes]
@@ -310,7 +311,7 @@ def main_table(args) -> None:
     flops = {}
     for loss in ("lm", "full"):
         tc = train_config("float32", loss)
-        flops[loss] = model_flops_per_step(args.batch, args.seq, tc.mtp_weight, tc.indexer_weight)
+        flops[loss] = model_flops_per_step(args.batch, args.seq, tc.mtp_weight, tc.indexer_weight, args.changes)
     ref = next((r for s, r in results if s["impl"] == "transformers" and s["dtype"] == "float32" and "error" not in r),
                None)  # fmt: skip
     loads = [r["load"] for _, r in results if "load" in r]
@@ -318,7 +319,7 @@ def main_table(args) -> None:
           f"{args.warmup} warm-up step(s) (compilation excluded), dsv4 remat {'on' if args.remat else 'off'}; "
           f"1-min load average during the runs {min(loads, default=0):.1f}-{max(loads, default=0):.1f} on "
           f"{os.cpu_count()} CPUs")  # fmt: skip
-    print(f"config: ModelConfig.tiny({config_text()})")
+    print(f"config: ModelConfig.tiny({config_text(args.changes)})")
     print("weights: the same on both sides (transformers' random init copied into dsv4); same batch\n")
     peak = peak_tflops(args, results)
     mfu_head, mfu_rule = (" MFU |", "---:|") if peak else ("", "")
@@ -375,7 +376,9 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per row")
     p.add_argument("--peak-tflops", type=float, help="MFU denominator (default: known GPUs' bf16 peak)")
     p.add_argument("--one", metavar="JSON", help="measure one row spec, print JSON")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="change config fields (JSON values)")
     args = p.parse_args(argv)
+    args.changes = parse_changes(args.set)
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be >= 1 (the first step compiles)")
     return args
