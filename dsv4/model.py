@@ -13,6 +13,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dsv4.attention import Attention
@@ -181,6 +182,28 @@ def abstract_model(cfg: ModelConfig, rt: RuntimeConfig | None = None) -> Deepsee
     return nnx.eval_shape(lambda: DeepseekV4(cfg, rt, keys=KeyChain(0)))
 
 
+def whole_sequence_tokens(model: DeepseekV4, tokens) -> jax.Array:
+    """tokens [B, S] as int32, validated first when they come from the host (numpy, lists).
+
+    Raises ValueError naming `tokens` for a shape other than [B >= 1, S >= 1] or an id outside
+    [0, vocab_size) (XLA would clamp it to the last row of the embedding without a word). Device
+    arrays and tracers are passed through unchecked: checking them would wait for the device.
+    """
+    if isinstance(tokens, jax.Array):  # tracers too
+        return tokens.astype(jnp.int32)
+    host = np.asarray(tokens)
+    if host.ndim != 2 or 0 in host.shape:
+        raise ValueError(f"tokens must be a non-empty [batch, length] array, got shape {host.shape}")
+    if not np.issubdtype(host.dtype, np.integer):
+        raise ValueError(f"tokens must be integer token ids, got dtype {host.dtype}")
+    vocab = model.cfg.vocab_size
+    bad = (host < 0) | (host >= vocab)
+    if bad.any():
+        b, i = np.argwhere(bad)[0]
+        raise ValueError(f"tokens: id {host[b, i]} at row {b}, position {i} is outside the vocabulary [0, {vocab})")
+    return jnp.asarray(host, jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, state, tokens):
     return nnx.merge(graphdef, state)(tokens)
@@ -189,7 +212,7 @@ def _forward(graphdef, state, tokens):
 def forward(model: DeepseekV4, tokens: jax.Array) -> jax.Array:
     """Jitted whole-sequence forward: tokens [B, S] -> logits [B, S, V] (a pure function of the state)."""
     graphdef, state = nnx.split(model)
-    return _forward(graphdef, state, jnp.asarray(tokens, jnp.int32))
+    return _forward(graphdef, state, whole_sequence_tokens(model, tokens))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -200,4 +223,4 @@ def _forward_with_mtp(graphdef, state, tokens):
 def forward_with_mtp(model: DeepseekV4, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Jitted main logits [B, S, V] and MTP logits [B, S-1, V] (see DeepseekV4.forward_with_mtp)."""
     graphdef, state = nnx.split(model)
-    return _forward_with_mtp(graphdef, state, jnp.asarray(tokens, jnp.int32))
+    return _forward_with_mtp(graphdef, state, whole_sequence_tokens(model, tokens))

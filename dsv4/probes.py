@@ -24,7 +24,6 @@ import contextvars
 import functools
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 _PROBING = contextvars.ContextVar("dsv4_probing", default=False)
@@ -65,5 +64,7 @@ def probe(model, tokens) -> tuple[jax.Array, dict[str, jax.Array]]:
     listed in this module's docstring; a probe exists only for the layers that compute it (`topk` on
     CSA layers, `compressed_kv` on CSA and HCA layers).
     """
+    from dsv4.model import whole_sequence_tokens  # dsv4.model imports this module
+
     graphdef, state = nnx.split(model)
-    return _probe(graphdef, state, jnp.asarray(tokens, jnp.int32))
+    return _probe(graphdef, state, whole_sequence_tokens(model, tokens))

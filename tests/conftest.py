@@ -20,6 +20,21 @@ def _build_checkpoint(tmp_path_factory, name: str, cfg: dict, seed: int):
     return path, model, cfg
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drop JAX's compilation caches after each test module.
+
+    Every XLA:CPU executable keeps its JIT-compiled code in memory mappings of its own; the whole
+    suite in one process compiles thousands of programs, and kept alive they reached the kernel's
+    limit of 65,530 mappings per process (vm.max_map_count): LLVM then failed with "Cannot
+    allocate memory" and aborted the run, at 8 GB of resident memory.
+    """
+    yield
+    import jax
+
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def flash_ckpt(tmp_path_factory):
     """(checkpoint dir, float32 HF oracle model, release config dict) for TINY_FLASH, seed 0."""

@@ -1,5 +1,7 @@
 """Model-level properties: parameter counts of the full configs, sparsity of the default path, MTP, dtypes."""
 
+import re
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -113,3 +115,23 @@ def test_bfloat16_load_keeps_precision_sensitive_weights_in_float32(flash_ckpt):
     high = dsv4.forward(dsv4.load_hf(path, dtype="float32"), tokens)
     err = float(jnp.linalg.norm(low - high) / jnp.linalg.norm(high))
     assert err < 0.05, err  # bfloat16 weights and activations: measured about 1e-2
+
+
+@pytest.mark.parametrize(
+    "tokens, message",
+    [
+        (np.array([[1, 2, 512, 3]]), "id 512 at row 0, position 2 is outside the vocabulary"),
+        (np.array([[1, 2], [3, -1]]), "id -1 at row 1, position 1 is outside the vocabulary"),
+        (np.array([1, 2, 3]), "non-empty [batch, length] array, got shape (3,)"),
+        (np.zeros((1, 0), np.int32), "got shape (1, 0)"),
+        (np.array([[1.0, 2.0]]), "integer token ids, got dtype float64"),
+    ],
+)
+def test_host_tokens_are_checked_before_the_forward(tokens, message):
+    model = init_model(ModelConfig.tiny(), RuntimeConfig(dtype="float32"))  # vocab 512
+    for entry in (dsv4.forward, dsv4.forward_with_mtp, dsv4.probe):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            entry(model, tokens)
+    ok = np.array([[0, 511]])
+    assert dsv4.forward(model, ok).shape == (1, 2, 512)
+    assert dsv4.forward(model, [[0, 511]]).shape == (1, 2, 512)  # lists are host tokens too

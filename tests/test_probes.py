@@ -158,7 +158,6 @@ def test_plain_forward_records_nothing(flash_ckpt, recwarn):
     model = dsv4.load_hf(path, dtype="float32")
     tokens = jnp.zeros((1, 8), jnp.int32)
     dsv4.forward(model, tokens)
-    model(tokens)  # eager: the modules themselves, outside any jit
     dsv4.probe(model, tokens)
     from flax import nnx
 
