@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from dsv4.cache import Cache
-from dsv4.model import DeepseekV4
+from dsv4.model import DeepseekV4, check_token_shape, check_vocabulary
 
 
 def extend(model: DeepseekV4, tokens: jax.Array, lengths: jax.Array, cache: Cache, last_only: bool = False):
@@ -83,21 +83,14 @@ def decode_fn(graphdef, state, tokens, cache):
 def check_tokens(tokens, lengths, cache: Cache, vocab_size: int) -> None:
     """Host-side validation before any device work: clear errors instead of silent garbage."""
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)
-    if tokens.ndim != 2 or tokens.shape[1] == 0:
-        raise ValueError(f"tokens must be a non-empty [batch, length] array, got shape {tokens.shape}")
+    check_token_shape(tokens)
     if tokens.shape[0] != cache.lengths.shape[0]:
         raise ValueError(
             f"tokens have batch {tokens.shape[0]} but the cache was made for {cache.lengths.shape[0]}"
         )
     if np.any(lengths < 0) or np.any(lengths > tokens.shape[1]):
         raise ValueError(f"lengths {lengths.tolist()} must lie in [0, {tokens.shape[1]}]")
-    real = np.arange(tokens.shape[1])[None] < lengths[:, None]
-    bad = real & ((tokens < 0) | (tokens >= vocab_size))
-    if bad.any():
-        b, i = np.argwhere(bad)[0]
-        raise ValueError(
-            f"token id {tokens[b, i]} at row {b}, position {i} is outside the vocabulary [0, {vocab_size})"
-        )
+    check_vocabulary(tokens, vocab_size, real=np.arange(tokens.shape[1])[None] < lengths[:, None])
     total = _host_rows(cache.lengths) + lengths  # rows held by other processes read as 0 (they check them)
     if np.any(total > cache.max_len):
         row = int(np.argmax(total))

@@ -182,25 +182,36 @@ def abstract_model(cfg: ModelConfig, rt: RuntimeConfig | None = None) -> Deepsee
     return nnx.eval_shape(lambda: DeepseekV4(cfg, rt, keys=KeyChain(0)))
 
 
+def check_token_shape(tokens: np.ndarray) -> None:
+    """ValueError unless host `tokens` are a non-empty [batch, length] array."""
+    if tokens.ndim != 2 or 0 in tokens.shape:
+        raise ValueError(f"tokens must be a non-empty [batch, length] array, got shape {tokens.shape}")
+
+
+def check_vocabulary(tokens: np.ndarray, vocab: int, real: np.ndarray | None = None) -> None:
+    """ValueError naming the first id of host `tokens` [B, S] outside [0, vocab) (only where `real`)."""
+    bad = (tokens < 0) | (tokens >= vocab)
+    if real is not None:
+        bad &= real
+    if bad.any():
+        b, i = np.argwhere(bad)[0]
+        raise ValueError(f"token id {tokens[b, i]} at row {b}, position {i} is outside the vocabulary [0, {vocab})")
+
+
 def whole_sequence_tokens(model: DeepseekV4, tokens) -> jax.Array:
     """tokens [B, S] as int32, validated first when they come from the host (numpy, lists).
 
-    Raises ValueError naming `tokens` for a shape other than [B >= 1, S >= 1] or an id outside
+    Raises ValueError for a shape other than [B >= 1, S >= 1], non-integer ids or an id outside
     [0, vocab_size) (XLA would clamp it to the last row of the embedding without a word). Device
     arrays and tracers are passed through unchecked: checking them would wait for the device.
     """
     if isinstance(tokens, jax.Array):  # tracers too
         return tokens.astype(jnp.int32)
     host = np.asarray(tokens)
-    if host.ndim != 2 or 0 in host.shape:
-        raise ValueError(f"tokens must be a non-empty [batch, length] array, got shape {host.shape}")
+    check_token_shape(host)
     if not np.issubdtype(host.dtype, np.integer):
         raise ValueError(f"tokens must be integer token ids, got dtype {host.dtype}")
-    vocab = model.cfg.vocab_size
-    bad = (host < 0) | (host >= vocab)
-    if bad.any():
-        b, i = np.argwhere(bad)[0]
-        raise ValueError(f"tokens: id {host[b, i]} at row {b}, position {i} is outside the vocabulary [0, {vocab})")
+    check_vocabulary(host, model.cfg.vocab_size)
     return jnp.asarray(host, jnp.int32)
 
 

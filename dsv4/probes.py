@@ -53,8 +53,7 @@ def _probe(graphdef, state, tokens):
     model = nnx.merge(graphdef, state)
     with _probing():
         logits, probes = nnx.capture(model, Probe)(tokens)
-    flat = {".".join(map(str, path)): value for path, value in nnx.to_flat_state(probes)}
-    return logits, {key: var.get_value() for key, var in flat.items()}
+    return logits, {".".join(map(str, path)): var.get_value() for path, var in nnx.to_flat_state(probes)}
 
 
 def probe(model, tokens) -> tuple[jax.Array, dict[str, jax.Array]]:

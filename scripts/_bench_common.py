@@ -73,7 +73,7 @@ def parse_changes(pairs: list[str] | None) -> dict:
             value = json.loads(text)
         except json.JSONDecodeError:
             value = text
-        out[key] = tuple(value) if isinstance(value, list) else value
+        out[key] = value  # lists become tuples in bench_config (they cross subprocesses as JSON)
     return out
 
 
