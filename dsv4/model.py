@@ -90,8 +90,9 @@ def _remat_block(layer: Block, streams, start, n, token_ids, cache):
     """`_block` under `jax.checkpoint`: the block's activations are recomputed in the backward pass.
 
     The block is split into (graphdef, state) and merged again inside the checkpoint; what it sows
-    there (the train stats: indexer KL, expert loads, router scores) comes back out and is put on
-    `layer`, as a plain call would leave it.
+    there (the train stats: indexer KL, expert loads, router scores; probes) comes back out and is put
+    on `layer`, as a plain call would leave it. Under `nnx.capture` the split state carries the
+    capture's own `nnx.Intermediate` variables, so the values reach the capture.
     """
     graphdef, state = nnx.split(layer)
 

@@ -225,13 +225,16 @@ def loss_fn(graphdef, tc: TrainConfig, params, frozen, batch):
     model = nnx.merge(graphdef, cast_for_compute(params, jnp.dtype(tc.compute_dtype)), frozen)
     inputs = tokens[:, :-1]
     use_mtp = tc.mtp_weight != 0 and len(model.mtp) > 0
+
+    def run(model):
+        return model.forward_with_mtp(inputs) if use_mtp else (model(inputs), None)
+
+    (main, mtp), sown = nnx.capture(run, nnx.Intermediate)(model)  # what the layers `sow`
+    mtp_loss = jnp.zeros((), F32)
     if use_mtp:
-        main, mtp = model.forward_with_mtp(inputs)
         mtp_loss = cross_entropy(mtp, tokens[:, 2:], mask[:, 2:] & mask[:, 1:-1] & mask[:, :-2])
-    else:
-        main, mtp_loss = model(inputs), jnp.zeros((), F32)
     lm_loss = cross_entropy(main, tokens[:, 1:], mask[:, 1:] & mask[:, :-1])
-    indexer_loss, loads, routing = _stats(nnx.pop(model, nnx.Intermediate))
+    indexer_loss, loads, routing = _stats(sown)
     total = tc.lm_weight * lm_loss + tc.mtp_weight * mtp_loss
     if tc.indexer_weight:
         total = total + tc.indexer_weight * indexer_loss

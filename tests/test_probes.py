@@ -163,3 +163,22 @@ def test_plain_forward_records_nothing(flash_ckpt, recwarn):
 
     assert not nnx.state(model, Probe)  # nothing left on the modules
     assert not [w for w in recwarn if "sow" in str(w.message)]  # no sow outside nnx.capture
+
+
+def test_probes_reach_out_of_rematerialised_layers(probed):
+    """A training model (per-layer `jax.checkpoint`, train stats on) reports the same probes: the
+    values recorded inside each checkpointed block come back out to `nnx.capture`."""
+    from dsv4.train import training_model
+
+    model, tokens, logits, seen, _ = probed
+    remat = training_model(model, remat=True)
+    assert remat.rt.remat and remat.rt.train_stats
+    remat_logits, remat_seen = dsv4.probe(remat, tokens)
+    assert set(remat_seen) == set(seen)
+    assert rel_err(np.asarray(remat_logits), logits) <= TOL
+    for key, value in seen.items():
+        got = np.asarray(remat_seen[key])
+        if np.issubdtype(value.dtype, np.integer):
+            np.testing.assert_array_equal(np.sort(got, -1), np.sort(value, -1), err_msg=key)
+        else:
+            assert rel_err(got, value) <= TOL, key

@@ -115,9 +115,8 @@ def test_indexer_training_raises_topk_overlap(monkeypatch):
         with monkeypatch.context() as m:
             m.setattr(attention, "indexer_kl", _overlap_probe)
             mdl = nnx.merge(graphdef, params, frozen)
-            mdl(batch["tokens"][:, :-1])
-            (hit_sum, n), = [v.get_value()[0] for _, v in nnx.to_flat_state(nnx.pop(mdl, nnx.Intermediate))
-                             if _[-1] == "indexer_kl"]  # fmt: skip
+            _, sown = nnx.capture(mdl, nnx.Intermediate)(batch["tokens"][:, :-1])
+            (hit_sum, n), = [v.get_value()[0] for p, v in nnx.to_flat_state(sown) if p[-1] == "indexer_kl"]
         return hit_sum / n
 
     before = float(overlap(state.params, state.frozen))
@@ -282,9 +281,8 @@ def test_seq_balance_loss_value():
     @jax.jit
     def run(params, frozen):
         mdl = nnx.merge(graphdef, params, frozen)
-        mdl.forward_with_mtp(batch["tokens"][:, :-1])
-        routing = {p[:-1]: v.get_value()[0] for p, v in nnx.to_flat_state(nnx.pop(mdl, nnx.Intermediate))
-                   if p[-1] == "routing"}  # fmt: skip
+        _, sown = nnx.capture(mdl.forward_with_mtp, nnx.Intermediate)(batch["tokens"][:, :-1])
+        routing = {p[:-1]: v.get_value()[0] for p, v in nnx.to_flat_state(sown) if p[-1] == "routing"}
         return routing, *(train.loss_fn(graphdef, tc, params, frozen, batch) for tc in (on, off))
 
     routing, (loss_on, aux_on), (loss_off, aux_off) = run(params, frozen)
