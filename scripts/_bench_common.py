@@ -182,3 +182,19 @@ def run_child(script: Path, argv: list[str], timeout: float) -> dict:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"failed: exit {proc.returncode}: {tail[:300]}"}
     return json.loads(lines[-1])
+
+
+def bench_main(argv, parse_args, measure_one, main_table) -> None:
+    """The benchmark scripts' entry point: XLA flags as the console scripts set them (before JAX
+    starts), then `--one` (one measurement in this process: `measure_one(args)`, printed as a JSON
+    line for the parent's `run_child`) or the whole table (`main_table(args)`)."""
+    from dsv4.xla_flags import prefer_plain_cpu_fusions
+
+    prefer_plain_cpu_fusions()
+    args = parse_args(argv)
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    if args.one:
+        print(json.dumps(measure_one(args)))
+    else:
+        main_table(args)

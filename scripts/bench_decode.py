@@ -28,14 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import BENCH_OVERRIDES as CONFIG  # noqa: E402  (shared with bench_forward, bench_train)
-from _bench_common import REPO, SEED, bench_config, peak_rss_bytes  # noqa: E402
+from _bench_common import REPO, SEED, bench_config, bench_main, peak_rss_bytes, run_child  # noqa: E402
 
 
 def _prompts(batch: int, context: int):
@@ -129,20 +128,11 @@ def measure_one(which: str, context: int, batch: int, args) -> dict:
 # ---------------------------------------------------------------------------------- the driver
 
 
-def run_child(which: str, context: int, batch: int, args) -> dict:
+def measure_in_child(which: str, context: int, batch: int, args) -> dict:
     """One measurement in a fresh interpreter; failures (timeout, OOM kill, exception) become errors."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", which, str(context), str(batch)]
-    cmd += ["--steps", str(args.steps), "--dtype", args.dtype, "--cache-format", args.cache_format]
-    cmd += ["--prefill-chunk", str(args.prefill_chunk), "--repeats", str(args.repeats)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.timeout:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"exit {proc.returncode}: {tail[:160]}"}
-    return json.loads(lines[-1])
+    argv = ["--one", which, str(context), str(batch), "--steps", str(args.steps), "--dtype", args.dtype]
+    argv += ["--cache-format", args.cache_format, "--prefill-chunk", str(args.prefill_chunk)]
+    return run_child(Path(__file__).resolve(), argv + ["--repeats", str(args.repeats)], args.timeout)
 
 
 def hf_skip_reason(context: int, batch: int, args) -> str | None:
@@ -178,10 +168,10 @@ def main_table(args) -> None:
     rows, notes = [], []
     for context in args.contexts:
         for batch in args.batches:
-            ours = run_child("dsv4", context, batch, args)
+            ours = measure_in_child("dsv4", context, batch, args)
             print(f"# dsv4 {context} x {batch}: {json.dumps(ours)}", file=sys.stderr, flush=True)
             skip = hf_skip_reason(context, batch, args)
-            theirs = {"error": skip} if skip else run_child("hf", context, batch, args)
+            theirs = {"error": skip} if skip else measure_in_child("hf", context, batch, args)
             print(f"# transformers {context} x {batch}: {json.dumps(theirs)}", file=sys.stderr, flush=True)
             rows.append(_row(context, batch, ours, theirs))
             notes += [
@@ -217,17 +207,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
-    from dsv4.xla_flags import prefer_plain_cpu_fusions
+    def measure_here(args):
+        return measure_one(args.one[0], int(args.one[1]), int(args.one[2]), args)
 
-    prefer_plain_cpu_fusions()  # before JAX starts: what the dsv4 console scripts do
-    args = parse_args(argv)
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    if args.one:
-        which, context, batch = args.one[0], int(args.one[1]), int(args.one[2])
-        print(json.dumps(measure_one(which, context, batch, args)))
-    else:
-        main_table(args)
+    bench_main(argv, parse_args, measure_here, main_table)
 
 
 if __name__ == "__main__":

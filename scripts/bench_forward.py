@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,11 +56,13 @@ from _bench_common import (  # noqa: E402  (the config is shared with bench_deco
     SEED,
     backend_text,
     bench_config,
+    bench_main,
     config_text,
     device_peak_bytes,
     parse_changes,
     peak_rss_bytes,
     random_tokens,
+    run_child,
     torch_device,
     torch_sync,
 )
@@ -144,21 +145,12 @@ def measure_one(which: str, seq: int, args) -> dict:
 # ---------------------------------------------------------------------------------- the driver
 
 
-def run_child(which: str, seq: int, args) -> dict:
+def measure_in_child(which: str, seq: int, args) -> dict:
     """Measure in a fresh interpreter; a failure (OOM kill, timeout, exception) becomes {'error': ...}."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", which, str(seq)]
-    cmd += ["--batch", str(args.batch), "--impl", args.impl, "--query-block", str(args.query_block)]
-    cmd += ["--repeats", str(args.repeats)] + (["--cores", str(args.cores)] if args.cores else [])
-    cmd += ["--set", *args.set] if args.set else []
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return {"error": f"failed: timed out after {args.timeout} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"failed: exit {proc.returncode}: {tail[:200]}"}
-    return json.loads(lines[-1])
+    argv = ["--one", which, str(seq), "--batch", str(args.batch), "--impl", args.impl]
+    argv += ["--query-block", str(args.query_block), "--repeats", str(args.repeats)]
+    argv += (["--cores", str(args.cores)] if args.cores else []) + (["--set", *args.set] if args.set else [])
+    return run_child(Path(__file__).resolve(), argv, args.timeout)
 
 
 def hf_max_seq(args) -> int:
@@ -194,10 +186,10 @@ def _note(seq: int, name: str, r: dict) -> str:
 def main_table(args) -> None:
     rows, notes = [], []
     for seq in args.seqs:
-        ours = run_child("dsv4", seq, args)
+        ours = measure_in_child("dsv4", seq, args)
         print(f"# dsv4 S={seq}: {json.dumps(ours)}", file=sys.stderr, flush=True)
         skip = hf_skip_reason(seq, args)
-        theirs = {"error": skip} if skip else run_child("hf", seq, args)
+        theirs = {"error": skip} if skip else measure_in_child("hf", seq, args)
         print(f"# transformers S={seq}: {json.dumps(theirs)}", file=sys.stderr, flush=True)
         rows.append((seq, ours, theirs))
     print(f"DeepSeek-V4 forward, float32, batch {args.batch}, dsv4 attention_impl={args.impl}, "
@@ -244,19 +236,15 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> None:
-    from dsv4.xla_flags import prefer_plain_cpu_fusions
+def measure_here(args) -> dict:
+    """--one WHICH S: pinned to --cores CPUs first (before jax / torch size their thread pools)."""
+    if args.cores:
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
+    return measure_one(args.one[0], int(args.one[1]), args)
 
-    prefer_plain_cpu_fusions()  # before JAX starts: what the dsv4 console scripts do
-    args = parse_args(argv)
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    if args.one:
-        if args.cores:  # before jax / torch start their thread pools, which size to the CPUs allowed
-            os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
-        print(json.dumps(measure_one(args.one[0], int(args.one[1]), args)))
-    else:
-        main_table(args)
+
+def main(argv=None) -> None:
+    bench_main(argv, parse_args, measure_here, main_table)
 
 
 if __name__ == "__main__":

@@ -69,10 +69,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (  # noqa: E402
-    REPO,
     SEED,
     backend_text,
     bench_config,
+    bench_main,
     config_text,
     dsv4_from_release,
     hf_model_and_release_tensors,
@@ -385,16 +385,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
-    from dsv4.xla_flags import prefer_plain_cpu_fusions
-
-    prefer_plain_cpu_fusions()  # before JAX starts: what the dsv4 console scripts do
-    args = parse_args(argv)
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    if args.one:
-        print(json.dumps(measure_one(json.loads(args.one))))
-    else:
-        main_table(args)
+    bench_main(argv, parse_args, lambda args: measure_one(json.loads(args.one)), main_table)
 
 
 if __name__ == "__main__":
