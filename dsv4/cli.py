@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from dsv4.config import ConfigError, ModelConfig, RuntimeConfig
-from dsv4.xla_flags import prefer_plain_cpu_fusions
+from dsv4.xla_flags import program_defaults
 
 CONVERTED_MARKER = "dsv4_checkpoint.json"  # dsv4.convert's manifest: a converted (Orbax) checkpoint
 CACHE_FORMATS = ("bfloat16", "compact", "float32")
@@ -32,7 +32,7 @@ class CLIError(Exception):
 
 
 def default_checkpoint_dir() -> Path:
-    """The small random-weight checkpoint shipped inside the package."""
+    """The small trained checkpoint shipped inside the package (see the README's Training section)."""
     return Path(__file__).resolve().parent / "default_checkpoint"
 
 
@@ -102,7 +102,7 @@ def parse_ids(text: str) -> list[int]:
 def generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dsv4-generate",
-        description="Generate text with a DeepSeek-V4 checkpoint (default: the embedded random-weight one).",
+        description="Generate text with a DeepSeek-V4 checkpoint (default: the small trained one inside the package).",
     )
     p.add_argument("--checkpoint", type=Path, help="release-layout or converted checkpoint directory")
     prompt = p.add_mutually_exclusive_group(required=True)
@@ -197,7 +197,7 @@ def _generate(args) -> None:
 
 def generate_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `dsv4-generate`."""
-    prefer_plain_cpu_fusions()
+    program_defaults()
     return _run("dsv4-generate", _generate, generate_parser().parse_args(argv))
 
 

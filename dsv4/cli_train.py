@@ -27,7 +27,7 @@ from pathlib import Path
 from dsv4 import corpus
 from dsv4.cli import CLIError, _run
 from dsv4.config import ModelConfig
-from dsv4.xla_flags import prefer_plain_cpu_fusions
+from dsv4.xla_flags import program_defaults
 
 # The embedded default's architecture: every layer kind (the last compress_ratios entry is the MTP
 # block), layers 0-1 hash-routed, hc_mult 4, about 2.8 million parameters with a 2560-token vocabulary.
@@ -412,7 +412,7 @@ def _record_eval(log: MetricsLog, step: int, lm_loss, state, data: Data, args, b
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `dsv4-train`; returns the exit status (2 on a user error)."""
-    prefer_plain_cpu_fusions()
+    program_defaults()
     return _run("dsv4-train", _train, train_parser().parse_args(argv))
 
 

@@ -144,10 +144,10 @@ def generate_on_mesh(model, prompts, max_new_tokens: int, sampling, seed: int, s
 def main(argv=None) -> int:
     """Entry point of `dsv4-multihost`."""
     args = parse_args(argv)
-    from dsv4.xla_flags import prefer_plain_cpu_fusions
+    from dsv4.xla_flags import program_defaults
     from sharding.mesh import initialize_distributed
 
-    prefer_plain_cpu_fusions()
+    program_defaults()
 
     initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
     import jax

@@ -1,9 +1,14 @@
 """Shared pytest fixtures: tiny release-layout checkpoints with their PyTorch oracle models."""
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# The console scripts keep a persistent compilation cache (dsv4.xla_flags.enable_compile_cache);
+# tests that call them in this process (and their subprocesses) must not write one into $HOME.
+os.environ["DSV4_COMPILE_CACHE"] = "off"
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(_REPO_ROOT) not in sys.path:  # make `dsv4` importable without installing the package

@@ -1,8 +1,11 @@
-"""dsv4.xla_flags: the XLA:CPU flag the console scripts set, and that this jaxlib accepts it."""
+"""dsv4.xla_flags: the XLA:CPU flag the console scripts set (and that this jaxlib accepts it), and their
+persistent compilation cache."""
 
 import os
 import subprocess
 import sys
+
+import pytest
 
 from dsv4 import xla_flags
 
@@ -63,3 +66,68 @@ def test_the_flag_takes_the_ynnpack_fusions_out():
         return
     assert _ynn_fusions("") > 0
     assert _ynn_fusions(xla_flags.NO_YNN_FUSIONS) == 0
+
+
+# ------------------------------------------------------------------------ persistent compile cache
+
+
+@pytest.fixture
+def no_jax_cache_dir():
+    """Leave jax.config's cache directory as the test found it (unset: conftest turns the cache off)."""
+    import jax
+
+    before = jax.config.jax_compilation_cache_dir
+    assert before is None
+    yield
+    jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_compile_cache_directory_choice(tmp_path, no_jax_cache_dir):
+    import jax
+
+    assert xla_flags.enable_compile_cache({"DSV4_COMPILE_CACHE": "off"}) is None
+    assert xla_flags.enable_compile_cache({"DSV4_COMPILE_CACHE": ""}) is None
+    assert jax.config.jax_compilation_cache_dir is None
+    assert xla_flags.default_compile_cache_dir({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "dsv4" / "jax"
+    got = xla_flags.enable_compile_cache({"XDG_CACHE_HOME": str(tmp_path / "xdg")})  # the default place
+    assert got == str(tmp_path / "xdg" / "dsv4" / "jax") == jax.config.jax_compilation_cache_dir
+    assert (tmp_path / "xdg" / "dsv4" / "jax").is_dir()
+    # a directory JAX was already given wins over DSV4_COMPILE_CACHE
+    assert xla_flags.enable_compile_cache({"DSV4_COMPILE_CACHE": str(tmp_path / "other")}) == got
+    assert not (tmp_path / "other").exists()
+
+
+def test_unwritable_compile_cache_warns_and_runs_without(tmp_path, no_jax_cache_dir):
+    import jax
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.warns(UserWarning, match="DSV4_COMPILE_CACHE: cannot create"):
+        assert xla_flags.enable_compile_cache({"DSV4_COMPILE_CACHE": str(blocker / "cache")}) is None
+    assert jax.config.jax_compilation_cache_dir is None
+
+
+def _generate(env_changes: dict) -> tuple[list[str], str]:
+    """dsv4-generate in a fresh process: (the generated text's lines, stderr with JAX's compile log)."""
+    code = "import sys; from dsv4.cli import generate_main; sys.exit(generate_main(sys.argv[1:]))"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_LOG_COMPILES": "1", **env_changes}  # fmt: skip
+    cmd = [sys.executable, "-c", code, "--prompt", "Hello", "--max-new-tokens", "4"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [line for line in proc.stdout.splitlines() if not line.startswith("[")], proc.stderr
+
+
+def test_dsv4_generate_fills_the_compile_cache_and_reuses_it(tmp_path):
+    cache = tmp_path / "cache"
+    first, log = _generate({"DSV4_COMPILE_CACHE": str(cache)})
+    entries = sorted(p.name for p in cache.iterdir())
+    assert any("prefill" in name for name in entries) and any("decode" in name for name in entries), entries
+    assert "Persistent compilation cache hit for 'jit__prefill_program'" not in log
+    second, log = _generate({"DSV4_COMPILE_CACHE": str(cache)})
+    for program in ("jit__prefill_program", "jit__decode_program"):
+        assert f"Persistent compilation cache hit for '{program}'" in log, log[-3000:]
+    assert second == first
+    assert sorted(p.name for p in cache.iterdir()) == entries
+    _generate({"DSV4_COMPILE_CACHE": "off", "XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    assert not (tmp_path / "xdg").exists()
