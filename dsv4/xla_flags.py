@@ -70,7 +70,8 @@ def enable_compile_cache(environ: MutableMapping[str, str] = os.environ) -> str 
     """Turn on JAX's persistent compilation cache for this process; returns its directory or None.
 
     The directory: one the user already gave JAX (JAX_COMPILATION_CACHE_DIR, `jax.config`) is kept;
-    else $DSV4_COMPILE_CACHE ("off" turns the cache off); else `default_compile_cache_dir()`. A
+    else $DSV4_COMPILE_CACHE ("off" turns the cache off; a URL such as gs://bucket/dir is handed
+    to JAX as it is); else `default_compile_cache_dir()`. A
     directory that cannot be created gives a warning and no cache, never an error. JAX keys each
     entry by the program, the compile options and XLA_FLAGS, jax and backend versions, so a stale
     entry is never used; in a multi-process run only one process writes. Call it before the first
@@ -83,6 +84,9 @@ def enable_compile_cache(environ: MutableMapping[str, str] = os.environ) -> str 
     setting = environ.get(COMPILE_CACHE_ENV)
     if setting is not None and setting.strip().lower() in _OFF:
         return None
+    if setting and "://" in setting:  # a remote store JAX opens itself (e.g. gs://bucket/dir)
+        jax.config.update("jax_compilation_cache_dir", setting)
+        return setting
     path = Path(setting).expanduser() if setting else default_compile_cache_dir(environ)
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -97,6 +97,15 @@ def test_compile_cache_directory_choice(tmp_path, no_jax_cache_dir):
     assert not (tmp_path / "other").exists()
 
 
+def test_remote_compile_cache_is_handed_to_jax(tmp_path, monkeypatch, no_jax_cache_dir):
+    import jax
+
+    monkeypatch.chdir(tmp_path)
+    assert xla_flags.enable_compile_cache({"DSV4_COMPILE_CACHE": "gs://bucket/dsv4"}) == "gs://bucket/dsv4"
+    assert jax.config.jax_compilation_cache_dir == "gs://bucket/dsv4"
+    assert not list(tmp_path.iterdir())  # no local "gs:" directory
+
+
 def test_unwritable_compile_cache_warns_and_runs_without(tmp_path, no_jax_cache_dir):
     import jax
 
