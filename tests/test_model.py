@@ -135,3 +135,51 @@ def test_host_tokens_are_checked_before_the_forward(tokens, message):
     ok = np.array([[0, 511]])
     assert dsv4.forward(model, ok).shape == (1, 2, 512)
     assert dsv4.forward(model, [[0, 511]]).shape == (1, 2, 512)  # lists are host tokens too
+
+
+# Layers of one kind share a trace inside a jitted program (dsv4.model._block_runner).
+KINDS_CFG = ModelConfig.tiny(num_hidden_layers=7, compress_ratios=(0, 4, 128, 4, 128, 4, 128, 0), num_hash_layers=1)
+
+
+def _count_block_traces(monkeypatch):
+    calls = []
+    inner = dsv4.model.Block.__call__
+
+    def counted(self, *args, **kwargs):
+        calls.append(id(self))
+        return inner(self, *args, **kwargs)
+
+    monkeypatch.setattr(dsv4.model.Block, "__call__", counted)
+    return calls
+
+
+def test_layers_of_one_kind_are_traced_once(monkeypatch):
+    model = init_model(KINDS_CFG, RuntimeConfig(dtype="float32"), seed=0)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, KINDS_CFG.vocab_size, (1, 40)), jnp.int32)
+    eager = np.asarray(model(tokens))  # no trace: every block called as it is
+    calls = _count_block_traces(monkeypatch)
+    model(tokens)
+    assert len(calls) == 7
+    calls.clear()
+    jitted = np.asarray(dsv4.forward(model, tokens))
+    kinds = {(KINDS_CFG.compress_ratios[i], KINDS_CFG.is_hash_layer(i)) for i in range(7)}
+    assert len(kinds) == 3  # (0, hash), (4, top-k), (128, top-k)
+    assert len(calls) == len(kinds)
+    np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_a_later_trace_sees_a_patched_component(monkeypatch):
+    """The shared block trace lives for one trace only: what a notebook patches between two jitted
+    calls reaches the second (here the blocks' stream collapse, shifted by 1: inside blocks only)."""
+    model = init_model(KINDS_CFG, RuntimeConfig(dtype="float32"), seed=0)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, KINDS_CFG.vocab_size, (1, 40)), jnp.int32)
+    graphdef, state = nnx.split(model)
+
+    def jitted_logits():  # a new function each call, so the outer jit traces anew
+        return jax.jit(lambda state: nnx.merge(graphdef, state)(tokens))
+
+    before = np.asarray(jitted_logits()(state))
+    collapse = dsv4.model.collapse
+    monkeypatch.setattr(dsv4.model, "collapse", lambda streams, pre: collapse(streams, pre) + 1.0)
+    after = np.asarray(jitted_logits()(state))
+    assert np.abs(after - before).max() > 1e-3
