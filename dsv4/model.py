@@ -108,11 +108,12 @@ def _block_runner(streams):
     Inside a trace (jit, grad): one `jax.jit` of the block body made for this trace, so layers of
     one kind (equal graphdefs: ratio, router, shapes) share one trace and one lowering; tracing
     and lowering then cost the number of layer kinds, not of layers (43 Flash-pattern layers:
-    6.4 -> 1.1 s for a forward). XLA still compiles every call. Made per trace, never kept: a
-    later trace sees the code as it is then (a notebook's patched component, `probe`'s recording).
+    5.0 -> 1.1 s for a forward, `scripts/bench_compile.py`). XLA still compiles every call. Made
+    per trace, never kept: a later trace sees the code as it is then (a notebook's patched
+    component, `probe`'s recording).
     Eagerly (no trace): the plain body, one op at a time as before.
     """
-    if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(streams)):
+    if not isinstance(streams, jax.core.Tracer):
         return _block_body
 
     def body(*args):  # a new function each time: JAX keys its trace cache by the function

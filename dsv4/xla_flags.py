@@ -10,11 +10,9 @@ defaults.) The library itself never touches the environment: programs call
 `prefer_plain_cpu_fusions()` first thing, and library users can set the same flag themselves.
 
 The console scripts also keep their compiled programs across runs (`enable_compile_cache`: JAX's
-persistent compilation cache, in ~/.cache/dsv4/jax unless DSV4_COMPILE_CACHE says otherwise).
-Compiling is most of a short run's time, and grows with depth: `dsv4-generate --prompt "Hello"`
-on the embedded default spends ~10 s of its ~13 s compiling on the 2-core CI machine; with the
-Flash layer pattern (43 layers, small widths) a 1,000-token prefill and 8 decode steps compile for
-79 s and run for 2.5 s. `program_defaults()` applies both settings.
+persistent compilation cache, in ~/.cache/dsv4/jax unless DSV4_COMPILE_CACHE says otherwise):
+compiling is most of a short run's time (the README's "Compile time", `scripts/bench_compile.py`).
+`program_defaults()` applies both settings.
 """
 
 from __future__ import annotations
@@ -70,9 +68,9 @@ def enable_compile_cache(environ: MutableMapping[str, str] = os.environ) -> str 
     """Turn on JAX's persistent compilation cache for this process; returns its directory or None.
 
     The directory: one the user already gave JAX (JAX_COMPILATION_CACHE_DIR, `jax.config`) is kept;
-    else $DSV4_COMPILE_CACHE ("off" turns the cache off; a URL such as gs://bucket/dir is handed
-    to JAX as it is); else `default_compile_cache_dir()`. A
-    directory that cannot be created gives a warning and no cache, never an error. JAX keys each
+    else $DSV4_COMPILE_CACHE ("off" or empty turns the cache off; a URL such as gs://bucket/dir
+    is handed to JAX as it is); else `default_compile_cache_dir()`. A directory that cannot be
+    created gives a warning and no cache, never an error. JAX keys each
     entry by the program, the compile options and XLA_FLAGS, jax and backend versions, so a stale
     entry is never used; in a multi-process run only one process writes. Call it before the first
     compilation (JAX sets the cache up once per process).

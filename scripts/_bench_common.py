@@ -185,9 +185,10 @@ def run_child(script: Path, argv: list[str], timeout: float) -> dict:
 
 
 def bench_main(argv, parse_args, measure_one, main_table) -> None:
-    """The benchmark scripts' entry point: XLA flags as the console scripts set them (before JAX
-    starts), then `--one` (one measurement in this process: `measure_one(args)`, printed as a JSON
-    line for the parent's `run_child`) or the whole table (`main_table(args)`)."""
+    """The benchmark scripts' entry point: the XLA:CPU flag the console scripts set (before JAX
+    starts; not their persistent compile cache, which would hide compile times), then `--one` (one
+    measurement in this process, `measure_one(args)`, printed as a JSON line for the parent's
+    `run_child`) or the whole table (`main_table(args)`)."""
     from dsv4.xla_flags import prefer_plain_cpu_fusions
 
     prefer_plain_cpu_fusions()

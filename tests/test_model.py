@@ -165,7 +165,7 @@ def test_layers_of_one_kind_are_traced_once(monkeypatch):
     kinds = {(KINDS_CFG.compress_ratios[i], KINDS_CFG.is_hash_layer(i)) for i in range(7)}
     assert len(kinds) == 3  # (0, hash), (4, top-k), (128, top-k)
     assert len(calls) == len(kinds)
-    np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-6)  # measured: at most 1.8e-7 apart
 
 
 def test_a_later_trace_sees_a_patched_component(monkeypatch):
