@@ -354,17 +354,40 @@ def entry_visible(positions: jax.Array, num_entries: int, ratio: int) -> jax.Arr
     return jnp.arange(num_entries) < ((positions + 1) // ratio)[..., None]
 
 
+# A CSA query block reads its top-k entries as a masked dense product over all T entries when
+# T <= DENSE_SELECTION * N: at most twice the gather form's multiply-adds, but as plain matmuls
+# whose backward is two more (the gather form's backward contracts over the H heads per query and
+# scatter-adds [Q, N, K] rows). Its [Q, H, T] logits are no larger than the gathered [Q, N, K] rows
+# whenever H <= K / DENSE_SELECTION, so memory stays O(Q * N * K) either way.
+DENSE_SELECTION = 2
+
+
+def selection_mask(idx: jax.Array, num_entries: int) -> jax.Array:
+    """[..., N] entry indices (-1 = none) -> [..., T] True at the selected entries."""
+    lead = idx.shape[:-1]
+    rows = jnp.zeros((*lead, num_entries), bool).reshape(-1, num_entries)
+    flat = jnp.where(idx >= 0, idx, num_entries).reshape(rows.shape[0], -1)  # -1 -> dropped
+    rows = rows.at[jnp.arange(rows.shape[0])[:, None], flat].set(True, mode="drop")
+    return rows.reshape(*lead, num_entries)
+
+
 def _entry_part(q_blk, pos_blk, idx_blk, entries, ratio, scale):
     """Logits and value function for the compressed entries one query block may read.
 
-    entries [B, T, K] in their storage dtype: HCA reads them all (T = S/128), CSA gathers its top-k
-    rows first and converts only those to float32.
+    entries [B, T, K] in their storage dtype. HCA reads them all (T = S/128) under the causal mask.
+    CSA gathers its top-k rows first and converts only those to float32, or, when T is at most
+    DENSE_SELECTION x N, reads all T under the mask of its top-k selection.
     """
-    if idx_blk is None:  # HCA: every entry, causal mask
+    t = entries.shape[1]
+    if idx_blk is None or t <= DENSE_SELECTION * idx_blk.shape[-1]:
         entries = entries.astype(F32)
         logits = jnp.einsum("bqhk,btk->bqht", q_blk, entries) * scale
-        visible = entry_visible(pos_blk, entries.shape[1], ratio)[:, :, None, :]
-        return jnp.where(visible, logits, NEG_INF), lambda p: jnp.einsum("bqht,btk->bqhk", p, entries)
+        if idx_blk is None:  # HCA: every complete entry
+            visible = entry_visible(pos_blk, t, ratio)
+        else:  # CSA: the selected ones (the indexer only selects complete entries)
+            visible = selection_mask(idx_blk, t)
+        logits = jnp.where(visible[:, :, None, :], logits, NEG_INF)
+        return logits, lambda p: jnp.einsum("bqht,btk->bqhk", p, entries)
     gathered = jax.vmap(lambda e, i: e[jnp.maximum(i, 0)])(entries, idx_blk).astype(F32)  # [B, Q, N, K]
     logits = jnp.einsum("bqhk,bqnk->bqhn", q_blk, gathered) * scale
     logits = jnp.where((idx_blk >= 0)[:, :, None, :], logits, NEG_INF)

@@ -201,6 +201,62 @@ def test_tiled_grouped_matmul_equals_ragged_dot(sizes):
     np.testing.assert_allclose(tiled[row], np.asarray(x[row]) @ np.asarray(w[g]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sizes", [[70, 3, 0, 129, 1], list(np.random.default_rng(5).integers(0, 9, 40))])
+def test_tiled_grouped_matmul_gradients_equal_ragged_dot(sizes):
+    # The tiled form's backward is written by hand (custom_vjp); the second case has 40 groups of
+    # 0-8 rows: 8-row tiles, more tiles than one loop step holds.
+    rng = np.random.default_rng(sum(sizes))
+    gs = np.asarray(sizes, np.int32)
+    x = jnp.asarray(rng.standard_normal((int(gs.sum()), 16)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((len(sizes), 16, 24)), jnp.float32)
+    probe = jnp.asarray(rng.standard_normal((int(gs.sum()), 24)), jnp.float32)
+
+    def loss(x, w, impl):
+        return jnp.sum(jnp.tanh(grouped_matmul(x, w, gs, impl)) * probe)
+
+    want = jax.grad(loss, argnums=(0, 1))(x, w, "ragged_dot")
+    got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, w, "tiled")
+    for g, r in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(got[1][np.flatnonzero(gs == 0)])).max(initial=0.0) == 0.0  # empty groups
+
+
+@pytest.mark.parametrize("t, n", [(24, 16), (24, 8)])
+def test_csa_selection_forms_agree(monkeypatch, t, n):
+    """A CSA block reads its top-k entries as a masked product over all T entries when T <= 2N, else
+    by gathering them: both forms, values and gradients, on indexer-like selections with -1 slots."""
+    import dsv4.attention as attention
+
+    rng = np.random.default_rng(t + n)
+    b, s, h, k, window, ratio = 2, 40, 3, 8, 6, 4
+    start = np.array([0, 57], np.int32)
+    pos = start[:, None] + np.arange(s)
+    visible = np.minimum((pos + 1) // ratio, t)[..., None]
+    order = np.argsort(rng.random((b, s, t)), axis=-1)[..., :n]
+    idx = jnp.asarray(np.where(order < visible, order, -1), jnp.int32)  # some slots empty (-1)
+    q, kv, prev, entries = (
+        jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        for shape in [(b, s, h, k), (b, s, k), (b, window - 1, k), (b, t, k)]
+    )
+    sink = jnp.asarray(rng.standard_normal(h), jnp.float32)
+
+    def loss(q, kv, entries):
+        out = attention.sparse_attention(q, kv, prev, jnp.asarray(start), sink, window, entries, idx, ratio, block=16)
+        return jnp.sum(jnp.sin(out)), out
+
+    results = {}
+    for form, factor in (("gather", 0), ("dense", 1_000)):
+        monkeypatch.setattr(attention, "DENSE_SELECTION", factor)
+        results[form] = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, kv, entries)
+    (_, out_g), grads_g = results["gather"]
+    (_, out_d), grads_d = results["dense"]
+    np.testing.assert_allclose(out_d, out_g, rtol=1e-5, atol=1e-6)
+    for gd, gg in zip(grads_d, grads_g, strict=True):
+        np.testing.assert_allclose(gd, gg, rtol=1e-4, atol=1e-5)
+    mask = np.asarray(attention.selection_mask(idx, t))
+    assert mask.sum() == int((idx >= 0).sum()) and mask.sum() < idx.size  # one True per valid slot
+
+
 def test_tile_rows_keep_padding_proportional_to_rows():
     from dsv4.moe import TILE, tile_rows
 
