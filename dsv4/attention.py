@@ -5,8 +5,9 @@ N selected entries per query (top-k), W sliding window, I indexer heads, J index
 
 Two implementations of the attention core share every projection:
 - "xla" (default): query blocks under `lax.map`. Each block reads its W-wide slice of the sliding
-  window, and either gathers its top-k compressed entries (CSA) or reads all entries under a
-  causal mask (HCA). Memory is O(S*W + Q*(W+N)); no [S, S] or [S, S/4] array exists.
+  window, and either gathers its top-k compressed entries (CSA; while T <= DENSE_SELECTION * N it
+  reads all T under the mask of its selection instead) or reads all entries under a causal mask
+  (HCA). Memory is O(S*W + Q*(W+N)); no [S, S] or [S, S/4] array exists.
 - "reference": dense masks over the whole sequence, as simple as possible; for tests.
 """
 
