@@ -418,7 +418,7 @@ def _entry_part(q_blk, pos_blk, idx_blk, entries, ratio, scale):
     gathered = jax.vmap(lambda e, i: e[jnp.maximum(i, 0)])(entries, idx_blk).astype(F32)  # [B, Q, N, K]
     logits = jnp.einsum("bqnk,bqhk->bqnh", gathered, q_blk) * scale
     logits = jnp.where((idx_blk >= 0)[..., None], logits, NEG_INF)
-    return KeyGroup(logits, lambda p: jnp.einsum("bqhn,bqnk->bqhk", p.swapaxes(-1, -2), gathered), True)
+    return KeyGroup(logits, lambda p: jnp.einsum("bqhn,bqnk->bqhk", p.swapaxes(-1, -2), gathered), heads_last=True)
 
 
 def _uses_entries(entries, entry_idx) -> bool:

@@ -251,8 +251,8 @@ def test_csa_selection_forms_agree(monkeypatch, t, n):
     (_, out_g), grads_g = results["gather"]
     (_, out_d), grads_d = results["dense"]
     np.testing.assert_allclose(out_d, out_g, rtol=1e-5, atol=1e-6)
-    for gd, gg in zip(grads_d, grads_g, strict=True):
-        np.testing.assert_allclose(gd, gg, rtol=1e-4, atol=1e-5)
+    for gd, gg in zip(grads_d, grads_g, strict=True):  # measured: at most 1.4e-6 apart
+        np.testing.assert_allclose(gd, gg, rtol=1e-5, atol=4e-6)
     mask = np.asarray(attention.selection_mask(idx, t))
     assert mask.sum() == int((idx >= 0).sum()) and mask.sum() < idx.size  # one True per valid slot
 
