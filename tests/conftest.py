@@ -79,3 +79,16 @@ def verify_triton_modules(monkeypatch):
 
     monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
     return verified
+
+
+MAX_TEST_WORKERS = 4  # each worker holds JAX, torch and transformers (a few GB with the 8-device subprocesses)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most MAX_TEST_WORKERS.
+
+    Most of the suite's time is XLA compilation, one core per program, so two workers on two cores
+    run it in about two thirds of the one-process time. `--dist loadfile` keeps each file in one
+    worker: its module fixtures (the sharding matrix, the training runs) are computed once.
+    """
+    return max(1, min(os.cpu_count() or 1, MAX_TEST_WORKERS))
