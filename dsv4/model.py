@@ -172,7 +172,12 @@ class DeepseekV4(nnx.Module):
         return self.logits(self.norm(self.hc_head(streams)))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        """tokens int32 [B, S] -> logits float32 [B, S, V]."""
+        """tokens int32 [B, S] -> logits float32 [B, S, V].
+
+        Called outside a trace this runs eagerly, op by op, and compiles every query-block loop
+        afresh on each call (seconds even for the embedded default); `dsv4.forward(model, tokens)`
+        is the same computation jitted, and `dsv4.probe` the one that also returns what it saw.
+        """
         return self.head_logits(self.streams(tokens))
 
     def forward_with_mtp(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
