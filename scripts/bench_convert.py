@@ -8,7 +8,8 @@ with E8M0 tile scales, packed FP4 routed experts with per-32 scales, BF16/F32/I6
 256 experts per layer) filled with random bytes, then times:
 
   raw read      `cat` of every shard to /dev/null
-  plain copy    `cp -r` of the checkpoint: the ceiling of any conversion that writes as much
+  plain copy    `cp -r` of the checkpoint, then `sync` (timed: the converter's O_DIRECT writes are on
+                the disk when it ends): the ceiling of any conversion that writes as much
   convert       dsv4-convert to bfloat16 and with --keep-quantized, each in a fresh subprocess,
                 reporting its throughput (source bytes / second) and peak RSS against the bound.
 
@@ -173,11 +174,17 @@ def raw_read_seconds(src: Path, cache: str = "warm") -> float:
 
 
 def copy_seconds(src: Path, dst: Path, cache: str = "warm") -> float:
-    """Seconds for `cp -r` of the checkpoint (the ceiling of any conversion that writes it all)."""
+    """Seconds for `cp -r` of the checkpoint and `sync` (the ceiling of any conversion that writes it all).
+
+    The sync is timed too: `cp` returns once its bytes are in the page cache, while the converter
+    writes with O_DIRECT, so its seconds include putting them on the disk.
+    """
     shutil.rmtree(dst, ignore_errors=True)
     _prepare(src, cache)
+    os.sync()  # nothing else left to write back inside the timing
     start = time.perf_counter()
     subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    os.sync()
     seconds = time.perf_counter() - start
     shutil.rmtree(dst)
     return seconds
@@ -206,7 +213,7 @@ def _cache_rows(src: Path, dst: Path, total: int, workers: int, cache: str) -> l
     cp = min(copy_seconds(src, dst, cache) for _ in range(2))
     rows = [
         ("raw read (`cat` to /dev/null)", total / cat, total / cat, cat, None, None, None),
-        ("plain copy (`cp -r`)", total / cp, total / cp, cp, None, None, None),
+        ("plain copy (`cp -r` + `sync`)", total / cp, total / cp, cp, None, None, None),
     ]
     runs = (
         (f"convert to bfloat16, --workers {workers}", ["--workers", str(workers)]),
