@@ -266,10 +266,12 @@ def test_tile_rows_keep_padding_proportional_to_rows():
     assert tile_rows(8192, 8) == TILE  # a prefill
 
 
+@pytest.mark.parametrize("span", [512, 1024, 4096], ids=["merge_each_chunk", "merge_two_chunks", "merge_once"])
 @pytest.mark.parametrize("block", [32, 4], ids=["prefill_block", "few_queries"])
 @pytest.mark.parametrize("ties", [False, True], ids=["random", "many_ties"])
-def test_chunked_indexer_topk_equals_scoring_every_entry(monkeypatch, ties, block):
-    """Causal key chunks with a running top-k give the indices (and order) of one top-k over all entries."""
+def test_chunked_indexer_topk_equals_scoring_every_entry(monkeypatch, ties, block, span):
+    """Causal key chunks with a running top-k give the indices (and order) of one top-k over all entries,
+    however many chunks are scored between two merges (MERGE_SPAN)."""
     from dsv4 import attention
 
     rng = np.random.default_rng(0)
@@ -285,6 +287,7 @@ def test_chunked_indexer_topk_equals_scoring_every_entry(monkeypatch, ties, bloc
     args = [jnp.asarray(a) for a in (q, keys, weights, positions)]
 
     monkeypatch.setattr(attention, "FEW_QUERY_DOTS", 512 * 4 * heads)  # so that few-query blocks chunk too
+    monkeypatch.setattr(attention, "MERGE_SPAN", span)  # 1024: two merges, the second of one chunk
     assert attention.key_chunk(block, heads) == 512
     chunked = np.asarray(attention.indexer_topk(*args, ratio, k, block))
     monkeypatch.setattr(attention, "KEY_CHUNK", 10**6)
