@@ -28,6 +28,7 @@ from dsv4.layers import F32, Linear, RMSNorm, apply_rope, rms_norm, rope_angles,
 from dsv4.params import KeyChain, constant, normal, param
 from dsv4.probes import record
 from dsv4.quantized import materialize
+from dsv4.selection import top_k_ascending
 
 NEG_INF = -jnp.inf
 
@@ -160,11 +161,11 @@ def indexer_topk(
     Scores are computed `block` queries at a time. With more than `key_chunk(block, I)` entries, a
     query block scores only the chunks of that many entries its queries can see (causal: about half
     the work of scoring every entry in a prefill) and merges their scores into a running top-k,
-    MERGE_SPAN entries (or one chunk, if larger) at a time: [B, block, I, chunk] dots and
-    [B, block, span] scores exist at once. Entries not yet complete at a query's position are
-    excluded; when fewer than k are visible the remaining slots hold -1 (invalid). Ties go to the
-    lower entry index either way, so both forms return the same indices in the same order.
-    Returns int32 [B, S, min(k, T)].
+    MERGE_SPAN entries (or one chunk, or k entries, if larger) at a time: [B, block, I, chunk] dots
+    and [B, block, span] scores exist at once. Entries not yet complete at a query's position are
+    excluded. Returns int32 [B, S, min(k, T)]: each query's entries in ascending order, then -1
+    (invalid) in the slots beyond its visible count. The set is that of `lax.top_k` over all
+    entries, ties to the lower index, whichever form computes it.
     """
     b, s = positions.shape
     t = keys.shape[1]
@@ -183,16 +184,15 @@ def indexer_topk(
         def one_block(args):
             q_blk, w_blk, pos_blk = args  # [B, Q, I, J], [B, Q, I], [B, Q]
             scores = index_scores(q_blk, keys, w_blk, pos_blk, ratio)
-            return valid(jax.lax.top_k(scores, k)[1], pos_blk)
+            return valid(top_k_entries(scores, k), pos_blk)
 
         return _map_query_blocks(one_block, (q, weights, positions), block)
 
-    # Chunks are scored into a buffer of up to MERGE_SPAN entries, merged into the running top-k
-    # once per buffer: XLA:CPU's TopK costs ~16 us per row at k = 128 whatever the row length, plus
-    # ~9 ns per element ([128, 640]: 2.8 ms, [128, 2048]: 4.3 ms), so one merge of several chunks
-    # costs a fraction of a merge per chunk.
-    per_span = max(1, min(MERGE_SPAN // chunk_len, -(-t // chunk_len)))  # chunks per buffer
-    span = per_span * chunk_len
+    # Chunks are scored into a buffer of up to MERGE_SPAN entries, merged into the running top-k once
+    # per buffer: each merge selects k of k + span scores, so fewer, longer merges do less work.
+    n_chunks = -(-t // chunk_len)
+    per_span = max(1, min(MERGE_SPAN // chunk_len, n_chunks), -(-k // chunk_len))  # chunks per buffer
+    span = per_span * chunk_len  # >= k: the first buffer is selected from alone
     n_spans = -(-t // span)
     keys = jnp.pad(keys, ((0, 0), (0, n_spans * span - t), (0, 0)))
 
@@ -207,20 +207,45 @@ def indexer_topk(
             scores = index_scores(q_blk, chunk, w_blk, pos_blk - offset * ratio, ratio)
             return jax.lax.dynamic_update_slice_in_dim(buf, scores, (c % per_span) * chunk_len, axis=2)
 
-        def merge(i, carry):
-            best, best_idx = carry  # [B, Q, k] scores (descending) and their entry indices
+        def span_scores(i):  # [B, Q, span] scores of span i and their entry indices
             first = i * per_span
             empty = jnp.full(pos_blk.shape + (span,), NEG_INF, F32)
             buf = jax.lax.fori_loop(first, jnp.minimum(first + per_span, needed), score, empty)
             ids = jnp.broadcast_to(i * span + jnp.arange(span, dtype=jnp.int32), buf.shape)
-            buf = jnp.where(ids < t, buf, NEG_INF)  # the padding past the last entry
-            top, where = jax.lax.top_k(jnp.concatenate([best, buf], axis=-1), k)
-            return top, jnp.take_along_axis(jnp.concatenate([best_idx, ids], axis=-1), where, axis=-1)
+            return jnp.where(ids < t, buf, NEG_INF), ids  # -inf: the padding past the last entry
 
-        init = (jnp.full(pos_blk.shape + (k,), NEG_INF, F32), jnp.full(pos_blk.shape + (k,), -1, jnp.int32))
-        return valid(jax.lax.fori_loop(0, -(-needed // per_span), merge, init)[1], pos_blk)
+        def best_of(scores, ids):
+            picked = top_k_entries(scores, k)
+            return jnp.take_along_axis(scores, picked, axis=-1), jnp.take_along_axis(ids, picked, axis=-1)
+
+        def merge(i, best):  # best: ([B, Q, k] scores, entry indices), ascending by index
+            scores, ids = span_scores(i)
+            # the running best first: its entries precede the span's, so ties keep the lower index
+            return best_of(jnp.concatenate([best[0], scores], -1), jnp.concatenate([best[1], ids], -1))
+
+        best = jax.lax.fori_loop(1, -(-needed // per_span), merge, best_of(*span_scores(0)))
+        return valid(best[1], pos_blk)
 
     return _map_query_blocks(chunked_block, (q, weights, positions), block)
+
+
+def top_k_entries(scores: jax.Array, k: int) -> jax.Array:
+    """Positions of the k best `scores` [B, Q, n] per query, ascending (`selection.top_k_ascending`).
+
+    A query block of a prefill selects without sorting (bisection for the k-th score: ~2x faster
+    than XLA:CPU's TopK on [128, 1,152]); a few queries (a decode step: one row per sequence) take
+    `lax.top_k` and sort its k positions, which costs less there than 32 passes over a long row.
+    """
+    if scores.shape[1] > FEW_QUERIES:
+        return top_k_ascending(scores, k)
+    return jnp.sort(jax.lax.top_k(scores, k)[1], axis=-1)
+
+
+def ascending_valid_first(idx: jax.Array) -> jax.Array:
+    """Entry indices [..., N] (-1 = invalid) in ascending order, the -1 slots last."""
+    last = jnp.iinfo(jnp.int32).max
+    ordered = jnp.sort(jnp.where(idx < 0, last, idx), axis=-1)
+    return jnp.where(ordered == last, -1, ordered).astype(jnp.int32)
 
 
 def index_scores(q_blk, keys, w_blk, pos_blk, ratio: int) -> jax.Array:
@@ -341,8 +366,9 @@ class Indexer(nnx.Module):
     def select(self, q, w, keys, positions, rt: RuntimeConfig) -> jax.Array:
         """Top-k entry indices [B, S, min(index_topk, T)] (-1 = invalid) against index keys [B, T, J]."""
         ratio, k = self.compressor.ratio, self.cfg.index_topk
-        if rt.attention_impl == "pallas":
-            return pallas_kernels.indexer_topk(q, keys.astype(q.dtype), w, positions, ratio, k, interpret=_interpret())
+        if rt.attention_impl == "pallas":  # the kernel lists by score: same set, same order as the XLA path
+            idx = pallas_kernels.indexer_topk(q, keys.astype(q.dtype), w, positions, ratio, k, interpret=_interpret())
+            return ascending_valid_first(idx)
         return indexer_topk(q, keys, w, positions, ratio, k, rt.query_block)
 
 
