@@ -1,5 +1,7 @@
 """Per-component parity with transformers' DeepSeek-V4 modules, literal expectations and named traps."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -219,6 +221,34 @@ def test_tiled_grouped_matmul_gradients_equal_ragged_dot(sizes):
     for g, r in zip(got, want, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
     assert np.abs(np.asarray(got[1][np.flatnonzero(gs == 0)])).max(initial=0.0) == 0.0  # empty groups
+
+
+@pytest.mark.parametrize("sizes", [[70, 3, 0, 129, 1], list(np.random.default_rng(6).integers(0, 9, 40))])
+def test_fused_expert_ffn_equals_three_products(sizes):
+    """The experts' one-loop form (gate, up, SwiGLU, down per tile) gives what the three grouped
+    products give, and so do its gradients; the limit is small so that the clamps bind."""
+    from dsv4 import moe
+
+    rng = np.random.default_rng(len(sizes))
+    gs = np.asarray(sizes, np.int32)
+    m, e = int(gs.sum()), len(sizes)
+    x = jnp.asarray(rng.standard_normal((m, 16)), jnp.float32)
+    w1, w3 = (jnp.asarray(rng.standard_normal((e, 16, 24)), jnp.float32) for _ in range(2))
+    w2 = jnp.asarray(rng.standard_normal((e, 24, 16)), jnp.float32)
+    limit = 1.5
+    assert float(jnp.max(jnp.abs(jnp.einsum("md,edf->emf", x, w3)))) > limit  # the clamp binds somewhere
+    probe = jnp.asarray(rng.standard_normal((m, 16)), jnp.float32)
+
+    def loss(fn):
+        return lambda *a: jnp.sum(jnp.tanh(fn(*a)) * probe)
+
+    fused = functools.partial(moe.expert_ffn, group_sizes=gs, limit=limit, impl="tiled")
+    products = functools.partial(moe._expert_ffn_by_products, group_sizes=gs, limit=limit, impl="ragged_dot")
+    np.testing.assert_allclose(fused(x, w1, w3, w2), products(x, w1, w3, w2), rtol=1e-5, atol=1e-5)
+    got = jax.grad(loss(fused), argnums=(0, 1, 2, 3))(x, w1, w3, w2)
+    want = jax.grad(loss(products), argnums=(0, 1, 2, 3))(x, w1, w3, w2)
+    for g, r in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("t, n", [(24, 16), (24, 8)])
