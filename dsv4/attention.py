@@ -366,7 +366,7 @@ class Indexer(nnx.Module):
     def select(self, q, w, keys, positions, rt: RuntimeConfig) -> jax.Array:
         """Top-k entry indices [B, S, min(index_topk, T)] (-1 = invalid) against index keys [B, T, J]."""
         ratio, k = self.compressor.ratio, self.cfg.index_topk
-        if rt.attention_impl == "pallas":  # the kernel lists by score: same set, same order as the XLA path
+        if rt.attention_impl == "pallas":  # the kernel lists by score; sorted, it reads as the XLA path's list
             idx = pallas_kernels.indexer_topk(q, keys.astype(q.dtype), w, positions, ratio, k, interpret=_interpret())
             return ascending_valid_first(idx)
         return indexer_topk(q, keys, w, positions, ratio, k, rt.query_block)

@@ -64,6 +64,13 @@ def sort_by_expert(idx: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Arr
     return order, order // idx.shape[-1], group_sizes
 
 
+def _resolve(impl: str) -> str:
+    """"auto" -> "tiled" on CPU, "ragged_dot" elsewhere; any other value as it is."""
+    if impl != "auto":
+        return impl
+    return "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+
+
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str = "auto") -> jax.Array:
     """Rows of x [M, D] sorted by group times their group's matrix w [E, D, F] -> [M, F] float32.
 
@@ -71,8 +78,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str
     multiplies every row by every expert and masks, so "auto" uses "tiled" on CPU: each group is
     padded to whole tiles of `tile_rows(M, E)` rows and every tile multiplies by its own expert only.
     """
-    if impl == "auto":
-        impl = "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+    impl = _resolve(impl)
     if impl == "ragged_dot":
         return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=F32)
     return _tiled_grouped_matmul(x, w, group_sizes)
@@ -188,9 +194,7 @@ def expert_ffn(x_sorted, w1, w3, w2, group_sizes, limit, impl: str = "auto"):
     On CPU ("tiled") the three products run in one loop over the tiles (`_fused_tiled_ffn`);
     with "ragged_dot" they are three grouped products.
     """
-    if impl == "auto":
-        impl = "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
-    if impl == "tiled":
+    if _resolve(impl) == "tiled":
         return _fused_tiled_ffn(x_sorted, w1, w3, w2, group_sizes, limit)
     return _expert_ffn_by_products(x_sorted, w1, w3, w2, group_sizes, limit, impl)
 
