@@ -6,6 +6,8 @@ Builds the benchmark config of scripts/bench_forward.py (random weights, float32
 CSA attention and the second block of an all-sliding-window variant, and times (best of `repeats`
 after a compile run) the whole part and its pieces on random inputs of one sequence of `--seq`
 tokens. The pieces overlap in what XLA would fuse across them, so they need not add up to the whole.
+Two rows compare the indexer's selection of one query block (its last, [128, T + k] scores as a
+merge sees them) by `dsv4.selection.top_k_ascending` and by `lax.top_k`.
 Prints a table.
 """
 
@@ -42,6 +44,7 @@ def csa_parts(cfg, seq: int, rng) -> list[tuple[str, object, tuple]]:
     from dsv4 import attention as A
     from dsv4.config import RuntimeConfig
     from dsv4.model import init_model
+    from dsv4.selection import top_k_ascending
 
     model = init_model(cfg, RuntimeConfig(dtype="float32"), 0)
     att = next(m for _, m in nnx.iter_graph(model) if isinstance(m, A.Attention) and m.kind == "csa")
@@ -53,6 +56,11 @@ def csa_parts(cfg, seq: int, rng) -> list[tuple[str, object, tuple]]:
     keys = att.indexer.compressor.update(x, start, n, cache.indexer).entries.read()
     iq, iw = att.indexer.queries(x, att.q_norm(att.wq_a(x)), positions)
     idx = A.indexer_topk(iq, keys, iw, positions, att.ratio, cfg.index_topk, 128)
+    # the last query block's scores after the running best's k slots: the longest row a merge selects from
+    last = slice(max(0, seq - 128), seq)
+    k_sel = min(cfg.index_topk, keys.shape[1])
+    block_scores = A.index_scores(iq[:, last], keys, iw[:, last], positions[:, last], att.ratio)
+    merge_row = jnp.concatenate([jnp.full((1, block_scores.shape[1], k_sel), -jnp.inf), block_scores], -1)
     h, k, w = cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window
     q = jnp.asarray(rng.standard_normal((1, seq, h, k)), jnp.float32)
     kv = jnp.asarray(rng.standard_normal((1, seq, k)), jnp.float32)
@@ -66,6 +74,8 @@ def csa_parts(cfg, seq: int, rng) -> list[tuple[str, object, tuple]]:
         ("  indexer queries", nnx.jit(lambda m, x: m.indexer.queries(x, m.q_norm(m.wq_a(x)), positions)), (att, x)),
         ("  indexer top-k", jax.jit(lambda a, b, c: A.indexer_topk(a, c, b, positions, att.ratio, cfg.index_topk,
                                                                     128)), (iq, iw, keys)),
+        ("    one query block's selection, sort-free", jax.jit(lambda s: top_k_ascending(s, k_sel)), (merge_row,)),
+        ("    the same with lax.top_k", jax.jit(lambda s: jax.lax.top_k(s, k_sel)[1]), (merge_row,)),
         ("  window attention alone", jax.jit(lambda q, kv: A.sparse_attention(q, kv, prev, start, sink, w)), (q, kv)),
         ("  window + selected entries", jax.jit(lambda q, kv, e, i: A.sparse_attention(q, kv, prev, start, sink, w,
                                                                                         e, i, att.ratio)),
