@@ -191,7 +191,7 @@ def indexer_topk(
     # Chunks are scored into a buffer of up to MERGE_SPAN entries, merged into the running top-k once
     # per buffer: each merge selects k of k + span scores, so fewer, longer merges do less work.
     n_chunks = -(-t // chunk_len)
-    per_span = max(1, min(MERGE_SPAN // chunk_len, n_chunks), -(-k // chunk_len))  # chunks per buffer
+    per_span = max(min(MERGE_SPAN // chunk_len, n_chunks), -(-k // chunk_len))  # chunks per buffer (k >= 1)
     span = per_span * chunk_len  # >= k: the first buffer is selected from alone
     n_spans = -(-t // span)
     keys = jnp.pad(keys, ((0, 0), (0, n_spans * span - t), (0, 0)))

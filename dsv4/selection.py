@@ -21,7 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-F32 = jnp.float32
+from dsv4.layers import F32
+
 INT_MIN = jnp.iinfo(jnp.int32).min
 
 

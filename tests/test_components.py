@@ -244,11 +244,12 @@ def test_fused_expert_ffn_equals_three_products(sizes):
 
     fused = functools.partial(moe.expert_ffn, group_sizes=gs, limit=limit, impl="tiled")
     products = functools.partial(moe._expert_ffn_by_products, group_sizes=gs, limit=limit, impl="ragged_dot")
-    np.testing.assert_allclose(fused(x, w1, w3, w2), products(x, w1, w3, w2), rtol=1e-5, atol=1e-5)
+    # measured: outputs equal, gradients within 3.8e-6 absolute (entries up to ~40)
+    np.testing.assert_allclose(fused(x, w1, w3, w2), products(x, w1, w3, w2), rtol=1e-6, atol=1e-5)
     got = jax.grad(loss(fused), argnums=(0, 1, 2, 3))(x, w1, w3, w2)
     want = jax.grad(loss(products), argnums=(0, 1, 2, 3))(x, w1, w3, w2)
     for g, r in zip(got, want, strict=True):
-        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("t, n", [(24, 16), (24, 8)])
