@@ -578,3 +578,30 @@ def test_cluster_detection_asks_jax_cluster_environments(monkeypatch):
     monkeypatch.setattr(ClusterEnv, "_cluster_types", [])
     monkeypatch.setenv("SLURM_JOB_ID", "7")
     assert mesh._cluster_detected()
+
+
+def test_check_sharded_script_compares_and_reports():
+    """scripts/check_sharded.py: the sharded forward agrees with one device at S = 300 (exit 0)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    script = ROOT / "scripts/check_sharded.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--seq", "300", "--set", "num_hidden_layers=2", "compress_ratios=[4,128,0]"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert "2 cpu devices, mesh {'data': 2, 'expert': 1, 'tensor': 1}, strategy dp_ep" in proc.stdout
+    assert "OK: the sharded logits equal the one-device logits" in proc.stdout
+
+
+def test_check_sharded_lists_the_differing_positions():
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from check_sharded import differing_positions
+
+    ref = np.zeros((2, 6, 3), np.float32)
+    out = ref.copy()
+    out[0, [1, 4], 2] = 0.5
+    out[1, 5, 0] = 1e-4  # below atol
+    assert differing_positions(ref, out, atol=1e-3) == [[1, 4], []]
