@@ -30,11 +30,12 @@ memory saving. `embed`/`vocab` stay replicated too (one gather / matmul per step
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 
 import jax
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from dsv4.params import logical_axes
 
@@ -231,12 +232,36 @@ def _size(mesh: Mesh, axes: tuple[str, ...]) -> int:
     return out
 
 
+CPU_MULTIDEVICE_WARNING = (
+    "dsv4 on {n} CPU devices: in dsv4's checks (jaxlib 0.10.2) XLA:CPU gave wrong logits on 2 host "
+    "devices for sequences of 2,048 tokens and more, while one device was right (README, 'Running on a "
+    "mesh'). `python scripts/check_sharded.py` checks this machine."
+)
+
+
+def warn_cpu_multidevice(mesh: Mesh) -> bool:
+    """Warn (once per process) when `mesh` spans several CPU devices; returns whether it warned."""
+    if isinstance(mesh, AbstractMesh):  # no devices yet
+        return False
+    n = mesh.devices.size
+    if n < 2 or mesh.devices.flat[0].platform != "cpu" or _WARNED:
+        return False
+    _WARNED.append(n)
+    warnings.warn(CPU_MULTIDEVICE_WARNING.format(n=n), RuntimeWarning, stacklevel=3)
+    return True
+
+
+_WARNED: list[int] = []
+
+
 def validate(cfg, mesh: Mesh, strategy: str | Strategy | None = None, batch: int | None = None) -> None:
     """Check, before anything is compiled, that `strategy` can shard `cfg` (and `batch`) on `mesh`.
 
     Raises ValueError listing every problem: a mesh axis the mesh lacks, or a mesh size that does
     not divide the batch, the routed experts, the query heads, the output groups or the indexer heads.
+    Warns once per process on a mesh of several CPU devices (`warn_cpu_multidevice`).
     """
+    warn_cpu_multidevice(mesh)
     strat = get_strategy(strategy)
     check_mesh_axes(strat.rules, mesh, f"strategy {strat.name!r}")
     checks = (

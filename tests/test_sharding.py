@@ -605,3 +605,25 @@ def test_check_sharded_lists_the_differing_positions():
     out[0, [1, 4], 2] = 0.5
     out[1, 5, 0] = 1e-4  # below atol
     assert differing_positions(ref, out, atol=1e-3) == [[1, 4], []]
+
+
+def test_meshes_of_several_cpu_devices_warn_once(monkeypatch):
+    """The known XLA:CPU multi-device issue (README) is announced once per process, only on CPU meshes."""
+    import numpy as np
+
+    from sharding import rules
+
+    class Device:
+        def __init__(self, platform):
+            self.platform = platform
+
+    class FakeMesh:
+        def __init__(self, n, platform):
+            self.devices = np.array([Device(platform) for _ in range(n)], dtype=object)
+
+    monkeypatch.setattr(rules, "_WARNED", [])
+    assert not rules.warn_cpu_multidevice(FakeMesh(1, "cpu"))
+    assert not rules.warn_cpu_multidevice(FakeMesh(8, "gpu"))
+    with pytest.warns(RuntimeWarning, match="dsv4 on 2 CPU devices: .*wrong logits"):
+        assert rules.warn_cpu_multidevice(FakeMesh(2, "cpu"))
+    assert not rules.warn_cpu_multidevice(FakeMesh(2, "cpu"))  # once per process
