@@ -237,6 +237,7 @@ CPU_MULTIDEVICE_WARNING = (
     "devices for sequences of 2,048 tokens and more, while one device was right (README, 'Running on a "
     "mesh'). `python scripts/check_sharded.py` checks this machine."
 )
+_WARNED: list[int] = []  # the device count of the mesh that warned (once per process)
 
 
 def warn_cpu_multidevice(mesh: Mesh) -> bool:
@@ -249,9 +250,6 @@ def warn_cpu_multidevice(mesh: Mesh) -> bool:
     _WARNED.append(n)
     warnings.warn(CPU_MULTIDEVICE_WARNING.format(n=n), RuntimeWarning, stacklevel=3)
     return True
-
-
-_WARNED: list[int] = []
 
 
 def validate(cfg, mesh: Mesh, strategy: str | Strategy | None = None, batch: int | None = None) -> None:
