@@ -233,9 +233,10 @@ def _size(mesh: Mesh, axes: tuple[str, ...]) -> int:
 
 
 CPU_MULTIDEVICE_WARNING = (
-    "dsv4 on {n} CPU devices: in dsv4's checks (jaxlib 0.10.2) XLA:CPU gave wrong logits on 2 host "
-    "devices for sequences of 2,048 tokens and more, while one device was right (README, 'Running on a "
-    "mesh'). `python scripts/check_sharded.py` checks this machine."
+    "dsv4 on {n} CPU devices: in dsv4's checks (jaxlib 0.10.2) XLA:CPU gave wrong logits for sequences "
+    "of 2,048 tokens and more when it ran other work at the same time (2 host devices, or one device "
+    "beside a busy thread), while one device alone was right (README, 'Running on a mesh'). "
+    "`python scripts/check_sharded.py` checks this machine."
 )
 _WARNED: list[int] = []  # the device count of the mesh that warned (once per process)
 

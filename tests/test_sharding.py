@@ -586,12 +586,14 @@ def test_check_sharded_script_compares_and_reports():
     env["JAX_PLATFORMS"] = "cpu"
     script = ROOT / "scripts/check_sharded.py"
     proc = subprocess.run(
-        [sys.executable, str(script), "--seq", "300", "--set", "num_hidden_layers=2", "compress_ratios=[4,128,0]"],
+        [sys.executable, str(script), "--seq", "300", "--busy-thread", "--set", "num_hidden_layers=2",
+         "compress_ratios=[4,128,0]"],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert "2 cpu devices, mesh {'data': 2, 'expert': 1, 'tensor': 1}, strategy dp_ep" in proc.stdout
-    assert "OK: the sharded logits equal the one-device logits" in proc.stdout
+    assert "sharded: relative error" in proc.stdout and "one device beside a busy thread: relative error" in proc.stdout
+    assert "OK: the logits equal the one-device logits" in proc.stdout
 
 
 def test_check_sharded_lists_the_differing_positions():
