@@ -1,13 +1,19 @@
 """XLA:CPU settings dsv4's programs (the console scripts, the benchmarks) choose before JAX starts.
 
-XLA:CPU hands some fusions (reductions, small dots) to YNNPACK. For this model that is slower: on
-the 2-core CI machine, paired runs with YNNPACK fusions off gave a train step of 0.89-1.09 s
-against 1.11-1.29 s, a forward at S = 4096 of 1.15-1.33 s against 1.38-1.43 s, a prefill at 8K x 8
-of ~3,000 against ~2,300 tokens/s; single reductions such as Sinkhorn's backward ran 20x slower
-through YNNPACK. (Batch-8 decode steps are the exception: 15-16 ms against 12-14 ms; batch-1
-decode is unchanged. `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+reduce` keeps XLA's
-defaults.) The library itself never touches the environment: programs call
-`prefer_plain_cpu_fusions()` first thing, and library users can set the same flag themselves.
+XLA:CPU hands some fusions (reductions, elementwise chains, dots) to YNNPACK. dsv4's programs keep
+YNNPACK for the dots only (`YNN_DOTS_ONLY`) and leave the rest to XLA's own emitters:
+- Reductions and the like are slower through YNNPACK for this model: on the 2-core CI machine,
+  paired runs with every YNNPACK fusion off gave a train step of 0.89-1.09 s against 1.11-1.29 s,
+  a forward at S = 4096 of 1.15-1.33 s against 1.38-1.43 s, a prefill at 8K x 8 of ~3,000 against
+  ~2,300 tokens/s; single reductions such as Sinkhorn's backward ran 20x slower through YNNPACK.
+- Dots must stay with YNNPACK: with every YNNPACK fusion off, XLA:CPU's own dots computed wrong
+  values (jaxlib 0.10.2) whenever the process ran other XLA work at the same time: a forward on 2
+  host devices, or on one device beside another thread's work, gave wrong logits for the first
+  ~96 positions from S = 2,048 (README, "Running on a mesh"; `scripts/check_sharded.py`).
+
+The library itself never touches the environment: programs call `prefer_plain_cpu_fusions()`
+first thing, and library users can set the same flag themselves (or keep XLA's defaults, which
+also leave the dots with YNNPACK). `ynn_dots_off` tells whether XLA_FLAGS takes them away.
 
 The console scripts also keep their compiled programs across runs (`enable_compile_cache`: JAX's
 persistent compilation cache, in ~/.cache/dsv4/jax unless DSV4_COMPILE_CACHE says otherwise):
@@ -18,11 +24,14 @@ compiling is most of a short run's time (the README's "Compile time", `scripts/b
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import MutableMapping
 from pathlib import Path
 
-NO_YNN_FUSIONS = "--xla_cpu_experimental_ynn_fusion_type="
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+YNN_DOTS_ONLY = f"{YNN_FLAG}=individual_dot"  # YNNPACK runs the dots, XLA's emitters everything else
+_DOT_KINDS = ("dot", "individual_dot")  # the flag's names for dot fusions and single dots
 # jaxlib releases whose XLA knows the flag (seen: 0.10.2, 0.11.2). XLA aborts the process on an
 # unknown flag in XLA_FLAGS, so other releases are left alone.
 KNOWN_JAXLIB = ((0, 10), (0, 11))
@@ -41,17 +50,44 @@ def _jaxlib_minor() -> tuple[int, int] | None:
 
 
 def prefer_plain_cpu_fusions(environ: MutableMapping[str, str] = os.environ) -> bool:
-    """Turn XLA:CPU's YNNPACK fusions off for this process (adds NO_YNN_FUSIONS to XLA_FLAGS).
+    """Leave only the dots to YNNPACK in this process (adds YNN_DOTS_ONLY to XLA_FLAGS).
 
-    Does nothing when XLA_FLAGS already chooses a YNNPACK fusion setting or the jaxlib release is
-    not one known to accept the flag. Takes effect only if JAX's CPU backend has not started yet;
-    GPU and TPU backends ignore it. Returns whether the flag was added.
+    Does nothing when XLA_FLAGS already chooses a YNNPACK fusion setting (and warns if that setting
+    takes the dots away from YNNPACK: `ynn_dots_off`) or the jaxlib release is not one known to
+    accept the flag. Takes effect only if JAX's CPU backend has not started yet; GPU and TPU
+    backends ignore it. Returns whether the flag was added.
     """
     flags = environ.get("XLA_FLAGS", "")
-    if "ynn_fusion_type" in flags or _jaxlib_minor() not in KNOWN_JAXLIB:
+    if YNN_FLAG in flags:
+        if ynn_dots_off(environ):
+            warnings.warn(YNN_DOTS_OFF_WARNING.format(flags=flags), RuntimeWarning, stacklevel=2)
         return False
-    environ["XLA_FLAGS"] = f"{flags} {NO_YNN_FUSIONS}".strip()
+    if _jaxlib_minor() not in KNOWN_JAXLIB:
+        return False
+    environ["XLA_FLAGS"] = f"{flags} {YNN_DOTS_ONLY}".strip()
     return True
+
+
+YNN_DOTS_OFF_WARNING = (
+    "XLA_FLAGS {flags!r} takes XLA:CPU's dots away from YNNPACK: with jaxlib 0.10.2, XLA's own dots "
+    "computed wrong dsv4 logits (S >= 2,048) whenever the process ran other XLA work at the same time "
+    f"(several host devices, or another thread). README, 'Running on a mesh'; {YNN_DOTS_ONLY} avoids it."
+)
+
+
+def ynn_dots_off(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Whether XLA_FLAGS takes XLA:CPU's dots away from YNNPACK (its last YNNPACK setting lists no dot kind).
+
+    Without a setting XLA's defaults hold, and they give the dots to YNNPACK. A list of changes
+    ("+reduce", "-individual_dot") keeps the default dots unless it removes one of them.
+    """
+    settings = re.findall(rf"{YNN_FLAG}=(\S*)", environ.get("XLA_FLAGS", ""))
+    if not settings:
+        return False
+    items = [item.strip().lower() for item in settings[-1].split(",") if item.strip()]
+    if items and all(item[0] in "+-" for item in items):  # changes to XLA's default list
+        return any(item[1:] in _DOT_KINDS for item in items if item[0] == "-")
+    return not any(item.lstrip("+") in _DOT_KINDS for item in items)
 
 
 COMPILE_CACHE_ENV = "DSV4_COMPILE_CACHE"

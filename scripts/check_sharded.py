@@ -1,7 +1,7 @@
 """Check that a sharded forward computes the one-device forward's logits on this machine.
 
     python scripts/check_sharded.py                                   # 2 CPU devices, dp_ep, S = 512
-    python scripts/check_sharded.py --seq 2048 --set num_attention_heads=8     # mismatches here (jaxlib 0.10.2)
+    python scripts/check_sharded.py --seq 2048 --set num_attention_heads=8     # the case CI checks (+ --busy-thread)
     python scripts/check_sharded.py --strategy replicated --batch 1 --seq 4096 --set num_attention_heads=8
     python scripts/check_sharded.py --busy-thread --seq 4096 --set num_attention_heads=8  # one device, busy
 
@@ -14,10 +14,12 @@ process keeps XLA busy with unrelated products, and compares that too.
 
 On CPU the devices are `--cpu-devices` host devices (XLA_FLAGS
 --xla_force_host_platform_device_count, set here before JAX starts unless XLA_FLAGS already
-names a count). Why this exists: with jaxlib 0.10.2 on the 2-core CPU machines, the 8-head config
-at S = 2,048 and 4,096 on 2 host devices gives wrong logits for the first ~96 positions (dp_ep and
-replicated alike), while one device, and S <= 1,024, agree (README, "Running on a mesh"). One
-device goes wrong the same way when another thread runs XLA work beside it (`--busy-thread`).
+names a count), and XLA:CPU gets dsv4's programs' setting (`dsv4.xla_flags.prefer_plain_cpu_fusions`:
+YNNPACK runs the dots) unless XLA_FLAGS chooses one. Why this exists: with jaxlib 0.10.2 and every
+YNNPACK fusion off (XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=), the 8-head config at S = 2,048
+and 4,096 on 2 host devices gave wrong logits for the first ~96 positions (dp_ep and replicated
+alike), and so did one device beside another thread's XLA work (`--busy-thread`), while one device
+alone, and S <= 1,024, agreed: XLA's own dots computed them wrong (README, "Running on a mesh").
 """
 
 from __future__ import annotations

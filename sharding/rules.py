@@ -38,6 +38,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from dsv4.params import logical_axes
+from dsv4.xla_flags import ynn_dots_off
 
 MeshAxes = str | tuple[str, ...] | None
 
@@ -233,20 +234,21 @@ def _size(mesh: Mesh, axes: tuple[str, ...]) -> int:
 
 
 CPU_MULTIDEVICE_WARNING = (
-    "dsv4 on {n} CPU devices: in dsv4's checks (jaxlib 0.10.2) XLA:CPU gave wrong logits for sequences "
-    "of 2,048 tokens and more when it ran other work at the same time (2 host devices, or one device "
-    "beside a busy thread), while one device alone was right (README, 'Running on a mesh'). "
-    "`python scripts/check_sharded.py` checks this machine."
+    "dsv4 on {n} CPU devices with XLA_FLAGS that take XLA:CPU's dots away from YNNPACK: with that "
+    "setting (jaxlib 0.10.2) XLA's own dots gave wrong logits for sequences of 2,048 tokens and more "
+    "when several devices ran at once (README, 'Running on a mesh'). dsv4.xla_flags.YNN_DOTS_ONLY, "
+    "or XLA's defaults, avoid it; `python scripts/check_sharded.py` checks this machine."
 )
 _WARNED: list[int] = []  # the device count of the mesh that warned (once per process)
 
 
 def warn_cpu_multidevice(mesh: Mesh) -> bool:
-    """Warn (once per process) when `mesh` spans several CPU devices; returns whether it warned."""
+    """Warn (once per process) when `mesh` spans several CPU devices and XLA_FLAGS turns YNNPACK's
+    dots off (`dsv4.xla_flags.ynn_dots_off`); returns whether it warned."""
     if isinstance(mesh, AbstractMesh):  # no devices yet
         return False
     n = mesh.devices.size
-    if n < 2 or mesh.devices.flat[0].platform != "cpu" or _WARNED:
+    if n < 2 or mesh.devices.flat[0].platform != "cpu" or _WARNED or not ynn_dots_off():
         return False
     _WARNED.append(n)
     warnings.warn(CPU_MULTIDEVICE_WARNING.format(n=n), RuntimeWarning, stacklevel=3)
@@ -258,7 +260,8 @@ def validate(cfg, mesh: Mesh, strategy: str | Strategy | None = None, batch: int
 
     Raises ValueError listing every problem: a mesh axis the mesh lacks, or a mesh size that does
     not divide the batch, the routed experts, the query heads, the output groups or the indexer heads.
-    Warns once per process on a mesh of several CPU devices (`warn_cpu_multidevice`).
+    Warns once per process on a mesh of several CPU devices when XLA_FLAGS turns YNNPACK's dots off
+    (`warn_cpu_multidevice`).
     """
     warn_cpu_multidevice(mesh)
     strat = get_strategy(strategy)

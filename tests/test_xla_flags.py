@@ -1,9 +1,10 @@
-"""dsv4.xla_flags: the XLA:CPU flag the console scripts set (and that this jaxlib accepts it), and their
-persistent compilation cache."""
+"""dsv4.xla_flags: the XLA:CPU flag the console scripts set (that this jaxlib accepts it, and that it
+leaves exactly the dots to YNNPACK), reading a user's own setting, and the persistent compilation cache."""
 
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -13,18 +14,45 @@ from dsv4 import xla_flags
 def test_adds_the_flag_and_keeps_other_flags():
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     assert xla_flags.prefer_plain_cpu_fusions(env)
-    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {xla_flags.NO_YNN_FUSIONS}"
+    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {xla_flags.YNN_DOTS_ONLY}"
     empty: dict[str, str] = {}
-    assert xla_flags.prefer_plain_cpu_fusions(empty) and empty["XLA_FLAGS"] == xla_flags.NO_YNN_FUSIONS
+    assert xla_flags.prefer_plain_cpu_fusions(empty) and empty["XLA_FLAGS"] == xla_flags.YNN_DOTS_ONLY
+    assert not xla_flags.ynn_dots_off(empty)
 
 
 def test_leaves_an_explicit_choice_and_unknown_jaxlib_alone(monkeypatch):
-    env = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=kReduce"}
-    assert not xla_flags.prefer_plain_cpu_fusions(env)
-    assert env["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=kReduce"
+    keeps_dots = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=+reduce"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not xla_flags.prefer_plain_cpu_fusions(keeps_dots)
+    assert keeps_dots["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=+reduce"
+    no_dots = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}
+    with pytest.warns(RuntimeWarning, match="takes XLA:CPU's dots away from YNNPACK"):
+        assert not xla_flags.prefer_plain_cpu_fusions(no_dots)
+    assert no_dots["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
     monkeypatch.setattr(xla_flags, "_jaxlib_minor", lambda: (0, 99))
     env = {}
     assert not xla_flags.prefer_plain_cpu_fusions(env) and env == {}
+
+
+@pytest.mark.parametrize(
+    "flags, off",
+    [
+        ("", False),  # XLA's defaults keep the dots with YNNPACK
+        ("--xla_force_host_platform_device_count=2", False),
+        ("--xla_cpu_experimental_ynn_fusion_type=", True),  # every YNNPACK fusion off
+        ("--xla_cpu_experimental_ynn_fusion_type=reduce", True),  # a list without a dot kind
+        ("--xla_cpu_experimental_ynn_fusion_type=dot", False),
+        ("--xla_cpu_experimental_ynn_fusion_type=reduce,individual_dot", False),
+        ("--xla_cpu_experimental_ynn_fusion_type=+reduce", False),  # changes keep the default dots
+        ("--xla_cpu_experimental_ynn_fusion_type=-reduce", False),
+        ("--xla_cpu_experimental_ynn_fusion_type=-individual_dot", True),
+        ("--xla_cpu_experimental_ynn_fusion_type=dot --xla_cpu_experimental_ynn_fusion_type=", True),  # the last wins
+        ("--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_experimental_ynn_fusion_type=dot", False),
+    ],
+)
+def test_ynn_dots_off_reads_the_last_setting(flags, off):
+    assert xla_flags.ynn_dots_off({"XLA_FLAGS": flags}) is off
 
 
 def _run_jax(flags: str) -> subprocess.CompletedProcess:
@@ -39,17 +67,21 @@ def test_this_jaxlib_accepts_the_flag():
     if xla_flags._jaxlib_minor() not in xla_flags.KNOWN_JAXLIB:
         assert not xla_flags.prefer_plain_cpu_fusions({})
         return
-    ok = _run_jax(xla_flags.NO_YNN_FUSIONS)
+    ok = _run_jax(xla_flags.YNN_DOTS_ONLY)
     assert ok.returncode == 0 and ok.stdout.strip() == "6.0", ok.stderr[-500:]
     bad = _run_jax("--xla_no_such_flag_for_dsv4=1")
     assert bad.returncode != 0 and "Unknown flag" in bad.stderr
 
 
-def _ynn_fusions(flags: str) -> int:
-    """`ynn_fusion` instructions in the optimized HLO of a row reduction, compiled under `flags`."""
+REDUCTION = "lambda x: (x / x.sum(-1, keepdims=True)).sum(-2)"  # row sums of [4096, 4, 4]
+PRODUCT = "lambda x: x.reshape(4096, 16) @ x.reshape(16, 4096)"  # a [4096, 16] x [16, 4096] dot
+
+
+def _ynn_fusions(flags: str, program: str) -> int:
+    """`ynn_fusion` instructions in the optimized HLO of `program` on [4096, 4, 4], compiled under `flags`."""
     code = (
         "import jax, jax.numpy as jnp\n"
-        "f = jax.jit(lambda x: (x / x.sum(-1, keepdims=True)).sum(-2))\n"
+        f"f = jax.jit({program})\n"
         "print(f.lower(jnp.ones((4096, 4, 4))).compile().as_text().count('%ynn_fusion'))"
     )
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
@@ -58,14 +90,17 @@ def _ynn_fusions(flags: str) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def test_the_flag_takes_the_ynnpack_fusions_out():
+def test_the_flag_leaves_exactly_the_dots_to_ynnpack():
     """The flag is not a no-op (XLA's own --help text calls the default list empty): XLA:CPU's
-    default compilation of a reduction has YNNPACK fusions, compilation under the flag has none."""
+    default compilation gives a reduction and a dot to YNNPACK; under the flag only the dot goes
+    there. Every YNNPACK fusion off (the setting of the wrong-logits issue) takes the dot too."""
     if xla_flags._jaxlib_minor() not in xla_flags.KNOWN_JAXLIB:
         assert not xla_flags.prefer_plain_cpu_fusions({})
         return
-    assert _ynn_fusions("") > 0
-    assert _ynn_fusions(xla_flags.NO_YNN_FUSIONS) == 0
+    assert _ynn_fusions("", REDUCTION) > 0 and _ynn_fusions("", PRODUCT) > 0
+    assert _ynn_fusions(xla_flags.YNN_DOTS_ONLY, REDUCTION) == 0
+    assert _ynn_fusions(xla_flags.YNN_DOTS_ONLY, PRODUCT) > 0
+    assert _ynn_fusions(f"{xla_flags.YNN_FLAG}=", PRODUCT) == 0
 
 
 # ------------------------------------------------------------------------ persistent compile cache
