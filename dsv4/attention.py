@@ -118,17 +118,22 @@ def _align_tokens(raw_kv, raw_gate, c, z, base, start, n, span):
 
     Positions before `start` come from the raw ring, the next n[b] from the chunk; positions
     before 0 or past the real tokens get value 0 and logit -inf. Returns two [B, span, C_w].
+    The span is one contiguous slice of [ring in position order, chunk] per row: with a gather per
+    position, XLA:CPU fused the gathers into the pooling's reductions, and a CSA compressor's update
+    of 4,096 tokens took 14.5 ms instead of 8.9 ms (of which 6.2 ms are its two projections).
     """
     hist, c_len = raw_kv.shape[1], c.shape[1]
+    offset = base - (start - hist)  # [B] row of position base in [ring, chunk]; 0 <= offset <= hist
+    tail = max(0, span - c_len)  # rows past the chunk the slice may reach
     pos = base[:, None] + jnp.arange(span)  # [B, span]
-    idx = pos - start[:, None]  # index into the chunk
-    from_ring = (idx < 0) & (pos >= 0)
-    in_chunk = (idx >= 0) & (idx < n[:, None])
+    valid = ((pos >= 0) & (pos < (start + n)[:, None]))[..., None]
+    ring_order = ((start[:, None] + jnp.arange(hist)) % hist)[..., None]  # ring slot of start - hist + i
 
     def pick(ring, chunk, fill):
-        r = jnp.take_along_axis(ring, (pos % hist)[..., None], axis=1)
-        k = jnp.take_along_axis(chunk, jnp.clip(idx, 0, c_len - 1)[..., None], axis=1)
-        return jnp.where(from_ring[..., None], r, jnp.where(in_chunk[..., None], k, fill))
+        rows = jnp.concatenate([jnp.take_along_axis(ring, ring_order, axis=1), chunk], axis=1)
+        rows = jnp.pad(rows, ((0, 0), (0, tail), (0, 0)))
+        cut = jax.vmap(lambda r, o: jax.lax.dynamic_slice_in_dim(r, o, span, axis=0))(rows, offset)
+        return jnp.where(valid, cut, fill)
 
     return pick(raw_kv, c, 0.0), pick(raw_gate, z, NEG_INF)
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv4.config import ModelConfig
-from dsv4.layers import F32, rms_norm
+from dsv4.layers import F32
 from dsv4.params import KeyChain, constant, normal, param
 from dsv4.probes import record
 
@@ -38,9 +38,14 @@ def sinkhorn(comb: jax.Array, iters: int, eps: float) -> jax.Array:
 
 
 def _mix_logits(streams: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
-    """rms(flatten(streams)) @ fn.T : [B, S, N, D] -> [B, S, rows of fn], float32."""
+    """rms(flatten(streams)) @ fn.T : [B, S, N, D] -> [B, S, rows of fn], float32.
+
+    The norm's per-token scale is applied to the [B, S, rows] product rather than to the [B, S, N*D]
+    input (as the release's reference code does): the normalised copy of the streams is never written.
+    """
     flat = streams.reshape(*streams.shape[:-2], -1).astype(F32)
-    return jnp.einsum("bsm,rm->bsr", rms_norm(flat, eps), fn.astype(F32))
+    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(flat), axis=-1, keepdims=True) + eps)
+    return jnp.einsum("bsm,rm->bsr", flat, fn.astype(F32)) * inv_rms
 
 
 def collapse(streams: jax.Array, pre: jax.Array) -> jax.Array:
