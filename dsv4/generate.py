@@ -35,6 +35,7 @@ from dsv4 import decode
 from dsv4.config import ModelConfig
 from dsv4.model import DeepseekV4
 from dsv4.sampling import SamplingParams, sample_with
+from dsv4.xla_flags import jit_whole_sequence
 
 CACHE_ALIGN = 128  # the default cache length is rounded up to a multiple of this
 PAD_ID = 0  # fed to padded prompt slots and to rows that already stopped; never visible to real tokens
@@ -94,7 +95,7 @@ def _is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
     return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(4, 5))
+@jit_whole_sequence(static_argnums=0, donate_argnums=(4, 5))
 def _prefill_program(graphdef, state, tokens, lengths, cache, last_logits):
     """Append one prompt chunk; keep each row's logits at its latest real token.
 

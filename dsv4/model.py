@@ -23,6 +23,7 @@ from dsv4.layers import F32, Linear, RMSNorm
 from dsv4.mhc import HyperConnection, HyperHead, collapse
 from dsv4.moe import MoE
 from dsv4.params import KeyChain, normal, param
+from dsv4.xla_flags import jit_whole_sequence
 
 
 class Table(nnx.Module):
@@ -237,7 +238,7 @@ def whole_sequence_tokens(model: DeepseekV4, tokens) -> jax.Array:
     return jnp.asarray(host, jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@jit_whole_sequence(static_argnums=0)
 def _forward(graphdef, state, tokens):
     return nnx.merge(graphdef, state)(tokens)
 
@@ -248,7 +249,7 @@ def forward(model: DeepseekV4, tokens: jax.Array) -> jax.Array:
     return _forward(graphdef, state, whole_sequence_tokens(model, tokens))
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@jit_whole_sequence(static_argnums=0)
 def _forward_with_mtp(graphdef, state, tokens):
     return nnx.merge(graphdef, state).forward_with_mtp(tokens)
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 
 import jax
 from flax import nnx
+
+from dsv4.xla_flags import jit_whole_sequence
 
 _PROBING = contextvars.ContextVar("dsv4_probing", default=False)
 
@@ -48,7 +49,7 @@ def _probing():
         _PROBING.reset(token)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@jit_whole_sequence(static_argnums=0)  # compiled as the forward is, so its logits are the forward's
 def _probe(graphdef, state, tokens):
     model = nnx.merge(graphdef, state)
     with _probing():

@@ -15,6 +15,9 @@ The library itself never touches the environment: programs call `prefer_plain_cp
 first thing, and library users can set the same flag themselves (or keep XLA's defaults, which
 also leave the dots with YNNPACK). `ynn_dots_off` tells whether XLA_FLAGS takes them away.
 
+The whole-sequence programs (the forward, the prefill) compile on CPU without XLA's tree-reduction
+rewrite, whoever runs them (`jit_whole_sequence`, below): a per-program compile option, not a flag.
+
 The console scripts also keep their compiled programs across runs (`enable_compile_cache`: JAX's
 persistent compilation cache, in ~/.cache/dsv4/jax unless DSV4_COMPILE_CACHE says otherwise):
 compiling is most of a short run's time (the README's "Compile time", `scripts/bench_compile.py`).
@@ -23,11 +26,13 @@ compiling is most of a short run's time (the README's "Compile time", `scripts/b
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import warnings
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
+from typing import Any
 
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 YNN_DOTS_ONLY = f"{YNN_FLAG}=individual_dot"  # YNNPACK runs the dots, XLA's emitters everything else
@@ -136,3 +141,62 @@ def program_defaults() -> None:
     """What dsv4's console scripts set first thing: `prefer_plain_cpu_fusions`, `enable_compile_cache`."""
     prefer_plain_cpu_fusions()
     enable_compile_cache()
+
+
+# ------------------------------------------------------------------------- whole-sequence programs
+
+# XLA:CPU rewrites every reduction over more than 32 elements into a reduce-window of 32-wide partial
+# results plus a reduce of those (its TreeReductionRewriter, for the accuracy of long float sums).
+# The reduce-window does not take its producer into its loop, so the producer is written out in full
+# first: the indexer's top-k bisection (32 compare-and-count passes over [128, T] per query block)
+# wrote and reread a [128, T] int32 array on every pass. Without the rewrite each count is one fused
+# loop: the bisection over [128, 4,096] took 0.9-1.3 ms instead of 4.0-4.2 ms, the benchmark forward
+# 6% less time at S = 4,096 and 15% less at 16,384 (README, Performance). Decode steps, whose long
+# reductions have few rows, were not faster without it, and the train step was unchanged: they keep it.
+TREE_REDUCTION_PASS = "tree_reduction_rewriter"
+_PASSES_FLAG = "--xla_disable_hlo_passes"
+
+
+def whole_sequence_cpu_options(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
+    """Compile options of the whole-sequence programs on CPU: the HLO passes XLA_FLAGS disables
+    (a compile option replaces the flag's list), plus the tree-reduction rewrite."""
+    settings = re.findall(rf"{_PASSES_FLAG}=(\S*)", environ.get("XLA_FLAGS", ""))
+    names = [name for name in (settings[-1].split(",") if settings else []) if name]
+    if TREE_REDUCTION_PASS not in names:
+        names.append(TREE_REDUCTION_PASS)
+    return {"xla_disable_hlo_passes": ",".join(names)}
+
+
+class WholeSequenceJit:
+    """`jax.jit(fun, **jit_kwargs)`, compiled with `whole_sequence_cpu_options()` when JAX's default
+    backend is the CPU (read at each call: GPU and TPU compile as plain `jax.jit`)."""
+
+    def __init__(self, fun: Callable, **jit_kwargs: Any):
+        import jax
+
+        functools.update_wrapper(self, fun)
+        self._fun, self._kwargs = fun, jit_kwargs
+        self._plain = jax.jit(fun, **jit_kwargs)
+        self._cpu = None  # made at the first CPU call, when XLA_FLAGS is settled
+
+    def _jitted(self):
+        import jax
+
+        if jax.default_backend() != "cpu":
+            return self._plain
+        if self._cpu is None:
+            self._cpu = jax.jit(self._fun, compiler_options=whole_sequence_cpu_options(), **self._kwargs)
+        return self._cpu
+
+    def __call__(self, *args, **kwargs):
+        return self._jitted()(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        return self._jitted().lower(*args, **kwargs)
+
+
+def jit_whole_sequence(fun: Callable | None = None, **jit_kwargs: Any):
+    """Decorator (with or without `jax.jit`'s keyword arguments) making a `WholeSequenceJit`."""
+    if fun is None:
+        return functools.partial(jit_whole_sequence, **jit_kwargs)
+    return WholeSequenceJit(fun, **jit_kwargs)

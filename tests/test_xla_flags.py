@@ -2,6 +2,7 @@
 leaves exactly the dots to YNNPACK), reading a user's own setting, and the persistent compilation cache."""
 
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -175,3 +176,49 @@ def test_dsv4_generate_fills_the_compile_cache_and_reuses_it(tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == entries
     _generate({"DSV4_COMPILE_CACHE": "off", "XDG_CACHE_HOME": str(tmp_path / "xdg")})
     assert not (tmp_path / "xdg").exists()
+
+
+# ------------------------------------------------------------------------ whole-sequence programs
+
+
+@pytest.mark.parametrize(
+    "flags, passes",
+    [
+        ("", "tree_reduction_rewriter"),
+        ("--xla_force_host_platform_device_count=2", "tree_reduction_rewriter"),
+        ("--xla_disable_hlo_passes=foo,bar", "foo,bar,tree_reduction_rewriter"),  # the user's list is kept
+        ("--xla_disable_hlo_passes=a --xla_disable_hlo_passes=tree_reduction_rewriter", "tree_reduction_rewriter"),
+    ],
+)
+def test_whole_sequence_options_keep_the_users_disabled_passes(flags, passes):
+    assert xla_flags.whole_sequence_cpu_options({"XLA_FLAGS": flags}) == {"xla_disable_hlo_passes": passes}
+
+
+def test_the_forward_compiles_without_the_tree_reduction_rewrite():
+    """On CPU, dsv4's forward and prefill programs compile without XLA's tree-reduction rewrite: none
+    of its reduce-windows (32-wide, stride 32) in the optimized forward, where the same function under
+    plain `jax.jit` has them (the control). Parity with transformers under this setting:
+    tests/test_parity.py, which runs it."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import dsv4
+    from dsv4 import model
+    from dsv4.config import ModelConfig
+    from dsv4.generate import _prefill_program
+    from dsv4.probes import _probe
+
+    assert jax.default_backend() == "cpu"
+    net = dsv4.init_model(ModelConfig.tiny(), seed=0)
+    graphdef, state = nnx.split(net)
+    tokens = jnp.zeros((1, 300), jnp.int32)
+
+    def tree_reductions(jitted) -> int:
+        text = jitted.lower(graphdef, state, tokens).compile().as_text()
+        return len(re.findall(r"reduce-window\(.*window=\{size=[\dx]*32 stride=", text))
+
+    assert tree_reductions(jax.jit(model._forward.__wrapped__, static_argnums=0)) > 0
+    assert tree_reductions(model._forward) == 0
+    for program in (model._forward, model._forward_with_mtp, _prefill_program, _probe):
+        assert isinstance(program, xla_flags.WholeSequenceJit)
