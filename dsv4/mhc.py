@@ -41,7 +41,7 @@ def _mix_logits(streams: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
     """rms(flatten(streams)) @ fn.T : [B, S, N, D] -> [B, S, rows of fn], float32.
 
     The norm's per-token scale is applied to the [B, S, rows] product rather than to the [B, S, N*D]
-    input (as the release's reference code does): the normalised copy of the streams is never written.
+    input (the order of the mHC paper's equations): the normalised copy of the streams is never written.
     """
     flat = streams.reshape(*streams.shape[:-2], -1).astype(F32)
     inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(flat), axis=-1, keepdims=True) + eps)
