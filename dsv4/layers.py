@@ -39,10 +39,15 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, self.eps, self.weight.get_value())
 
 
+def inv_rms(xf: jax.Array, eps: float) -> jax.Array:
+    """rsqrt(mean(x^2) + eps) over the last axis, kept as a size-1 axis: [..., D] -> [..., 1]."""
+    return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+
+
 def rms_norm(x: jax.Array, eps: float, weight: jax.Array | None = None) -> jax.Array:
     """x * rsqrt(mean(x^2) + eps) [* weight] over the last axis, in float32, cast back to x.dtype."""
     xf = x.astype(F32)
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    y = xf * inv_rms(xf, eps)
     if weight is not None:
         y = y * weight.astype(F32)
     return y.astype(x.dtype)

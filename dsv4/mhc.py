@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv4.config import ModelConfig
-from dsv4.layers import F32
+from dsv4.layers import F32, inv_rms
 from dsv4.params import KeyChain, constant, normal, param
 from dsv4.probes import record
 
@@ -44,8 +44,7 @@ def _mix_logits(streams: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
     input (the order of the mHC paper's equations): the normalised copy of the streams is never written.
     """
     flat = streams.reshape(*streams.shape[:-2], -1).astype(F32)
-    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(flat), axis=-1, keepdims=True) + eps)
-    return jnp.einsum("bsm,rm->bsr", flat, fn.astype(F32)) * inv_rms
+    return jnp.einsum("bsm,rm->bsr", flat, fn.astype(F32)) * inv_rms(flat, eps)
 
 
 def collapse(streams: jax.Array, pre: jax.Array) -> jax.Array:

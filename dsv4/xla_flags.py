@@ -195,8 +195,6 @@ class WholeSequenceJit:
         return self._jitted().lower(*args, **kwargs)
 
 
-def jit_whole_sequence(fun: Callable | None = None, **jit_kwargs: Any):
-    """Decorator (with or without `jax.jit`'s keyword arguments) making a `WholeSequenceJit`."""
-    if fun is None:
-        return functools.partial(jit_whole_sequence, **jit_kwargs)
-    return WholeSequenceJit(fun, **jit_kwargs)
+def jit_whole_sequence(**jit_kwargs: Any) -> Callable[[Callable], WholeSequenceJit]:
+    """Decorator taking `jax.jit`'s keyword arguments and making a `WholeSequenceJit`."""
+    return functools.partial(WholeSequenceJit, **jit_kwargs)
