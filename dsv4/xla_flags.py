@@ -169,7 +169,11 @@ def whole_sequence_cpu_options(environ: MutableMapping[str, str] = os.environ) -
 
 class WholeSequenceJit:
     """`jax.jit(fun, **jit_kwargs)`, compiled with `whole_sequence_cpu_options()` when JAX's default
-    backend is the CPU (read at each call: GPU and TPU compile as plain `jax.jit`)."""
+    backend is the CPU (read at each call: GPU and TPU compile as plain `jax.jit`).
+
+    Called while JAX traces (inside a caller's `jax.jit`, `grad` or `vmap`), it is the plain
+    `jax.jit`: compile options belong to the outermost program, which the caller compiles.
+    """
 
     def __init__(self, fun: Callable, **jit_kwargs: Any):
         import jax
@@ -179,20 +183,20 @@ class WholeSequenceJit:
         self._plain = jax.jit(fun, **jit_kwargs)
         self._cpu = None  # made at the first CPU call, when XLA_FLAGS is settled
 
-    def _jitted(self):
+    def _jitted(self, args: tuple = ()):
         import jax
 
-        if jax.default_backend() != "cpu":
+        if jax.default_backend() != "cpu" or any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
             return self._plain
         if self._cpu is None:
             self._cpu = jax.jit(self._fun, compiler_options=whole_sequence_cpu_options(), **self._kwargs)
         return self._cpu
 
     def __call__(self, *args, **kwargs):
-        return self._jitted()(*args, **kwargs)
+        return self._jitted((args, kwargs))(*args, **kwargs)
 
     def lower(self, *args, **kwargs):
-        return self._jitted().lower(*args, **kwargs)
+        return self._jitted((args, kwargs)).lower(*args, **kwargs)
 
 
 def jit_whole_sequence(**jit_kwargs: Any) -> Callable[[Callable], WholeSequenceJit]:

@@ -222,3 +222,34 @@ def test_the_forward_compiles_without_the_tree_reduction_rewrite():
     assert tree_reductions(model._forward) == 0
     for program in (model._forward, model._forward_with_mtp, _prefill_program, _probe):
         assert isinstance(program, xla_flags.WholeSequenceJit)
+
+
+def test_whole_sequence_programs_run_inside_a_callers_jit_and_grad():
+    """A notebook's own `jax.jit(lambda t: dsv4.forward(model, t))` (and `grad` or `vmap` around the
+    forward) traces the program as a plain nested jit: JAX refuses compile options below the top
+    level. The float32 logits equal the forward's own call to rounding (in bfloat16 a different
+    fusion moves the roundings, and with them the discrete top-k choices)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    import dsv4
+    from dsv4 import model
+    from dsv4.config import ModelConfig, RuntimeConfig
+
+    net = dsv4.init_model(ModelConfig.tiny(), RuntimeConfig(dtype="float32"), seed=0)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, net.cfg.vocab_size, (1, 40)), jnp.int32)
+    direct = dsv4.forward(net, tokens)
+    nested = jax.jit(lambda t: dsv4.forward(net, t))(tokens)
+    np.testing.assert_allclose(np.asarray(nested), np.asarray(direct), rtol=0, atol=2e-6)
+    mapped = jax.vmap(lambda t: dsv4.forward(net, t[None])[0])(tokens)
+    np.testing.assert_allclose(np.asarray(mapped), np.asarray(direct), rtol=0, atol=2e-6)
+    graphdef, state = nnx.split(net)
+
+    def last_logit(state):  # through the program itself: dsv4.forward splits the model eagerly
+        return model._forward(graphdef, state, tokens)[0, -1, 0]
+
+    grad = jax.grad(last_logit, allow_int=True)(state)["embed"]["weight"].get_value()  # tid2eid is int
+    assert grad.shape == (net.cfg.vocab_size, net.cfg.hidden_size) and bool(jnp.any(grad != 0))
+    assert not bool(jnp.any(grad[np.setdiff1d(np.arange(net.cfg.vocab_size), np.asarray(tokens))] != 0))
