@@ -1,7 +1,9 @@
 """dsv4: DeepSeek-V4 in JAX/Flax NNX."""
 
 from dsv4.config import ConfigError, ModelConfig, RuntimeConfig
-from dsv4.generate import generate  # the function; the module stays importable as dsv4.generate
+
+# dsv4.generate is the function; `from dsv4.generate import ...` still reaches the module
+from dsv4.generate import generate
 from dsv4.loading import load_hf
 from dsv4.model import DeepseekV4, abstract_model, forward, forward_with_mtp, init_model
 from dsv4.probes import probe

@@ -529,12 +529,17 @@ _HF_COMPRESS_RATES = {"compressed_sparse_attention": 4, "heavily_compressed_atte
 def _read_config(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, Any], str]:
     if isinstance(path_or_dict, Mapping):
         return dict(path_or_dict), "config dict"
+    if not isinstance(path_or_dict, str | os.PathLike):
+        raise ConfigError(
+            "path_or_dict: expected a config.json path, a checkpoint directory or a mapping, "
+            f"got {type(path_or_dict).__name__}"
+        )
     path = Path(path_or_dict)
     if path.is_dir():
         path = path / "config.json"
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        raw = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
         raise ConfigError(f"{path}: cannot read a JSON config: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")

@@ -110,8 +110,9 @@ def _block_runner(streams):
     one kind (equal graphdefs: ratio, router, shapes) share one trace and one lowering; tracing
     and lowering then cost the number of layer kinds, not of layers (43 Flash-pattern layers:
     5.0 -> 1.1 s for a forward, `scripts/bench_compile.py`). XLA still compiles every call. Made
-    per trace, never kept: a later trace sees the code as it is then (a notebook's patched
-    component, `probe`'s recording).
+    per trace, never kept: a later trace sees the code as it is then (`probe`'s recording). A
+    program already compiled for these shapes is not traced again: after patching a class (not
+    an instance), `jax.clear_caches()` makes `dsv4.forward` and the others trace the new code.
     Eagerly (no trace): the plain body, one op at a time as before.
     """
     if not isinstance(streams, jax.core.Tracer):
@@ -190,6 +191,9 @@ class DeepseekV4(nnx.Module):
             raise ValueError("this config has no MTP block (num_nextn_predict_layers = 0)")
         streams = self.streams(tokens)
         main = self.head_logits(streams)
+        b, s = tokens.shape
+        if s == 1:  # no token t + 1 to condition on: nothing to predict
+            return main, jnp.zeros((b, 0, self.cfg.vocab_size), F32)
         nxt = tokens[:, 1:]
         hidden = self.mtp[0](streams[:, :-1], self.embed.weight.get_value()[nxt], nxt)
         return main, self.logits(hidden)
@@ -205,10 +209,17 @@ def abstract_model(cfg: ModelConfig, rt: RuntimeConfig | None = None) -> Deepsee
     return nnx.eval_shape(lambda: DeepseekV4(cfg, rt, keys=KeyChain(0)))
 
 
-def check_token_shape(tokens: np.ndarray) -> None:
-    """ValueError unless host `tokens` are a non-empty [batch, length] array."""
+def check_token_shape(tokens) -> None:
+    """ValueError unless `tokens` (host or device array, or tracer) are a non-empty [batch, length] array."""
     if tokens.ndim != 2 or 0 in tokens.shape:
         raise ValueError(f"tokens must be a non-empty [batch, length] array, got shape {tokens.shape}")
+
+
+def _check_token_array(tokens) -> None:
+    """Shape and integer dtype: known without reading any value (host arrays, device arrays, tracers)."""
+    check_token_shape(tokens)
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
 
 
 def check_vocabulary(tokens: np.ndarray, vocab: int, real: np.ndarray | None = None) -> None:
@@ -222,18 +233,18 @@ def check_vocabulary(tokens: np.ndarray, vocab: int, real: np.ndarray | None = N
 
 
 def whole_sequence_tokens(model: DeepseekV4, tokens) -> jax.Array:
-    """tokens [B, S] as int32, validated first when they come from the host (numpy, lists).
+    """tokens [B, S] as int32, validated first.
 
-    Raises ValueError for a shape other than [B >= 1, S >= 1], non-integer ids or an id outside
-    [0, vocab_size) (XLA would clamp it to the last row of the embedding without a word). Device
-    arrays and tracers are passed through unchecked: checking them would wait for the device.
+    Raises ValueError for a shape other than [B >= 1, S >= 1] or non-integer ids, and, for host
+    tokens (numpy, lists), an id outside [0, vocab_size) (XLA would clamp it to the last row of the
+    embedding without a word). The ids of device arrays and tracers are not checked: reading them
+    would wait for the device.
     """
     if isinstance(tokens, jax.Array):  # tracers too
+        _check_token_array(tokens)
         return tokens.astype(jnp.int32)
     host = np.asarray(tokens)
-    check_token_shape(host)
-    if not np.issubdtype(host.dtype, np.integer):
-        raise ValueError(f"tokens must be integer token ids, got dtype {host.dtype}")
+    _check_token_array(host)
     check_vocabulary(host, model.cfg.vocab_size)
     return jnp.asarray(host, jnp.int32)
 

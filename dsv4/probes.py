@@ -5,7 +5,7 @@ the logits together with what every layer computed on the way, as a flat dict of
 the module path and the probe's name:
 
     logits, seen = dsv4.probe(model, tokens)          # tokens int32 [B, S]
-    seen["layers.2.attn.topk"]                        # CSA: indexer's selected entries [B, S, k], ascending, -1 last
+    seen["layers.2.attn.topk"]                        # CSA: entries [B, S, min(index_topk, S // 4)], ascending, -1 last
     seen["layers.2.attn.compressed_kv"]               # CSA/HCA: compressed entries [B, S // m, head_dim]
     seen["layers.0.ffn.expert_ids"]                   # routed experts per token [B, S, K] (hash or top-k)
     seen["layers.0.ffn.expert_weights"]               # their weights [B, S, K] float32

@@ -341,8 +341,10 @@ def _load_weight_map(path: Path) -> dict[str, str]:
     """The index file's weight_map (tensor name -> shard file name), duplicates rejected."""
     try:
         index = json.loads(path.read_text("utf-8"), object_pairs_hook=_reject_duplicate_keys(path))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    except OSError as exc:  # a directory of that name, unreadable
+        raise CheckpointError(f"{path}: cannot read the index ({exc.strerror or exc})") from exc
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{path}: missing or malformed 'weight_map'")

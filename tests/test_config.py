@@ -203,6 +203,12 @@ def test_generic_keys_accepted_and_ignored():
     assert ModelConfig.from_hf_config(d) == ModelConfig.flash()
 
 
+@pytest.mark.parametrize("bad", [[1, 2], 42, None])
+def test_a_config_that_is_no_path_or_mapping_is_named(bad):
+    with pytest.raises(ConfigError, match=f"path_or_dict: .* got {type(bad).__name__}"):
+        ModelConfig.from_hf_config(bad)
+
+
 def test_unknown_key_is_named_with_the_file(tmp_path):
     d = ModelConfig.tiny().to_hf_dict() | {"qk_nope_head_dim": 448}
     (tmp_path / "config.json").write_text(json.dumps(d))

@@ -143,6 +143,16 @@ def test_missing_shard_file(ckpt):
         ckpt.load()
 
 
+def test_index_that_is_not_utf8_or_not_a_file(ckpt):
+    ckpt.index_path.write_bytes(b'{"weight_map": \xff}')  # was a bare UnicodeDecodeError
+    with pytest.raises(dsv4.CheckpointError, match=names(INDEX_FILE, "not valid JSON")):
+        ckpt.load()
+    ckpt.index_path.unlink()
+    ckpt.index_path.mkdir()  # was an IsADirectoryError
+    with pytest.raises(dsv4.CheckpointError, match=names(INDEX_FILE, "cannot read the index")):
+        ckpt.load()
+
+
 @pytest.mark.parametrize("cut", [1, 100])
 def test_truncated_shard(ckpt, cut):
     shard = ckpt.shard_of(FP8)
@@ -368,6 +378,13 @@ def test_missing_config(ckpt):
     path = ckpt.dir / "config.json"
     path.unlink()
     with pytest.raises(dsv4.ConfigError, match=names(str(path))):
+        ckpt.load()
+
+
+def test_config_that_is_not_utf8(ckpt):
+    path = ckpt.dir / "config.json"
+    path.write_bytes(b'{"vocab_size": \xff}')  # was a bare UnicodeDecodeError naming no file
+    with pytest.raises(dsv4.ConfigError, match=names(str(path), "utf-8")):
         ckpt.load()
 
 

@@ -137,6 +137,50 @@ def test_host_tokens_are_checked_before_the_forward(tokens, message):
     assert dsv4.forward(model, [[0, 511]]).shape == (1, 2, 512)  # lists are host tokens too
 
 
+@pytest.mark.parametrize(
+    "tokens, message",
+    [
+        (jnp.array([1, 2, 3]), "non-empty [batch, length] array, got shape (3,)"),
+        (jnp.zeros((1, 0), jnp.int32), "got shape (1, 0)"),  # was a ZeroDivisionError
+        (jnp.array([[1.7, 2.2]]), "integer token ids, got dtype float32"),  # was silently truncated
+    ],
+)
+def test_device_tokens_are_checked_for_shape_and_dtype(tokens, message):
+    """Shape and dtype are known without waiting for the device (ids are not read: see above)."""
+    model = init_model(ModelConfig.tiny(), RuntimeConfig(dtype="float32"))
+    for entry in (dsv4.forward, dsv4.forward_with_mtp, dsv4.probe):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            entry(model, tokens)
+    with pytest.raises(ValueError, match=re.escape(message)):  # a tracer in a caller's jit
+        jax.jit(lambda t: dsv4.forward(model, t))(tokens)
+
+
+def test_mtp_of_a_single_token_is_empty():
+    """S = 1: no token t + 1 to condition on, so [B, 0, V] MTP logits (was a ZeroDivisionError)."""
+    cfg = ModelConfig.tiny()
+    model = init_model(cfg, RuntimeConfig(dtype="float32"))
+    main, mtp = dsv4.forward_with_mtp(model, np.array([[5], [7]]))
+    assert mtp.shape == (2, 0, cfg.vocab_size) and mtp.dtype == jnp.float32
+    np.testing.assert_allclose(main, dsv4.forward(model, np.array([[5], [7]])), rtol=1e-6, atol=1e-6)
+
+
+def test_a_class_patch_reaches_the_forward_after_clear_caches(monkeypatch):
+    """A compiled program is reused for equal shapes and graphdefs, so a class-level patch made
+    after the first call shows only after `jax.clear_caches()` (`dsv4.model._block_runner` says so)."""
+    from dsv4 import attention
+
+    model = init_model(ModelConfig.tiny(), RuntimeConfig(dtype="float32"))
+    tokens = np.arange(12)[None]
+    before = np.asarray(dsv4.forward(model, tokens))
+    original = attention.Attention.project_out
+    monkeypatch.setattr(attention.Attention, "project_out", lambda self, o: original(self, o) * 0.0)
+    assert np.array_equal(np.asarray(dsv4.forward(model, tokens)), before)  # the cached program
+    jax.clear_caches()
+    assert not np.allclose(np.asarray(dsv4.forward(model, tokens)), before, atol=1e-3)
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
 # Layers of one kind share a trace inside a jitted program (dsv4.model._block_runner).
 KINDS_CFG = ModelConfig.tiny(num_hidden_layers=7, compress_ratios=(0, 4, 128, 4, 128, 4, 128, 0), num_hash_layers=1)
 
