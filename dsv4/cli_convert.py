@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _run(args)
-    except (ConvertError, CheckpointError, ConfigError, FileNotFoundError) as err:
+    except (ConvertError, CheckpointError, ConfigError, OSError) as err:  # OSError: a path, the disk
         print(f"dsv4-convert: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -5,16 +5,18 @@
 CKPT is one of
   * a training checkpoint directory written by `dsv4.train.Checkpointer` (Orbax, one folder per
     step): the latest step, or `--step N`, is restored; the architecture comes from the checkpoint's
-    own meta (`model_config`), the optimizer state is read and dropped;
+    own meta (`model_config`), the optimizer state is read and dropped; a `dsv4-train --out` RUN
+    directory stands for RUN/checkpoints;
   * a release-layout checkpoint (config.json + safetensors, read with `dsv4.load_hf`);
   * a converted checkpoint (`dsv4-convert` output, read with `dsv4.load`).
 OUT gets what `dsv4.export.export_release` writes: config.json with the release quantization_config,
 generation_config.json, FP8 projections with E8M0 128x128 block scales, FP4 routed experts, BF16/F32
 rest, sharded safetensors with their index, and the tokenizer files (from `--tokenizer`, else from
-CKPT when it holds a tokenizer.json). It appears only when complete. `dsv4.load_hf(OUT)` and
-`transformers` (FineGrainedFP8Config(dequantize=True)) read it back.
-User errors (a missing or unrecognised CKPT, an unknown step, a non-empty OUT without --overwrite)
-print one line `dsv4-export: error: ...` and exit with status 2.
+CKPT when it holds a tokenizer.json, or RUN/tokenizer for a dsv4-train RUN or RUN/checkpoints). It
+appears only when complete. `dsv4.load_hf(OUT)` and `transformers` (FineGrainedFP8Config(dequantize=True))
+read it back.
+User errors (a missing or unrecognised CKPT, an unknown step, a non-empty OUT without --overwrite,
+or one that is not a checkpoint) print one line `dsv4-export: error: ...` and exit with status 2.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="training checkpoint step to export (default: the latest)")
     p.add_argument("--tokenizer", type=Path, metavar="DIR", help="copy tokenizer.json (+ config files) from DIR")
     p.add_argument("--no-mtp", action="store_true", help="leave out the MTP block (config gets 0 MTP layers)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint at OUT (one with a config.json)")
     p.add_argument(
         "--max-shard-size",
         default="4GiB",
@@ -75,7 +77,7 @@ def parse_size(text: str) -> int:
     unit = text.strip()[len(number) :].strip().upper()
     try:
         size = int(float(number) * _UNITS[unit])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, OverflowError):  # OverflowError: inf, 1e400
         raise ExportError(f"--max-shard-size: expected a size like 4GiB, 500MB or 1048576, got {text!r}") from None
     if size < 1:
         raise ExportError(f"--max-shard-size: must be at least 1 byte, got {text!r}")
@@ -183,25 +185,43 @@ def load_any(path: Path, step: int | None = None):
 
 def check_paths(args) -> Path | None:
     """Refuse bad OUT / --tokenizer before any loading; returns the tokenizer directory to copy, if any."""
+    from dsv4.export import check_out_dir
+
     ckpt, out = args.ckpt.resolve(), args.out.resolve()
     if out == ckpt or ckpt in out.parents or out in ckpt.parents:
         raise ExportError(f"{args.out}: OUT must lie outside CKPT {args.ckpt} (and not contain it)")
     if out.exists() and not out.is_dir():
         raise ExportError(f"{args.out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise ExportError(f"{args.out}: exists and is not empty; pass --overwrite to replace it")
+    try:
+        check_out_dir(args.out, args.overwrite, option="--overwrite")
+    except FileExistsError as err:
+        raise ExportError(str(err)) from None
     parse_size(args.max_shard_size)
     if args.tokenizer is not None:
         if not (args.tokenizer / "tokenizer.json").is_file():
             raise ExportError(f"--tokenizer {args.tokenizer}: no tokenizer.json there")
         return args.tokenizer
-    return args.ckpt if (args.ckpt / "tokenizer.json").is_file() else None
+    return next((d for d in _tokenizer_candidates(args.ckpt) if (d / "tokenizer.json").is_file()), None)
+
+
+def _tokenizer_candidates(ckpt: Path) -> tuple[Path, ...]:
+    """Where CKPT's tokenizer may be: CKPT itself, or for a dsv4-train RUN/checkpoints, RUN/tokenizer."""
+    return (ckpt, ckpt.parent / "tokenizer") if ckpt.name == "checkpoints" else (ckpt,)
+
+
+def run_directory_checkpoints(ckpt: Path) -> Path:
+    """CKPT, or RUN/checkpoints when CKPT is a dsv4-train run directory (holding checkpoints/)."""
+    inner = ckpt / "checkpoints"
+    if ckpt.is_dir() and not training_steps(ckpt) and inner.is_dir() and training_steps(inner):
+        return inner
+    return ckpt
 
 
 def run(args) -> Path:
     """Load CKPT, write OUT; returns OUT."""
     from dsv4 import export
 
+    args.ckpt = run_directory_checkpoints(args.ckpt)
     tokenizer_dir = check_paths(args)
     model, source = load_any(args.ckpt, args.step)
     out = export.export_release(

@@ -1281,6 +1281,9 @@ def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
     s, d = src.resolve(), dst.resolve()
     if s == d or s in d.parents or d in s.parents:
         raise ConvertError(f"{dst}: destination must lie outside the source {src} (and not contain it)")
+    above = next((p for p in dst.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConvertError(f"{dst}: cannot be created, {above} is not a directory")
     if not dst.exists():
         return
     if not overwrite:
@@ -1521,6 +1524,8 @@ def verify(src, dst, samples: int = 16, seed: int = 0) -> VerifyReport:
     assemble), independent of the converter's block-wise kernels; stacked experts are compared on
     two random experts each.
     """
+    if samples < 1:
+        raise ConvertError(f"--samples: verify needs at least 1 sample, got {samples}")
     src, dst = Path(src), Path(dst)
     manifest = read_manifest(dst)
     opts = manifest["options"]

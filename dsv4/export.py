@@ -211,11 +211,25 @@ def copy_tokenizer(src, dst) -> list[str]:
     return copied
 
 
+def check_out_dir(out_dir: Path, overwrite: bool, option: str = "overwrite=True") -> None:
+    """FileExistsError unless `out_dir` may be written: absent, empty, or (with `overwrite`) a
+    checkpoint directory (holding a config.json, as an earlier export does). Other contents are
+    never replaced: a mistyped OUT must not delete someone's files. `option`: how the caller
+    asks for `overwrite`, for the message."""
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir}: exists and is not empty; pass {option} to replace it")
+    if not (out_dir / "config.json").is_file():
+        raise FileExistsError(
+            f"{out_dir}: not empty and not a checkpoint (no config.json); {option} replaces only a checkpoint"
+        )
+
+
 def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     """Rename the finished temporary directory onto `out_dir` (replacing it when `overwrite`)."""
     if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir}: not empty; pass overwrite=True to replace it")
+        check_out_dir(out_dir, overwrite)
         old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
         os.replace(out_dir, old / "ckpt")
         os.replace(tmp, out_dir)
@@ -242,7 +256,8 @@ def export_release(
     Args:
       model_or_state: a DeepseekV4, or its nnx.State (then `cfg` is required).
       cfg: the architecture; None takes `model.cfg`.
-      out_dir: target directory; created, or replaced when `overwrite` (refused if not empty).
+      out_dir: target directory; created, or replaced when `overwrite` and it holds a checkpoint
+        (a config.json); any other non-empty directory is refused (`check_out_dir`).
       max_shard_bytes: shard size bound (a larger single tensor gets a shard of its own).
       scale_fmt: FP8 scales as "ue8m0" (F8_E8M0 bytes, as released) or "float" (F32, as Base).
       include_mtp: False drops `mtp.*` and writes num_nextn_predict_layers 0.
@@ -257,6 +272,7 @@ def export_release(
     fmt = StorageFormat(scale_fmt, expert_format, *(() if block is None else (tuple(block),)))
     stored, overrides = release_tensors(state, cfg, fmt, include_mtp)
     out_dir = Path(out_dir)
+    check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp."))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the checkpoint is an ordinary directory

@@ -73,6 +73,24 @@ def test_training_checkpoint_latest_step_loads_back_as_the_rounded_model(trainin
     assert len(list(out.glob("*.safetensors"))) > 1  # --max-shard-size 200KiB
 
 
+def test_a_train_run_directory_exports_its_checkpoints_and_tokenizer(training_ckpt, tmp_path):
+    """`dsv4-export RUN OUT` for a dsv4-train --out RUN (checkpoints/ + tokenizer/): RUN/checkpoints'
+    latest step, with RUN/tokenizer copied; RUN/checkpoints as CKPT finds RUN/tokenizer too."""
+    import shutil
+
+    from release_fixture import write_tiny_tokenizer
+
+    path, models = training_ckpt
+    run = tmp_path / "run"
+    shutil.copytree(path, run / "checkpoints")
+    (run / "tokenizer").mkdir()
+    write_tiny_tokenizer(run / "tokenizer", SMALL.vocab_size)
+    for ckpt, out in ((run, tmp_path / "a"), (run / "checkpoints", tmp_path / "b")):
+        assert cli_export.main([str(ckpt), str(out)]) == 0
+        _assert_loads_back_rounded(out, models[5])
+        assert (out / "tokenizer.json").read_bytes() == (run / "tokenizer" / "tokenizer.json").read_bytes()
+
+
 def test_step_option_and_no_mtp(training_ckpt, tmp_path, capsys):
     path, models = training_ckpt
     out = tmp_path / "step2"
@@ -142,18 +160,22 @@ def test_bad_inputs_are_refused_naming_the_path(training_ckpt, exported_latest, 
     assert "no step 7 (steps: 2, 5)" in _error([path, tmp_path / "o4", "--step", "7"], capsys)
     assert "--step applies to training checkpoints" in _error([release, tmp_path / "o5", "--step", "2"], capsys)
     assert "--overwrite" in _error([path, tmp_path / "plain"], capsys)
+    assert "not a checkpoint (no config.json)" in _error([path, tmp_path / "plain", "--overwrite"], capsys)
     assert (tmp_path / "plain" / "notes.txt").exists()
     assert "OUT must lie outside CKPT" in _error([path, path / "inside"], capsys)
     assert "no tokenizer.json" in _error([path, tmp_path / "o6", "--tokenizer", tmp_path], capsys)
     assert "--max-shard-size" in _error([path, tmp_path / "o7", "--max-shard-size", "lots"], capsys)
+    assert "--max-shard-size" in _error([path, tmp_path / "o7", "--max-shard-size", "inf"], capsys)
+    assert "--max-shard-size" in _error([path, tmp_path / "o7", "--max-shard-size", "1e400GB"], capsys)
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 8))
 
 
-def test_overwrite_replaces_a_non_empty_out(training_ckpt, tmp_path):
+def test_overwrite_replaces_a_checkpoint_at_out(training_ckpt, tmp_path):
     path, models = training_ckpt
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("x")
+    (out / "config.json").write_text("{}")
     assert cli_export.main([str(path), str(out), "--overwrite", "--step", "2"]) == 0
     assert not (out / "old.txt").exists()
     _assert_loads_back_rounded(out, models[2])

@@ -359,6 +359,13 @@ def test_bad_options(tmp_path, capsys, flash_ckpt):
     assert main([src, str(tmp_path / "b"), "--layers", "x", "--no-progress"]) == 1
     assert main([src, str(Path(src) / "inside"), "--no-progress"]) == 1
     assert "outside the source" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main([src, str(tmp_path / "file" / "dst"), "--no-progress"]) == 1  # was a NotADirectoryError
+    assert f"{tmp_path / 'file'} is not a directory" in capsys.readouterr().err
+    for samples in ("0", "-3"):  # 0 had passed, checking nothing; -3 was a numpy traceback
+        assert main(["--verify", src, str(tmp_path / "a"), "--samples", samples]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("dsv4-convert: error: --samples") and "Traceback" not in err
 
 
 def test_help_states_the_memory_bound(capsys):

@@ -139,16 +139,19 @@ def test_tokenizer_files_are_copied(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-def test_refuses_a_non_empty_directory_and_replaces_with_overwrite(tmp_path):
+def test_refuses_a_non_empty_directory_and_replaces_a_checkpoint_with_overwrite(tmp_path):
     model = dsv4.init_model(ModelConfig.tiny(), F32_RT)
     target = tmp_path / "c"
     target.mkdir()
     (target / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match="overwrite"):
         export.export_release(model, None, target)
-    assert (target / "keep.txt").exists()
+    with pytest.raises(FileExistsError, match="not a checkpoint"):  # not someone's other files
+        export.export_release(model, None, target, overwrite=True)
+    assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
+    (target / "config.json").write_text("{}")  # an (earlier) checkpoint: replaced
     export.export_release(model, None, target, overwrite=True)
-    assert not (target / "keep.txt").exists() and (target / "config.json").exists()
+    assert not (target / "keep.txt").exists() and (target / "model.safetensors.index.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temporary directories left
 
 
