@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,7 +44,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (CLIError, ValueError, ConfigError, CheckpointError, TokenizerError, FileNotFoundError)
 
 
-def _run(prog: str, fn, args) -> int:
+def run_command(prog: str, fn, args) -> int:
+    """`fn(args)` for the console script `prog`: 0, or 2 after one line `prog: error: ...` on a user error."""
     try:
         fn(args)
     except _user_errors() as err:
@@ -132,7 +134,7 @@ def _prompt_ids(args, path: Path):
     if args.prompt_ids is not None:
         if chat:
             raise CLIError("--chat/--thinking need a text --prompt, not --prompt-ids")
-        tok = _optional_tokenizer(path)
+        tok = optional_tokenizer(path)
         return parse_ids(args.prompt_ids), tok
     tok = load_tokenizer(path)
     if chat:
@@ -143,7 +145,8 @@ def _prompt_ids(args, path: Path):
     return tok.encode(args.prompt, add_bos=not args.no_bos), tok
 
 
-def _optional_tokenizer(path: Path):
+def optional_tokenizer(path: Path):
+    """The checkpoint directory's tokenizer, or None when it has no tokenizer.json."""
     from dsv4.tokenizer import load_tokenizer
 
     return load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
@@ -164,32 +167,38 @@ class _Printer:
         print(self.decoder.flush() if self.decoder else "", flush=True)
 
 
+def _rate(tokens_per_second: float) -> str:
+    """"1,234.5 tokens/s", or "-" where nothing ran (no prefill or no decode step: NaN)."""
+    return "-" if math.isnan(tokens_per_second) else f"{tokens_per_second:,.1f} tokens/s"
+
+
 def summary_line(result) -> str:
     """The final line: prefill and decode throughput and the cache size."""
     return (
-        f"[prefill {result.prompt_tokens} tokens: {result.prefill_tokens_per_second:,.1f} tokens/s | "
-        f"decode {result.decode_steps * len(result.tokens)} tokens: {result.decode_tokens_per_second:,.1f} "
-        f"tokens/s | cache {result.cache_bytes:,} bytes ({result.cache_format}) | "
+        f"[prefill {result.prompt_tokens} tokens: {_rate(result.prefill_tokens_per_second)} | "
+        f"decode {result.decode_steps * len(result.tokens)} tokens: {_rate(result.decode_tokens_per_second)}"
+        f" | cache {result.cache_bytes:,} bytes ({result.cache_format}) | "
         f"compile {result.compile_seconds:.1f} s]"
     )
 
 
 def _generate(args) -> None:
-    from dsv4.generate import generate_with_stats
+    from dsv4.generate import check_request, generate_with_stats
 
     path = args.checkpoint or default_checkpoint_dir()
     checkpoint_kind(path)  # a clear error before anything slow
     ids, tok = _prompt_ids(args, path)
     model = load_model(path, args.dtype)
-    if tok is not None:  # echo the prompt; chat prompts keep their role tokens visible
+    sampling = (args.temperature, args.top_k, args.top_p)
+    options = {"cache_format": args.cache_format, "max_len": args.max_len, "stream_interval": args.stream_interval}
+    check_request(model.cfg, [ids], args.max_new_tokens, sampling, None, prefill_chunk=None, **options)
+    if tok is not None:  # echo the prompt once it is known to be valid; chat keeps its role tokens
         print(tok.decode(ids, skip_special_tokens=not (args.chat or args.thinking)), end="", flush=True)
     else:
         print(",".join(map(str, ids)), end="", flush=True)
     printer = _Printer(tok)
     result = generate_with_stats(
-        model, [ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-        cache_format=args.cache_format, on_token=printer, max_len=args.max_len,
-        stream_interval=args.stream_interval,
+        model, [ids], args.max_new_tokens, *sampling, args.seed, on_token=printer, **options
     )  # fmt: skip
     printer.finish()
     print(summary_line(result), flush=True)
@@ -198,7 +207,7 @@ def _generate(args) -> None:
 def generate_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `dsv4-generate`."""
     program_defaults()
-    return _run("dsv4-generate", _generate, generate_parser().parse_args(argv))
+    return run_command("dsv4-generate", _generate, generate_parser().parse_args(argv))
 
 
 # ---------------------------------------------------------------------------------------- dsv4-info
@@ -293,7 +302,7 @@ def _info(args) -> None:
 
 def info_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `dsv4-info`."""
-    return _run("dsv4-info", _info, info_parser().parse_args(argv))
+    return run_command("dsv4-info", _info, info_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

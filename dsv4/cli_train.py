@@ -20,12 +20,13 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from dsv4 import corpus
-from dsv4.cli import CLIError, _run
+from dsv4.cli import CLIError, run_command
 from dsv4.config import ModelConfig
 from dsv4.xla_flags import program_defaults
 
@@ -123,7 +124,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, help="minutes; stop early (saving and exporting) past this")
     p.add_argument("--export", type=Path, help="write the final model here in the release layout")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing --out (and --export) first")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and --export)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -145,35 +146,123 @@ def _check_args(args, cfg: ModelConfig) -> None:
         raise CLIError(f"--warmup must be in [0, --steps {args.steps}], got {args.warmup}")
 
 
-def _prepare_out(args) -> None:
-    out = args.out
-    if out.exists() and any(out.iterdir()) and not args.resume:
-        if not args.overwrite:
-            raise CLIError(f"--out {out} exists and is not empty (use --resume to continue or --overwrite)")
-        shutil.rmtree(out)
-    if args.resume and not (out / "checkpoints").is_dir():
-        raise CLIError(f"--resume: no checkpoints in {out}")
-    if args.export is not None and args.export.exists() and any(args.export.iterdir()) and not args.overwrite:
-        raise CLIError(f"--export {args.export} exists and is not empty (use --overwrite)")
-    out.mkdir(parents=True, exist_ok=True)
+def _has_entries(path: Path) -> bool:
+    """Whether the directory `path` exists and is not empty."""
+    return path.is_dir() and any(path.iterdir())
 
 
-def _tokenizer_dir(args, cfg: ModelConfig, docs: list[str]) -> Path:
-    """OUT/tokenizer: kept on resume, copied from --tokenizer, or a BPE trained on the corpus."""
-    from dsv4.export import copy_tokenizer
+def _overlap(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` are the same directory or one lies inside the other."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
 
-    target = args.out / "tokenizer"
-    if (target / "tokenizer.json").is_file():
-        return target
+
+def _check_paths(args) -> None:
+    """Refuse an unusable --out / --export before anything is read, trained or written."""
+    out, export = args.out, args.export
+    for flag, path in (("--out", out), ("--export", export)):
+        if path is not None and path.exists() and not path.is_dir():
+            raise CLIError(f"{flag} {path} exists and is not a directory")
+    if export is not None and _overlap(out, export):
+        raise CLIError(f"--export {export} and --out {out} must be separate directories, neither inside the other")
+    if args.resume:
+        if not (out / "checkpoints").is_dir():
+            raise CLIError(f"--resume: no checkpoints in {out}")
+    elif _has_entries(out) and not args.overwrite:
+        raise CLIError(f"--out {out} exists and is not empty (use --resume to continue or --overwrite)")
+    if export is not None:  # the exporter's own rule, checked before training rather than after
+        from dsv4.export import check_out_dir
+
+        try:
+            check_out_dir(export, args.overwrite, option="--overwrite")
+        except FileExistsError as err:
+            raise CLIError(f"--export {err}") from None
+
+
+def _mesh(args):
+    """The --mesh device mesh (None: one device), refused when --batch does not split over its data axis."""
+    mesh = parse_mesh(args.mesh)
+    if mesh is not None and args.batch % mesh.shape["data"]:
+        raise CLIError(f"--batch {args.batch} is not divisible by the mesh's data axis ({mesh.shape['data']})")
+    return mesh
+
+
+def _tokenizer_source(args, cfg: ModelConfig, docs: list[str], scratch: Path) -> Path:
+    """The directory whose tokenizer.json the run uses; nothing is written under --out here.
+
+    OUT/tokenizer on --resume, else --tokenizer, else a byte-level BPE trained on the corpus into `scratch`.
+    """
+    kept = args.out / "tokenizer"
+    if args.resume and (kept / "tokenizer.json").is_file():
+        return kept
     if args.tokenizer is not None:
         source = args.tokenizer.parent if args.tokenizer.name == "tokenizer.json" else args.tokenizer
         if not (source / "tokenizer.json").is_file():
             raise CLIError(f"--tokenizer: no tokenizer.json in {source}")
-        target.mkdir(parents=True, exist_ok=True)
-        copy_tokenizer(source, target)
-        return target
+        return source
     print(f"training a {cfg.vocab_size}-token byte-level BPE on the corpus ...", file=sys.stderr)
-    return corpus.train_bpe_tokenizer(docs, cfg.vocab_size, target)
+    return corpus.train_bpe_tokenizer(docs, cfg.vocab_size, scratch)
+
+
+def _install_out(args, tok_source: Path) -> Path:
+    """Make --out the run directory, holding tokenizer/ (copied from `tok_source`); returns OUT/tokenizer.
+
+    Called only once every check on the user's input has passed. --resume keeps OUT as it is (adding
+    tokenizer/ when missing). Otherwise the new OUT is assembled in a hidden sibling directory and
+    renamed into place, replacing an empty OUT or, with --overwrite, the old run in one step.
+    """
+    from dsv4.export import copy_tokenizer
+
+    out = args.out
+    target = out / "tokenizer"
+    if args.resume:
+        if tok_source != target:
+            target.mkdir(parents=True, exist_ok=True)
+            copy_tokenizer(tok_source, target)
+        return target
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new."))
+    try:
+        fresh = stage / "run"
+        (fresh / "tokenizer").mkdir(parents=True)  # mkdir, not mkdtemp: the usual permissions
+        copy_tokenizer(tok_source, fresh / "tokenizer")
+        _rename_onto(fresh, out, stage / "old")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # the old run, if one was replaced
+    return target
+
+
+def _rename_onto(fresh: Path, out: Path, attic: Path) -> None:
+    """Rename `fresh` to `out`; an existing `out` is first moved to `attic` (put back if the rename fails)."""
+    if not out.exists():
+        os.replace(fresh, out)
+        return
+    os.replace(out, attic)
+    try:
+        os.replace(fresh, out)
+    except BaseException:
+        os.replace(attic, out)
+        raise
+
+
+def _prepare(args, cfg: ModelConfig):
+    """Check the whole input, then create --out: returns (OUT/tokenizer, Data, mesh).
+
+    Every user error is raised before --out is touched, so a refused command leaves no new
+    directory behind and an existing run (even with --overwrite) as it was.
+    """
+    from dsv4.tokenizer import load_tokenizer
+
+    _check_args(args, cfg)
+    _check_paths(args)
+    docs = corpus.read_corpus(args.corpus)
+    mesh = _mesh(args)
+    with tempfile.TemporaryDirectory(prefix="dsv4-train-tokenizer.") as scratch:
+        source = _tokenizer_source(args, cfg, docs, Path(scratch))
+        tokenizer = load_tokenizer(source)
+        _check_vocab(tokenizer, cfg, source)
+        data = _data(args, tokenizer, docs)
+        return _install_out(args, source), data, mesh
 
 
 def _check_vocab(tokenizer, cfg: ModelConfig, tok_dir: Path) -> None:
@@ -316,19 +405,9 @@ def _train(args) -> None:
     import dsv4
     from dsv4 import train
     from dsv4.config import RuntimeConfig
-    from dsv4.tokenizer import load_tokenizer
 
     cfg = resolve_config(args.config, args.vocab_size)
-    _check_args(args, cfg)
-    docs = corpus.read_corpus(args.corpus)
-    _prepare_out(args)
-    tok_dir = _tokenizer_dir(args, cfg, docs)
-    tokenizer = load_tokenizer(tok_dir)
-    _check_vocab(tokenizer, cfg, tok_dir)
-    data = _data(args, tokenizer, docs)
-    mesh = parse_mesh(args.mesh)
-    if mesh is not None and args.batch % mesh.shape["data"]:
-        raise CLIError(f"--batch {args.batch} is not divisible by the mesh's data axis ({mesh.shape['data']})")
+    tok_dir, data, mesh = _prepare(args, cfg)
 
     rt = RuntimeConfig(dtype="float32", mesh=mesh)
     model = train.training_model(dsv4.init_model(cfg, rt, seed=args.seed), remat=args.remat)
@@ -413,7 +492,7 @@ def _record_eval(log: MetricsLog, step: int, lm_loss, state, data: Data, args, b
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `dsv4-train`; returns the exit status (2 on a user error)."""
     program_defaults()
-    return _run("dsv4-train", _train, train_parser().parse_args(argv))
+    return run_command("dsv4-train", _train, train_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -174,9 +174,15 @@ def cache_length(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int
     if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     longest = max(len(p) for p in prompts)
-    needed = longest + max_new_tokens
+    needed, limit = longest + max_new_tokens, cfg.max_position_embeddings
+    if needed > limit:
+        extra = f" plus max_new_tokens {max_new_tokens}" if max_new_tokens else ""
+        raise ValueError(
+            f"a prompt of {longest} tokens{extra} needs {needed} positions, more than the model's "
+            f"max_position_embeddings {limit}"
+        )
     if max_len is None:  # rounded up: fewer distinct cache shapes (compiles), whole HCA windows
-        max_len = max(min(-(-needed // CACHE_ALIGN) * CACHE_ALIGN, cfg.max_position_embeddings), needed)
+        max_len = min(-(-needed // CACHE_ALIGN) * CACHE_ALIGN, limit)
     if longest > max_len:
         raise ValueError(f"a prompt of {longest} tokens is longer than the cache max length {max_len}")
     if needed > max_len:
@@ -184,10 +190,8 @@ def cache_length(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int
             f"a prompt of {longest} tokens plus max_new_tokens {max_new_tokens} needs {needed} cache "
             f"positions, more than the cache max length {max_len}"
         )
-    if max_len > cfg.max_position_embeddings:
-        raise ValueError(
-            f"cache max length {max_len} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}"
-        )
+    if max_len > limit:
+        raise ValueError(f"cache max length {max_len} exceeds the model's max_position_embeddings {limit}")
     return max_len
 
 
@@ -259,8 +263,8 @@ class _Request:
     prefill_chunk: int | None
 
 
-def _check_request(cfg, prompts, max_new_tokens, sampling, stop_tokens, cache_format, max_len,
-                   stream_interval, prefill_chunk) -> _Request:  # fmt: skip
+def check_request(cfg, prompts, max_new_tokens, sampling, stop_tokens, cache_format, max_len,
+                  stream_interval, prefill_chunk) -> _Request:  # fmt: skip
     """Every input check, on the host, before any device work."""
     prompts = check_prompts(prompts, cfg.vocab_size)
     params = SamplingParams(*sampling)
@@ -351,7 +355,7 @@ def generate_with_stats(
     strategy=None,
 ) -> GenerationResult:
     """`generate`, returning a GenerationResult with timings (see `generate` for the arguments)."""
-    req = _check_request(model.cfg, prompts, max_new_tokens, (temperature, top_k, top_p), stop_tokens,
+    req = check_request(model.cfg, prompts, max_new_tokens, (temperature, top_k, top_p), stop_tokens,
                          cache_format, max_len, stream_interval, prefill_chunk)  # fmt: skip
     model = _on_mesh(model, mesh, strategy)
     batch = len(req.prompts)

@@ -9,15 +9,18 @@ The tiny default has random weights: its predictions are noise; it shows the pip
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
 
 import dsv4
+from dsv4.cli import run_command
 from dsv4.config import ModelConfig, RuntimeConfig
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """Parse the flags and run; 0, or 2 after a one-line error (a bad checkpoint, --seq 0)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="release-layout checkpoint directory (default: tiny random model)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -25,8 +28,10 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return run_command("forward.py", _run, parser.parse_args(argv))
 
+
+def _run(args) -> None:
     if args.checkpoint:
         model = dsv4.load_hf(args.checkpoint, dtype=args.dtype, attention_impl=args.attention_impl)
     else:
@@ -44,4 +49,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

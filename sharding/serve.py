@@ -8,8 +8,15 @@ checkpoint through `dsv4.load`'s restore, a release directory through `dsv4.load
 part in one jitted prefill and decode loop. Process 0 writes the results.
 
 Prompts: one JSON object per line, {"id": ..., "tokens": [ids]} or {"id": ..., "text": "..."} (text
-needs tokenizer.json in the checkpoint directory). Results: one line per prompt,
-{"id": ..., "tokens": [new ids], "text": "..."} (text when a tokenizer is present).
+needs tokenizer.json in the checkpoint directory, and is encoded with BOS first, as dsv4-generate
+encodes --prompt; --no-bos leaves it out). Results: one line per prompt,
+{"id": ..., "tokens": [new ids], "text": "..."} (text when a tokenizer is present), written to a
+temporary file beside --output and renamed onto it.
+
+User errors (bad flags, a missing or malformed checkpoint or prompts file, a token id outside the
+vocabulary, an --output that cannot be written) print one line `dsv4-multihost: error: ...` and
+exit with status 2, as dsv4-generate does. Everything but --output (process 0's) is checked on
+every process before it joins the cluster; --output before the weights are loaded.
 
 Launch on a TPU slice (every worker runs the same command; JAX finds the coordinator itself):
 
@@ -35,9 +42,14 @@ JAX_LOCAL_DEVICE_IDS=0,1,... with one task per host. The README's "Running on a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
+import os
 import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="dsv4-multihost", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="converted (Orbax) or release checkpoint directory")
     p.add_argument("--prompts", required=True, help="JSONL file: {'id', 'tokens'} or {'id', 'text'} per line")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend BOS to 'text' prompts (as dsv4-generate)")
     p.add_argument("--output", required=True, help="JSONL results, written by process 0")
     p.add_argument("--coordinator", help="host:port of process 0 (else DSV4_COORDINATOR or auto-detect)")
     p.add_argument("--num-processes", type=int, help="processes in the cluster (else DSV4_NUM_PROCESSES)")
@@ -72,25 +85,86 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def read_prompts(path, tokenizer=None) -> tuple[list, list[list[int]]]:
-    """(ids, token lists) from a JSONL file; ValueError naming the line on a malformed one."""
-    ids, prompts = [], []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+def read_prompts(path, tokenizer=None, *, add_bos=True, vocab=None, checkpoint=None) -> tuple[list, list[list[int]]]:
+    """(ids, token lists) from a JSONL file; ValueError naming the file and line of a bad one.
+
+    A 'text' row is encoded with `tokenizer`, BOS first unless `add_bos` is False (as dsv4-generate
+    encodes --prompt). Token lists go through `dsv4.generate.check_prompts`: non-empty lists of
+    integers, in [0, vocab) when `vocab` is given. `checkpoint` only names the directory whose
+    missing tokenizer.json makes a 'text' row unusable.
+    """
+    ids, prompts, lines = [], [], []
+    for n, line in enumerate(_lines(path), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
-        if "tokens" in row:
-            tokens = row["tokens"]
-        elif "text" in row and tokenizer is not None:
-            tokens = tokenizer.encode(row["text"])
-        else:
-            need = "a 'tokens' list" if tokenizer is None else "'tokens' or 'text'"
-            raise ValueError(f"{path}:{n}: each line needs {need}")
+        row = _row(path, n, line)
         ids.append(row.get("id", len(ids)))
-        prompts.append([int(t) for t in tokens])
+        prompts.append(_row_tokens(path, n, row, tokenizer, add_bos, checkpoint))
+        lines.append(n)
     if not prompts:
         raise ValueError(f"{path}: no prompts")
-    return ids, prompts
+    return ids, _checked(path, lines, prompts, vocab)
+
+
+def _lines(path) -> list[str]:
+    """The prompts file's lines; ValueError naming --prompts when it cannot be read."""
+    try:
+        return Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise ValueError(f"--prompts {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"--prompts {path}: cannot read: {getattr(err, 'strerror', None) or err}") from None
+
+
+def _row(path, n: int, line: str) -> dict:
+    """One line's JSON object; ValueError naming the line when it is not one."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{n}: not valid JSON: {err.msg} (column {err.colno})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}:{n}: expected a JSON object like {{\"id\": ..., \"tokens\": [...]}}, "
+                         f"got {type(row).__name__}")  # fmt: skip
+    return row
+
+
+def _row_tokens(path, n: int, row: dict, tokenizer, add_bos: bool, checkpoint):
+    """A row's 'tokens', or its encoded 'text' (unchecked: `_checked` checks every prompt)."""
+    if "tokens" in row:
+        return row["tokens"]
+    if "text" not in row:
+        need = "a 'tokens' list" if tokenizer is None else "'tokens' or 'text'"
+        raise ValueError(f"{path}:{n}: each line needs {need}")
+    if tokenizer is None:
+        where = f"{checkpoint} has" if checkpoint is not None else "the checkpoint directory has"
+        raise ValueError(f"{path}:{n}: each line needs a 'tokens' list: 'text' prompts need tokenizer.json, "
+                         f"and {where} none")  # fmt: skip
+    if not isinstance(row["text"], str):
+        raise ValueError(f"{path}:{n}: 'text' must be a string, got {type(row['text']).__name__}")
+    return tokenizer.encode(row["text"], add_bos=add_bos)
+
+
+def _checked(path, lines: list[int], prompts: list, vocab) -> list[list[int]]:
+    """`dsv4.generate.check_prompts` over every prompt, its error prefixed with the file and line."""
+    from dsv4.generate import check_prompts
+
+    vocab = math.inf if vocab is None else vocab
+    try:
+        return check_prompts(prompts, vocab)
+    except ValueError as err:
+        line = next(n for n, p in zip(lines, prompts, strict=True) if not _passes(p, vocab))
+        raise ValueError(f"{path}:{line}: {err}") from None
+
+
+def _passes(prompt, vocab) -> bool:
+    """Whether `dsv4.generate.check_prompts` accepts this one prompt."""
+    from dsv4.generate import check_prompts
+
+    try:
+        check_prompts([prompt], vocab)
+    except ValueError:
+        return False
+    return True
 
 
 def padded_batch(prompts: list[list[int]], multiple: int) -> list[list[int]]:
@@ -142,36 +216,84 @@ def generate_on_mesh(model, prompts, max_new_tokens: int, sampling, seed: int, s
 
 
 def main(argv=None) -> int:
-    """Entry point of `dsv4-multihost`."""
+    """Entry point of `dsv4-multihost`: 0, or 2 after a one-line `dsv4-multihost: error: ...` (as dsv4-generate)."""
     args = parse_args(argv)
+    from dsv4.cli import run_command
     from dsv4.xla_flags import program_defaults
-    from sharding.mesh import initialize_distributed
 
     program_defaults()
+    return run_command("dsv4-multihost", _serve, args)
 
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """The inputs of a run, checked on every process before it joins the cluster or loads weights."""
+
+    checkpoint: Path
+    cfg: object  # dsv4.config.ModelConfig
+    strategy: object  # sharding.rules.Strategy
+    sampling: object  # dsv4.sampling.SamplingParams
+    tokenizer: object  # dsv4.tokenizer.Tokenizer or None
+    ids: list
+    prompts: list[list[int]]
+
+
+def check_request(args) -> Request:
+    """Every check that needs neither the cluster nor the weights; CLIError / ValueError naming the culprit.
+
+    Order: flags, then the checkpoint directory and its config.json (named before the prompts, whose
+    text rows need its tokenizer), then the prompts file against the config's vocabulary and context.
+    """
+    from dsv4.cli import CLIError, checkpoint_kind, optional_tokenizer
+    from dsv4.config import ModelConfig
+    from dsv4.generate import cache_length
+    from dsv4.sampling import SamplingParams
+    from sharding.rules import get_strategy
+
+    try:
+        strategy = get_strategy(args.strategy)
+    except ValueError as err:
+        raise CLIError(f"--strategy: {err}") from None
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
+    checkpoint = Path(args.checkpoint)
+    checkpoint_kind(checkpoint)
+    cfg = ModelConfig.from_hf_config(checkpoint)
+    tokenizer = optional_tokenizer(checkpoint)
+    ids, prompts = read_prompts(args.prompts, tokenizer, add_bos=not args.no_bos, vocab=cfg.vocab_size,
+                                checkpoint=checkpoint)  # fmt: skip
+    try:
+        cache_length(cfg, prompts, args.max_new_tokens, None)
+    except ValueError as err:
+        raise CLIError(f"--max-new-tokens {args.max_new_tokens}, --prompts {args.prompts}: {err}") from None
+    return Request(checkpoint, cfg, strategy, sampling, tokenizer, ids, prompts)
+
+
+def _serve(args) -> None:
+    """Check, join the cluster, check the output (process 0), load, generate, write (process 0)."""
+    from sharding.mesh import initialize_distributed
+
+    req = check_request(args)
     initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
     import jax
 
     from dsv4.cli import load_model
     from dsv4.generate import stop_ids_of
-    from dsv4.sampling import SamplingParams
     from sharding.mesh import make_mesh
-    from sharding.rules import get_strategy, validate
+    from sharding.rules import validate
 
+    writer = jax.process_index() == 0
+    if writer:
+        check_output(args.output)
     mesh = make_mesh(args.data, args.expert, args.tensor)
-    strategy = get_strategy(args.strategy)
-    tokenizer = _tokenizer(args.checkpoint)
-    ids, prompts = read_prompts(args.prompts, tokenizer)
     rows = 1
-    for a in strategy.mesh_axes("batch", mesh):
+    for a in req.strategy.mesh_axes("batch", mesh):
         rows *= mesh.shape[a]
-    batch = padded_batch(prompts, rows)
+    batch = padded_batch(req.prompts, rows)
+    validate(req.cfg, mesh, req.strategy, batch=len(batch))
     start = time.perf_counter()
-    model = load_model(Path(args.checkpoint), args.dtype, mesh=mesh, strategy=args.strategy,
+    model = load_model(req.checkpoint, args.dtype, mesh=mesh, strategy=args.strategy,
                        attention_impl=args.attention_impl)  # fmt: skip
-    validate(model.cfg, mesh, strategy, batch=len(batch))
     load_s = time.perf_counter() - start
-    sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
     start = time.perf_counter()
     if jax.process_count() == 1 and args.loop != "host":  # the on-device loop of dsv4.generate
         from dsv4.generate import generate
@@ -179,33 +301,52 @@ def main(argv=None) -> int:
         new = generate(model, batch, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                        cache_format=args.cache_format)  # fmt: skip
     else:  # across hosts: a host loop every process drives identically
-        new = generate_on_mesh(model, batch, args.max_new_tokens, sampling, args.seed,
+        new = generate_on_mesh(model, batch, args.max_new_tokens, req.sampling, args.seed,
                                stop_ids_of(model.cfg, None), args.cache_format)  # fmt: skip
-    new = new[: len(prompts)]
+    new = new[: len(req.prompts)]
     gen_s = time.perf_counter() - start
-    if jax.process_index() == 0:
-        _write(args.output, ids, new, tokenizer)
+    if writer:
+        _write(args.output, req.ids, new, req.tokenizer)
         print(f"dsv4-multihost: {jax.process_count()} process(es), mesh {dict(mesh.shape)}, strategy "
-              f"{strategy.name}; load {load_s:.1f}s, generate {gen_s:.1f}s (incl. compile), "
+              f"{req.strategy.name}; load {load_s:.1f}s, generate {gen_s:.1f}s (incl. compile), "
               f"{sum(map(len, new))} tokens -> {args.output}", file=sys.stderr)  # fmt: skip
-    return 0
 
 
-def _tokenizer(directory):
-    if not (Path(directory) / "tokenizer.json").exists():
-        return None
-    from dsv4.tokenizer import Tokenizer
+def check_output(path) -> None:
+    """CLIError naming --output when its file cannot be created: checked by creating a scratch file
+    in its directory, before the model is loaded (a bad path used to surface after generation)."""
+    from dsv4.cli import CLIError
 
-    return Tokenizer(directory)
+    path = Path(path)
+    if path.is_dir():
+        raise CLIError(f"--output {path}: is a directory")
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as err:
+        raise CLIError(f"--output {path}: cannot write in {path.parent}: {err.strerror or err}") from None
 
 
 def _write(path, ids, tokens, tokenizer) -> None:
-    with open(path, "w") as f:
-        for i, row in zip(ids, tokens, strict=True):
-            record = {"id": i, "tokens": row}
-            if tokenizer is not None:
-                record["text"] = tokenizer.decode(row)
-            f.write(json.dumps(record) + "\n")
+    """The results as JSONL, atomically: a temporary file beside `path`, renamed onto it when complete."""
+    from dsv4.cli import CLIError
+
+    path = Path(path)
+    records = []
+    for i, row in zip(ids, tokens, strict=True):
+        record = {"id": i, "tokens": row}
+        if tokenizer is not None:
+            record["text"] = tokenizer.decode(row)
+        records.append(json.dumps(record) + "\n")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "x") as f:  # "x": mode 0o666 less the umask, as a plain open(path, "w")
+            f.writelines(records)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise CLIError(f"--output {path}: cannot write: {err.strerror or err}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -209,6 +209,17 @@ def test_generate_default_checkpoint_streams_text_and_reports(capsys):
     assert int(m.group(3).replace(",", "")) == expected_bytes
 
 
+def test_summary_line_says_dash_where_nothing_ran():
+    from dsv4.generate import GenerationResult
+
+    nothing = GenerationResult([[]], 5, 0.0, 0.0, 0, 0.0, 1024, "bfloat16")  # --max-new-tokens 0
+    assert cli.summary_line(nothing) == (
+        "[prefill 5 tokens: - | decode 0 tokens: - | cache 1,024 bytes (bfloat16) | compile 0.0 s]"
+    )
+    ran = GenerationResult([[1, 2]], 4, 2.0, 0.5, 1, 1.5, 2048, "compact")
+    assert SUMMARY.match(cli.summary_line(ran)) and "prefill 4 tokens: 2.0 tokens/s" in cli.summary_line(ran)
+
+
 def test_generate_prompt_ids_without_tokenizer_prints_ids(capsys, flash_ckpt):
     path, _, _ = flash_ckpt
     code, out, err = _run_generate(capsys, "--checkpoint", str(path), "--prompt-ids", "5,6,7",
@@ -224,15 +235,17 @@ def test_generate_prompt_ids_without_tokenizer_prints_ids(capsys, flash_ckpt):
         (["--prompt", "hi"], "no tokenizer.json"),
         (["--prompt-ids", "1,x"], "comma-separated integers"),
         (["--prompt-ids", "3,9999"], "outside the vocabulary"),
+        (["--prompt-ids", "0,-1"], "outside the vocabulary"),  # was an OverflowError echoing the prompt
         (["--prompt-ids", "3,4", "--chat"], "need a text --prompt"),
         (["--prompt-ids", "3,4,5,6", "--max-len", "3"], "longer than the cache max length 3"),
         (["--prompt-ids", "3", "--top-p", "0"], "top_p"),
+        (["--prompt-ids", "3", "--temperature", "-1"], "temperature"),
     ],
 )
 def test_generate_user_errors_are_one_line(capsys, flash_ckpt, argv, match):
     path, _, _ = flash_ckpt
     code, out, err = _run_generate(capsys, "--checkpoint", str(path), "--dtype", "float32", *argv)
-    assert code == 2
+    assert code == 2 and out == ""  # checked before the prompt is echoed
     assert err.startswith("dsv4-generate: error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert re.search(match, err), err
     if match == "no tokenizer.json":

@@ -1,5 +1,6 @@
 """dsv4-train: corpus handling, an end-to-end run (metrics, loss.png, export), exact resume, bad input."""
 
+import argparse
 import json
 
 import numpy as np
@@ -153,3 +154,108 @@ def test_existing_out_is_refused_without_resume_or_overwrite(full_run, capsys, s
     run, _ = full_run
     err = _error(capsys, ["--config", small_config, "--out", run])
     assert "exists and is not empty" in err and (run / "metrics.jsonl").is_file()
+
+
+# ------------------------------------------------------------------- a refused command changes nothing
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory, text_corpus):
+    """A BPE with SMALL's vocabulary, trained on the test corpus."""
+    return corpus.train_bpe_tokenizer(corpus.read_corpus(text_corpus), SMALL.vocab_size, tmp_path_factory.mktemp("tok"))
+
+
+def _tree(root) -> dict:
+    """Every path under `root` with its bytes (None for a directory): compares a tree before and after."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+def _old_run(run) -> None:
+    """A stand-in for an earlier run's directory."""
+    (run / "checkpoints" / "5").mkdir(parents=True)
+    (run / "tokenizer").mkdir()
+    (run / "tokenizer" / "tokenizer.json").write_text("{}")
+    (run / "metrics.jsonl").write_text('{"step": 5, "loss": 1.0}\n')
+
+
+# Each fails after a check that used to run once --out was created (or, with --overwrite, deleted):
+# options changed from _late_failure's base (None drops one; TINY is a corpus of a few words), the error.
+LATE_FAILURES = {
+    "heldout-fraction": ({"--heldout-fraction": 1}, "held-out fraction must be in [0, 1), got 1.0"),
+    "window-length": ({"--corpus": "TINY", "--heldout-fraction": 0}, "fewer than one window of 33"),
+    "vocab": ({"--vocab-size": 300}, f"has {SMALL.vocab_size} tokens but the config's vocab_size is 300"),
+    "bpe": ({"--corpus": "TINY", "--tokenizer": None}, "the corpus is too small for a 512-token vocabulary"),
+}
+
+
+def _late_failure(case, tmp_path, small_config, text_corpus, small_tokenizer) -> tuple[list, str]:
+    """argv (less --out) of a command refused only after the corpus is tokenized, and its error."""
+    changes, message = LATE_FAILURES[case]
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("far too short to train on")
+    options = {"--config": small_config, "--corpus": text_corpus, "--tokenizer": small_tokenizer, "--steps": 1}
+    options.update({flag: tiny if value == "TINY" else value for flag, value in changes.items()})
+    return [x for flag, value in options.items() if value is not None for x in (flag, value)] + RUN, message
+
+
+@pytest.mark.parametrize("case", LATE_FAILURES)
+def test_failed_overwrite_keeps_the_old_run(case, tmp_path, capsys, small_config, text_corpus, small_tokenizer):
+    argv, message = _late_failure(case, tmp_path, small_config, text_corpus, small_tokenizer)
+    _old_run(tmp_path / "run")
+    before = _tree(tmp_path)
+    assert message in _error(capsys, [*argv, "--out", tmp_path / "run", "--overwrite"])
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", LATE_FAILURES)
+def test_failed_fresh_run_leaves_no_directory(case, tmp_path, capsys, small_config, text_corpus, small_tokenizer):
+    argv, message = _late_failure(case, tmp_path, small_config, text_corpus, small_tokenizer)
+    (tmp_path / "empty").mkdir()
+    before = _tree(tmp_path)
+    assert message in _error(capsys, [*argv, "--out", tmp_path / "runs" / "new"])
+    assert message in _error(capsys, [*argv, "--out", tmp_path / "empty"])
+    assert _tree(tmp_path) == before  # no runs/, no runs/new/tokenizer; empty/ still empty
+
+
+@pytest.mark.parametrize("export", ["run", "run/release", "."])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_export_overlapping_out_is_refused_before_training(
+    export, overwrite, tmp_path, capsys, monkeypatch, small_config, text_corpus
+):
+    def read_corpus(_):
+        raise AssertionError("the corpus was read: the refusal came too late")
+
+    monkeypatch.setattr(corpus, "read_corpus", read_corpus)
+    if overwrite:
+        _old_run(tmp_path / "run")
+    before = _tree(tmp_path)
+    run, export = tmp_path / "run", tmp_path / export
+    argv = ["--config", small_config, "--corpus", text_corpus, "--out", run, "--export", export, *RUN, "--steps", 1]
+    err = _error(capsys, [*argv, *(["--overwrite"] if overwrite else [])])
+    assert f"--export {export} and --out {run} must be separate directories" in err
+    assert _tree(tmp_path) == before
+
+
+def test_export_onto_other_files_is_refused_before_training(tmp_path, capsys, monkeypatch, small_config, text_corpus):
+    """--overwrite replaces only a checkpoint at --export (dsv4.export.check_out_dir); other files
+    are refused before the corpus is read, not after training."""
+
+    def read_corpus(_):
+        raise AssertionError("the corpus was read: the refusal came too late")
+
+    monkeypatch.setattr(corpus, "read_corpus", read_corpus)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("mine")
+    argv = ["--config", small_config, "--corpus", text_corpus, "--out", tmp_path / "run", *RUN, "--steps", 1]
+    err = _error(capsys, [*argv, "--export", tmp_path / "docs", "--overwrite"])
+    assert f"--export {tmp_path / 'docs'}: not empty and not a checkpoint" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs"]
+
+
+def test_overwrite_replaces_the_old_run_whole(tmp_path, small_tokenizer):
+    """Once the checks pass, --overwrite swaps in a new OUT holding only tokenizer/ (no old files, no leftovers)."""
+    _old_run(tmp_path / "run")
+    args = argparse.Namespace(out=tmp_path / "run", resume=False, overwrite=True)
+    assert cli_train._install_out(args, small_tokenizer) == tmp_path / "run" / "tokenizer"
+    copied = {f"run/tokenizer/{name}": data for name, data in _tree(small_tokenizer).items()}
+    assert _tree(tmp_path) == {"run": None, "run/tokenizer": None, **copied}

@@ -190,8 +190,13 @@ def test_bad_input_is_a_clear_error_before_any_device_work(no_device_work, promp
 
 def test_context_beyond_max_position_embeddings_is_refused(no_device_work):
     model = dsv4.abstract_model(dsv4.ModelConfig.tiny(max_position_embeddings=64, rope_scaling=None))
-    with pytest.raises(ValueError, match="max_position_embeddings 64"):
+    with pytest.raises(ValueError, match="prompt of 60 tokens plus max_new_tokens 10 needs 70 positions, more "
+                                         "than the model's max_position_embeddings 64"):  # fmt: skip
         gen.generate(model, [[3] * 60], 10)
+    with pytest.raises(ValueError, match="a prompt of 70 tokens needs 70 positions"):
+        gen.generate(model, [[3] * 70], 0)
+    with pytest.raises(ValueError, match="cache max length 128 exceeds the model's max_position_embeddings 64"):
+        gen.generate(model, [[3] * 6], 2, max_len=128)
 
 
 def test_loop_state_is_a_pytree():
