@@ -313,6 +313,8 @@ def indexer_kl(q, entries, iq, keys, iw, positions, ratio: int, block: int) -> j
     Computed `block` queries at a time: no [S, T] array is kept. Returns the sum over queries that
     see at least one entry, and their count (float32 scalars).
     """
+    if entries.shape[1] == 0:  # fewer tokens than one window: no query sees an entry
+        return jnp.zeros((), F32), jnp.zeros((), F32)
     q, entries = jax.lax.stop_gradient(q.astype(F32)), jax.lax.stop_gradient(entries.astype(F32))
     scale = q.shape[-1] ** -0.5
 

@@ -42,15 +42,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import numbers
 import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 
 from dsv4.config import ModelConfig
-from dsv4.model import DeepseekV4, abstract_model
+from dsv4.model import DeepseekV4, abstract_model, check_vocabulary
 
 F32 = jnp.float32
 
@@ -77,10 +80,29 @@ class TrainConfig:
     def __post_init__(self):
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute_dtype: must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
-        if not self.seq_balance_weight >= 0:
-            raise ValueError(f"seq_balance_weight: must be >= 0, got {self.seq_balance_weight}")
+        for name in ("warmup_steps", "total_steps"):
+            if not isinstance(getattr(self, name), numbers.Integral):
+                raise ValueError(f"{name}: must be an integer, got {getattr(self, name)!r}")
         if not 0 <= self.warmup_steps <= self.total_steps or self.total_steps < 1:
             raise ValueError(f"need 0 <= warmup_steps <= total_steps >= 1, got {self.warmup_steps}, {self.total_steps}")
+        _in_range("lr", self.lr, 0, math.inf, low_open=True)
+        _in_range("clip_norm", self.clip_norm, 0, math.inf, low_open=True)
+        _in_range("end_lr_ratio", self.end_lr_ratio, 0, 1)
+        for name in ("b1", "b2"):
+            _in_range(name, getattr(self, name), 0, 1, high_open=True)
+        for name in ("weight_decay", "lm_weight", "mtp_weight", "indexer_weight", "bias_update_rate",
+                     "seq_balance_weight"):  # fmt: skip
+            _in_range(name, getattr(self, name), 0, math.inf)
+
+
+def _in_range(name: str, value, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    """ValueError naming the TrainConfig field unless `value` is a finite real number in the range."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        where = f"{'>' if low_open else '>='} {low}" if math.isinf(high) else f"in {left}{low}, {high}{right}"
+        raise ValueError(f"{name}: must be a finite number {where}, got {value!r}")
 
 
 @struct.dataclass
@@ -121,9 +143,13 @@ def split_model(model: DeepseekV4):
 
 
 def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, tc.lr, tc.warmup_steps, tc.total_steps, end_value=tc.lr * tc.end_lr_ratio
-    )
+    """AdamW with global-norm clipping; the learning rate warms up linearly, then decays by a cosine."""
+    if tc.warmup_steps == tc.total_steps:  # all warmup: optax's cosine refuses a decay of 0 steps
+        schedule = optax.linear_schedule(0.0, tc.lr, tc.warmup_steps)
+    else:
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, tc.lr, tc.warmup_steps, tc.total_steps, end_value=tc.lr * tc.end_lr_ratio
+        )
     return optax.chain(
         optax.clip_by_global_norm(tc.clip_norm),
         optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay),
@@ -131,8 +157,11 @@ def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 
 
 def init_train_state(model: DeepseekV4, tc: TrainConfig) -> tuple[nnx.GraphDef, TrainState]:
+    """(graphdef, step-0 TrainState) of a `training_model`; the state holds copies of its weights."""
     graphdef, params, frozen = split_model(model)
-    params = jax.tree.map(lambda x: jnp.asarray(x, F32), params)
+    # copies: the train step donates its state, which must not take `model`'s own buffers with it
+    params = jax.tree.map(lambda x: jnp.astype(x, F32, copy=True), params)
+    frozen = jax.tree.map(lambda x: jnp.astype(x, x.dtype, copy=True), frozen)
     return graphdef, TrainState(jnp.zeros((), jnp.int32), params, frozen, optimizer(tc).init(params))
 
 
@@ -303,6 +332,28 @@ def _compile(graphdef, tc: TrainConfig, rt, state: TrainState):
     return step, (shardings, batch_sharding(rt.mesh, rt.strategy, 2))
 
 
+BATCH_KEYS = ("tokens", "mask")
+
+
+def _checked_batch(batch, cfg: ModelConfig, rt) -> dict:
+    """The batch with host arrays as numpy; ValueError for one the step cannot take (see `_check_batch`)."""
+    unknown = sorted(set(batch) - set(BATCH_KEYS))
+    if unknown or "tokens" not in batch:
+        raise ValueError(f"batch: expected keys 'tokens' and optionally 'mask', got {sorted(batch)}")
+    batch = {k: v if isinstance(v, jax.Array) else np.asarray(v) for k, v in batch.items()}
+    _check_batch(batch["tokens"], cfg.max_position_embeddings, rt)
+    if not np.issubdtype(batch["tokens"].dtype, np.integer):
+        raise ValueError(f"batch['tokens'] must be integer token ids, got dtype {batch['tokens'].dtype}")
+    if not isinstance(batch["tokens"], jax.Array):  # device ids are not read: that would wait for the device
+        check_vocabulary(batch["tokens"], cfg.vocab_size)
+    if "mask" in batch and tuple(batch["mask"].shape) != tuple(batch["tokens"].shape):
+        raise ValueError(
+            f"batch['mask'] must have the shape of batch['tokens'] [B, S + 1], {tuple(batch['tokens'].shape)}; "
+            f"got {tuple(batch['mask'].shape)}"
+        )
+    return batch
+
+
 def _check_batch(tokens, max_len: int, rt) -> None:
     """ValueError for a batch the step cannot take: shape, length, or a batch the mesh cannot split."""
     if tokens.ndim != 2 or tokens.shape[1] < 2:
@@ -328,9 +379,9 @@ def make_train_step(graphdef, tc: TrainConfig):
     def train_step(state: TrainState, batch):
         if not compiled:
             model = nnx.merge(graphdef, state.params, state.frozen)
-            compiled.update(rt=model.rt, max_len=model.cfg.max_position_embeddings)
+            compiled.update(rt=model.rt, cfg=model.cfg)
             compiled["step"], compiled["placement"] = _compile(graphdef, tc, model.rt, state)
-        _check_batch(batch["tokens"], compiled["max_len"], compiled["rt"])
+        batch = _checked_batch(batch, compiled["cfg"], compiled["rt"])
         if compiled["placement"] is not None:
             state_shardings, rows = compiled["placement"]
             state, batch = jax.device_put(state, state_shardings), jax.device_put(dict(batch), rows)

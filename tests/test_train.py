@@ -205,6 +205,46 @@ def test_bad_input_is_refused(small_step):
         train.split_model(dsv4.init_model(SMALL, RuntimeConfig(dtype="float32"), seed=0))
     with pytest.raises(ValueError, match="compute_dtype"):
         train.TrainConfig(compute_dtype="float16")
+    ids = np.asarray(tokens(SMALL, seq=8))
+    for batch, message in [
+        ({"tokens": np.where(ids == ids[0, 3], -1, ids)}, "token id -1 at row 0, position 3 is outside"),
+        ({"tokens": ids + 0.5}, "integer token ids, got dtype float64"),  # was truncated silently
+        ({"tokens": ids, "mask": np.ones((2, 8))}, r"batch\['mask'\] must have the shape"),
+        ({"tokens": ids, "attention_mask": np.ones_like(ids)}, "expected keys 'tokens' and optionally 'mask'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            step(_fresh_state(), batch)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("lr", -1e-3), ("lr", float("nan")), ("lr", "1e-3"), ("mtp_weight", -1.0), ("clip_norm", 0.0), ("b1", 1.5),
+     ("b2", -0.1), ("weight_decay", -1.0), ("end_lr_ratio", 2.0), ("total_steps", 100.5)],
+)  # fmt: skip
+def test_train_config_values_are_checked(field, value):
+    """Each was accepted (a negative lr or loss weight trained toward a negative loss without a word)."""
+    with pytest.raises(ValueError, match=f"^{field}: must be"):
+        train.TrainConfig(**{field: value})
+
+
+def test_all_warmup_schedule():
+    """warmup_steps == total_steps (allowed) builds an optimizer: optax's cosine refuses 0 decay steps."""
+    tc = train.TrainConfig(lr=1.0, warmup_steps=4, total_steps=4)
+    params = {"w": jnp.ones(2)}
+    updates, _ = train.optimizer(tc).update({"w": jnp.ones(2)}, train.optimizer(tc).init(params), params)
+    assert np.all(np.isfinite(np.asarray(updates["w"])))
+
+
+def test_a_short_row_trains_and_the_source_model_survives_the_donation(small_step):
+    """S = 2, under the CSA ratio: no compressed entry yet, indexer loss 0 (was an IndexError). The
+    step donates its state; `init_train_state` copies, so the model it came from still runs (its
+    weights had been deleted by the first step)."""
+    _, step = small_step
+    model = dsv4.init_model(SMALL, RT, seed=0)
+    _, state = train.init_train_state(model, TC)
+    state, metrics = step(state, {"tokens": tokens(SMALL, seq=2)})
+    assert float(metrics["indexer_loss"]) == 0.0 and np.isfinite(float(metrics["loss"]))
+    assert dsv4.forward(model, np.asarray(tokens(SMALL, seq=2))).shape == (2, 3, SMALL.vocab_size)
 
 
 # ------------------------------------------------------------------------------ (f) per-layer remat
