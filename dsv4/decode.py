@@ -147,6 +147,7 @@ def _device_batch(model: DeepseekV4, x) -> jax.Array:
     x = np.asarray(x, np.int32)
     if model.rt.mesh is None:
         return jnp.asarray(x)
-    from sharding.placement import batch_sharding, put
+    from sharding.placement import batch_sharding, check_batch, put
 
+    check_batch(int(x.shape[0]), model.rt.mesh, model.rt.strategy)  # a ValueError, not JAX's
     return put(x, batch_sharding(model.rt.mesh, model.rt.strategy, x.ndim))

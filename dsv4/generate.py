@@ -359,6 +359,10 @@ def generate_with_stats(
                          cache_format, max_len, stream_interval, prefill_chunk)  # fmt: skip
     model = _on_mesh(model, mesh, strategy)
     batch = len(req.prompts)
+    if model.rt.mesh is not None:  # a ValueError before compiling, not shard_map's
+        from sharding.placement import check_batch
+
+        check_batch(batch, model.rt.mesh, model.rt.strategy)
     nbytes = kv_cache.cache_bytes(model.cfg, batch, req.max_len, cache_format)
     prompt_tokens = sum(len(p) for p in req.prompts)
     if req.max_new == 0:

@@ -74,6 +74,20 @@ def state_shardings(state: nnx.State, mesh: Mesh, strategy: str | Strategy | Non
     return restore_shardings(state, mesh, get_strategy(strategy).rules)
 
 
+def _spec_tree(state, shardings):
+    """The PartitionSpecs of `shardings` in the exact tree structure of `state` (shard_map's in_specs).
+
+    `state_shardings` replaces each variable by its sharding, or by a `QuantizedWeight` of shardings
+    where the state has a variable holding a `QuantizedWeight`: a tree that is no prefix of the state.
+    Leaf for leaf (data then scale, in both) the two agree.
+    """
+    specs = [s.spec for s in jax.tree.leaves(shardings)]
+    structure = jax.tree.structure(state)
+    if len(specs) != structure.num_leaves:
+        raise ValueError(f"{len(specs)} shardings for a state of {structure.num_leaves} arrays")
+    return jax.tree.unflatten(structure, specs)
+
+
 def per_device(fn, rt, state):
     """`fn(state, *batch_first_arrays)` run once per device under `jax.shard_map`, or `fn` itself.
 
@@ -88,7 +102,7 @@ def per_device(fn, rt, state):
     if rt.mesh is None or not strat.data_parallel:
         return fn
     rows = PartitionSpec(strat.mesh_axes("batch", rt.mesh) or None)
-    specs = jax.tree.map(lambda s: s.spec, state_shardings(state, rt.mesh, strat))
+    specs = _spec_tree(state, state_shardings(state, rt.mesh, strat))
 
     def run(state, *args):
         in_specs = (specs,) + (rows,) * len(args)
@@ -119,17 +133,18 @@ def put(value, sharding):
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
-def with_runtime(model, mesh: Mesh | None, strategy: str | Strategy | None):
-    """The same parameters under a RuntimeConfig carrying `mesh` and `strategy` (no data moved)."""
+def with_runtime(model, mesh: Mesh | None, strategy: str | Strategy | None, state=None):
+    """A model under a RuntimeConfig carrying `mesh` and `strategy`, holding `state` (default: the
+    model's own variables, shared, no data moved)."""
     from dsv4.model import abstract_model
 
     rt = dataclasses.replace(model.rt, mesh=mesh, strategy=strategy or "dp_ep")
     graphdef, _ = nnx.split(abstract_model(model.cfg, rt))
-    return nnx.merge(graphdef, nnx.state(model))
+    return nnx.merge(graphdef, nnx.state(model) if state is None else state)
 
 
 def shard_model(model, mesh: Mesh, strategy: str | Strategy | None = None):
-    """Place a model's parameters on `mesh` by `strategy` and make its MoE layers expert-parallel.
+    """A copy of `model` with its parameters on `mesh` by `strategy` and its MoE layers expert-parallel.
 
     Raises ValueError (before any compilation) when the mesh lacks an axis the strategy names or
     its sizes do not divide the experts, heads or any sharded parameter dimension.
@@ -138,9 +153,7 @@ def shard_model(model, mesh: Mesh, strategy: str | Strategy | None = None):
     state = nnx.state(model)
     check_divisible(state, mesh, get_strategy(strategy).rules)
     placed = jax.device_put(state, state_shardings(state, mesh, strategy))
-    model = with_runtime(model, mesh, strategy)
-    nnx.update(model, placed)
-    return model
+    return with_runtime(model, mesh, strategy, placed)  # new variables: `model` itself stays as it was
 
 
 def shard_cache(cache, mesh: Mesh, strategy: str | Strategy | None = None):

@@ -288,8 +288,16 @@ def test_bad_inputs_fail_before_compiling():
         assert message, name
     assert "n_routed_experts = 12 is not divisible by 8" in result["experts"][0]
     assert "num_attention_heads = 4 is not divisible by 8" in result["heads"][0]
-    assert "batch 2 is not divisible by 4" in result["batch"][0]
+    for name in ("batch", "generate_batch", "decode_batch"):
+        assert "batch 2 is not divisible by 4" in result[name][0], (name, result[name])
     assert "mesh axis 'model'" in result["axis"][0]
+
+
+def test_a_keep_quantized_checkpoint_generates_data_parallel():
+    """dp_ep's per-device program took its in_specs from a sharding tree that was no prefix of a
+    state holding QuantizedWeights: prefill and generate failed (the forward did not)."""
+    result = run_worker("quantized")
+    assert result["sharded"] == result["plain"] and len(result["plain"][0]) == 4
 
 
 # -------------------------------------------------------------------------------------- workers
@@ -511,10 +519,12 @@ def worker_errors() -> dict:
     """Each bad input raises a clear error; count the compilations that happened before it."""
     import jax
     import numpy as np
+    from flax import nnx
 
     from dsv4.cache import init_cache
     from dsv4.config import RuntimeConfig
-    from dsv4.decode import prefill
+    from dsv4.decode import decode_step, prefill
+    from dsv4.generate import generate
     from dsv4.model import init_model
     from sharding.mesh import make_mesh
     from sharding.placement import shard_model
@@ -526,6 +536,7 @@ def worker_errors() -> dict:
     odd = init_model(cfg.__class__.tiny(n_routed_experts=12, num_hidden_layers=2, compress_ratios=(4, 128, 0),
                                         num_hash_layers=1), rt)  # fmt: skip
     sharded = shard_model(model, make_mesh(4, 2, 1), "dp_ep")
+    left_alone = all(len(v.sharding.device_set) == 1 for v in jax.tree.leaves(nnx.state(model)))
     events = []
     jax.monitoring.register_event_duration_secs_listener(lambda name, *_, **__: events.append(name))
 
@@ -544,14 +555,37 @@ def worker_errors() -> dict:
         "experts": attempt(lambda: shard_model(odd, make_mesh(1, 8, 1), "dp_ep")),
         "heads": attempt(lambda: shard_model(model, make_mesh(1, 1, 8), "tp_ep")),
         "batch": attempt(lambda: prefill(sharded, tokens, cache)),
+        "generate_batch": attempt(lambda: generate(sharded, [[1, 2], [3]], 2)),  # was shard_map's error
+        "decode_batch": attempt(lambda: decode_step(sharded, [1, 2], cache)),  # was an IndivisibleError
         "axis": attempt(lambda: shard_model(model, make_mesh(2, 4, 1), bad_axis)),
+        "source model left on one device": (left_alone, 0),  # shard_model had moved its variables
     }
+
+
+def worker_quantized() -> dict:
+    """The embedded default converted with keep_quantized: greedy tokens on a dp_ep mesh and on one device."""
+    import tempfile
+    from pathlib import Path
+
+    import dsv4
+    from dsv4 import convert
+    from dsv4.cli import default_checkpoint_dir
+    from sharding.mesh import make_mesh
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dst = Path(tmp) / "quantized"
+        convert.convert(default_checkpoint_dir(), dst, dtype="float32", keep_quantized=True, progress=False)
+        plain = dsv4.load(dst, dtype="float32")
+        sharded = dsv4.load(dst, dtype="float32", mesh=make_mesh(2, 4, 1), strategy="dp_ep")
+        prompts = [[0, 5, 6], [0, 7]]
+        return {"plain": dsv4.generate(plain, prompts, 4), "sharded": dsv4.generate(sharded, prompts, 4)}
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     workers = {"matrix": worker_matrix, "experts": worker_experts, "errors": worker_errors}
     workers["placement"] = worker_placement
+    workers["quantized"] = worker_quantized
     print(json.dumps(workers[sys.argv[1]]()))
 
 
