@@ -178,7 +178,10 @@ class ExpertParallel:
         fn = jax.shard_map(
             body, mesh=self.mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=tok, check_vma=False
         )
-        return fn(x, weights, idx.astype(jnp.int32), w1, w3, w2)
+        n = x.shape[0]
+        pad = -n % math.prod(self.mesh.shape[a] for a in self.token_axes)  # B x S need not divide the split
+        x, weights, idx = (jnp.pad(a, ((0, pad), (0, 0))) for a in (x, weights, idx.astype(jnp.int32)))
+        return fn(x, weights, idx, w1, w3, w2)[:n]  # padded rows: expert 0 at weight 0, then dropped
 
     def _body(self, x, weights, idx, w1, w3, w2, *, limit, ragged_all_to_all):
         """Per device: x [n, D], weights/idx [n, K], local experts [E_l, ...] -> [n, D] float32."""
