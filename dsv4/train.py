@@ -421,7 +421,8 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def restore(self, like: TrainState, step: int | None = None) -> TrainState:
-        """Restore into the structure of `like` (e.g. a fresh init_train_state). Refuses another config."""
+        """Restore into the structure of `like` (e.g. a fresh init_train_state). Refuses another model
+        config; another TrainConfig (a changed schedule, other loss weights) is taken as given."""
         ocp = self._ocp
         step = self.manager.latest_step() if step is None else step
         if step is None:
