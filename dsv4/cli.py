@@ -44,6 +44,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (CLIError, ValueError, ConfigError, CheckpointError, TokenizerError, FileNotFoundError)
 
 
+def paths_overlap(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` are the same directory or one lies inside the other (after resolving)."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
 def run_command(prog: str, fn, args) -> int:
     """`fn(args)` for the console script `prog`: 0, or 2 after one line `prog: error: ...` on a user error."""
     try:

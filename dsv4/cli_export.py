@@ -26,7 +26,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from dsv4.cli import CLIError
+from dsv4.cli import CLIError, paths_overlap
 from dsv4.cli import checkpoint_kind as layout_kind
 
 
@@ -187,10 +187,9 @@ def check_paths(args) -> Path | None:
     """Refuse bad OUT / --tokenizer before any loading; returns the tokenizer directory to copy, if any."""
     from dsv4.export import check_out_dir
 
-    ckpt, out = args.ckpt.resolve(), args.out.resolve()
-    if out == ckpt or ckpt in out.parents or out in ckpt.parents:
+    if paths_overlap(args.ckpt, args.out):
         raise ExportError(f"{args.out}: OUT must lie outside CKPT {args.ckpt} (and not contain it)")
-    if out.exists() and not out.is_dir():
+    if args.out.exists() and not args.out.is_dir():
         raise ExportError(f"{args.out}: exists and is not a directory")
     try:
         check_out_dir(args.out, args.overwrite, option="--overwrite")

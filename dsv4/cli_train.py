@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dsv4 import corpus
-from dsv4.cli import CLIError, run_command
+from dsv4.cli import CLIError, paths_overlap, run_command
 from dsv4.config import ModelConfig
 from dsv4.xla_flags import program_defaults
 
@@ -151,19 +151,13 @@ def _has_entries(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
-def _overlap(a: Path, b: Path) -> bool:
-    """Whether `a` and `b` are the same directory or one lies inside the other."""
-    a, b = a.resolve(), b.resolve()
-    return a == b or a in b.parents or b in a.parents
-
-
 def _check_paths(args) -> None:
     """Refuse an unusable --out / --export before anything is read, trained or written."""
     out, export = args.out, args.export
     for flag, path in (("--out", out), ("--export", export)):
         if path is not None and path.exists() and not path.is_dir():
             raise CLIError(f"{flag} {path} exists and is not a directory")
-    if export is not None and _overlap(out, export):
+    if export is not None and paths_overlap(out, export):
         raise CLIError(f"--export {export} and --out {out} must be separate directories, neither inside the other")
     if args.resume:
         if not (out / "checkpoints").is_dir():

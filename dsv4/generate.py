@@ -134,7 +134,9 @@ def _decode_program(graphdef, state, loop: LoopState, params, stop_ids, limit, k
 # ------------------------------------------------------------------------------ input checks
 
 
-def _as_prompt(i: int, prompt, vocab: int) -> list[int]:
+def check_prompt(i: int, prompt, vocab: float) -> list[int]:
+    """Prompt `i` as a list of ints; ValueError (naming `i` and the position) for a non-list, an
+    empty prompt or an id outside [0, vocab)."""
     if isinstance(prompt, str | bytes) or not isinstance(prompt, Sequence | np.ndarray):
         raise ValueError(f"prompt {i} must be a list of token ids, got {type(prompt).__name__}")
     ids = list(prompt)
@@ -152,7 +154,7 @@ def check_prompts(prompts, vocab: int) -> list[list[int]]:
     """Prompts as lists of ints; ValueError for a non-list, an empty prompt or an out-of-range id."""
     if isinstance(prompts, str | bytes) or not isinstance(prompts, Sequence | np.ndarray) or not len(prompts):
         raise ValueError("prompts must be a non-empty list of token-id lists")
-    return [_as_prompt(i, p, vocab) for i, p in enumerate(prompts)]
+    return [check_prompt(i, p, vocab) for i, p in enumerate(prompts)]
 
 
 def stop_ids_of(cfg: ModelConfig, stop_tokens) -> tuple[int, ...]:

@@ -215,11 +215,13 @@ def check_token_shape(tokens) -> None:
         raise ValueError(f"tokens must be a non-empty [batch, length] array, got shape {tokens.shape}")
 
 
-def _check_token_array(tokens) -> None:
-    """Shape and integer dtype: known without reading any value (host arrays, device arrays, tracers)."""
-    check_token_shape(tokens)
+def check_token_ids(tokens, vocab: int, name: str = "tokens") -> None:
+    """ValueError for non-integer ids, or, in a host array, an id outside [0, vocab). The ids of device
+    arrays and tracers are not read: that would wait for the device (their dtype is known)."""
     if not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
+        raise ValueError(f"{name} must be integer token ids, got dtype {tokens.dtype}")
+    if not isinstance(tokens, jax.Array):
+        check_vocabulary(tokens, vocab)
 
 
 def check_vocabulary(tokens: np.ndarray, vocab: int, real: np.ndarray | None = None) -> None:
@@ -240,13 +242,11 @@ def whole_sequence_tokens(model: DeepseekV4, tokens) -> jax.Array:
     embedding without a word). The ids of device arrays and tracers are not checked: reading them
     would wait for the device.
     """
-    if isinstance(tokens, jax.Array):  # tracers too
-        _check_token_array(tokens)
-        return tokens.astype(jnp.int32)
-    host = np.asarray(tokens)
-    _check_token_array(host)
-    check_vocabulary(host, model.cfg.vocab_size)
-    return jnp.asarray(host, jnp.int32)
+    if not isinstance(tokens, jax.Array):  # jax.Array: tracers too
+        tokens = np.asarray(tokens)
+    check_token_shape(tokens)
+    check_token_ids(tokens, model.cfg.vocab_size)
+    return jnp.asarray(tokens, jnp.int32)
 
 
 @jit_whole_sequence(static_argnums=0)

@@ -53,7 +53,7 @@ import optax
 from flax import nnx, struct
 
 from dsv4.config import ModelConfig
-from dsv4.model import DeepseekV4, abstract_model, check_vocabulary
+from dsv4.model import DeepseekV4, abstract_model, check_token_ids
 
 F32 = jnp.float32
 
@@ -161,7 +161,7 @@ def init_train_state(model: DeepseekV4, tc: TrainConfig) -> tuple[nnx.GraphDef, 
     graphdef, params, frozen = split_model(model)
     # copies: the train step donates its state, which must not take `model`'s own buffers with it
     params = jax.tree.map(lambda x: jnp.astype(x, F32, copy=True), params)
-    frozen = jax.tree.map(lambda x: jnp.astype(x, x.dtype, copy=True), frozen)
+    frozen = jax.tree.map(jnp.copy, frozen)
     return graphdef, TrainState(jnp.zeros((), jnp.int32), params, frozen, optimizer(tc).init(params))
 
 
@@ -342,10 +342,7 @@ def _checked_batch(batch, cfg: ModelConfig, rt) -> dict:
         raise ValueError(f"batch: expected keys 'tokens' and optionally 'mask', got {sorted(batch)}")
     batch = {k: v if isinstance(v, jax.Array) else np.asarray(v) for k, v in batch.items()}
     _check_batch(batch["tokens"], cfg.max_position_embeddings, rt)
-    if not np.issubdtype(batch["tokens"].dtype, np.integer):
-        raise ValueError(f"batch['tokens'] must be integer token ids, got dtype {batch['tokens'].dtype}")
-    if not isinstance(batch["tokens"], jax.Array):  # device ids are not read: that would wait for the device
-        check_vocabulary(batch["tokens"], cfg.vocab_size)
+    check_token_ids(batch["tokens"], cfg.vocab_size, "batch['tokens']")
     if "mask" in batch and tuple(batch["mask"].shape) != tuple(batch["tokens"].shape):
         raise ValueError(
             f"batch['mask'] must have the shape of batch['tokens'] [B, S + 1], {tuple(batch['tokens'].shape)}; "

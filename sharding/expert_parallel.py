@@ -178,9 +178,11 @@ class ExpertParallel:
         fn = jax.shard_map(
             body, mesh=self.mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=tok, check_vma=False
         )
-        n = x.shape[0]
+        n, idx = x.shape[0], idx.astype(jnp.int32)
         pad = -n % math.prod(self.mesh.shape[a] for a in self.token_axes)  # B x S need not divide the split
-        x, weights, idx = (jnp.pad(a, ((0, pad), (0, 0))) for a in (x, weights, idx.astype(jnp.int32)))
+        if not pad:
+            return fn(x, weights, idx, w1, w3, w2)
+        x, weights, idx = (jnp.pad(a, ((0, pad), (0, 0))) for a in (x, weights, idx))
         return fn(x, weights, idx, w1, w3, w2)[:n]  # padded rows: expert 0 at weight 0, then dropped
 
     def _body(self, x, weights, idx, w1, w3, w2, *, limit, ragged_all_to_all):

@@ -89,21 +89,27 @@ def read_prompts(path, tokenizer=None, *, add_bos=True, vocab=None, checkpoint=N
     """(ids, token lists) from a JSONL file; ValueError naming the file and line of a bad one.
 
     A 'text' row is encoded with `tokenizer`, BOS first unless `add_bos` is False (as dsv4-generate
-    encodes --prompt). Token lists go through `dsv4.generate.check_prompts`: non-empty lists of
+    encodes --prompt). Token lists go through `dsv4.generate.check_prompt`: non-empty lists of
     integers, in [0, vocab) when `vocab` is given. `checkpoint` only names the directory whose
     missing tokenizer.json makes a 'text' row unusable.
     """
-    ids, prompts, lines = [], [], []
+    from dsv4.generate import check_prompt
+
+    vocab = math.inf if vocab is None else vocab
+    ids, prompts = [], []
     for n, line in enumerate(_lines(path), 1):
         if not line.strip():
             continue
         row = _row(path, n, line)
         ids.append(row.get("id", len(ids)))
-        prompts.append(_row_tokens(path, n, row, tokenizer, add_bos, checkpoint))
-        lines.append(n)
+        tokens = _row_tokens(path, n, row, tokenizer, add_bos, checkpoint)
+        try:
+            prompts.append(check_prompt(len(prompts), tokens, vocab))
+        except ValueError as err:
+            raise ValueError(f"{path}:{n}: {err}") from None
     if not prompts:
         raise ValueError(f"{path}: no prompts")
-    return ids, _checked(path, lines, prompts, vocab)
+    return ids, prompts
 
 
 def _lines(path) -> list[str]:
@@ -129,7 +135,7 @@ def _row(path, n: int, line: str) -> dict:
 
 
 def _row_tokens(path, n: int, row: dict, tokenizer, add_bos: bool, checkpoint):
-    """A row's 'tokens', or its encoded 'text' (unchecked: `_checked` checks every prompt)."""
+    """A row's 'tokens', or its encoded 'text' (unchecked: the caller checks it)."""
     if "tokens" in row:
         return row["tokens"]
     if "text" not in row:
@@ -142,29 +148,6 @@ def _row_tokens(path, n: int, row: dict, tokenizer, add_bos: bool, checkpoint):
     if not isinstance(row["text"], str):
         raise ValueError(f"{path}:{n}: 'text' must be a string, got {type(row['text']).__name__}")
     return tokenizer.encode(row["text"], add_bos=add_bos)
-
-
-def _checked(path, lines: list[int], prompts: list, vocab) -> list[list[int]]:
-    """`dsv4.generate.check_prompts` over every prompt, its error prefixed with the file and line."""
-    from dsv4.generate import check_prompts
-
-    vocab = math.inf if vocab is None else vocab
-    try:
-        return check_prompts(prompts, vocab)
-    except ValueError as err:
-        line = next(n for n, p in zip(lines, prompts, strict=True) if not _passes(p, vocab))
-        raise ValueError(f"{path}:{line}: {err}") from None
-
-
-def _passes(prompt, vocab) -> bool:
-    """Whether `dsv4.generate.check_prompts` accepts this one prompt."""
-    from dsv4.generate import check_prompts
-
-    try:
-        check_prompts([prompt], vocab)
-    except ValueError:
-        return False
-    return True
 
 
 def padded_batch(prompts: list[list[int]], multiple: int) -> list[list[int]]:
