@@ -63,7 +63,7 @@ def _release_name(ours: str) -> str:
     return name
 
 
-def _kind(name: str, ndim: int, dtype) -> str:
+def _kind(name: str, dtype) -> str:
     if np.issubdtype(np.dtype(dtype), np.integer):
         return "int"
     if _F32_ONLY.search(name):
@@ -106,7 +106,7 @@ def param_spec(path: tuple, shape: tuple[int, ...], dtype, cfg: ModelConfig) -> 
         )
         return ParamSpec(path, tensors, _stack_experts)
     name = _release_name(ours)
-    kind = _kind(name, len(shape), dtype)
+    kind = _kind(name, dtype)
     if name.endswith("attn.wo_a.weight"):
         g, d_in, r = shape
         return ParamSpec(path, (ReleaseTensor(name, (g * r, d_in), kind),), _wo_a(g))

@@ -44,12 +44,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (CLIError, ValueError, ConfigError, CheckpointError, TokenizerError, FileNotFoundError)
 
 
-def paths_overlap(a: Path, b: Path) -> bool:
-    """Whether `a` and `b` are the same directory or one lies inside the other (after resolving)."""
-    a, b = a.resolve(), b.resolve()
-    return a == b or a in b.parents or b in a.parents
-
-
 def run_command(prog: str, fn, args) -> int:
     """`fn(args)` for the console script `prog`: 0, or 2 after one line `prog: error: ...` on a user error."""
     try:
@@ -127,7 +121,8 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-format", choices=CACHE_FORMATS, default="bfloat16")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weight dtype")
-    p.add_argument("--max-len", type=int, help="cache length per sequence (default: prompt + new tokens)")
+    p.add_argument("--max-len", type=int,
+                   help="cache length per sequence (default: prompt + new tokens, rounded up to a multiple of 128)")
     p.add_argument("--stream-interval", type=int, default=1, help="decode steps between printed chunks")
     return p
 
@@ -197,7 +192,7 @@ def _generate(args) -> None:
     model = load_model(path, args.dtype)
     sampling = (args.temperature, args.top_k, args.top_p)
     options = {"cache_format": args.cache_format, "max_len": args.max_len, "stream_interval": args.stream_interval}
-    check_request(model.cfg, [ids], args.max_new_tokens, sampling, None, prefill_chunk=None, **options)
+    check_request(model.cfg, [ids], args.max_new_tokens, sampling, None, prefill_chunk=None, seed=args.seed, **options)
     if tok is not None:  # echo the prompt once it is known to be valid; chat keeps its role tokens
         print(tok.decode(ids, skip_special_tokens=not (args.chat or args.thinking)), end="", flush=True)
     else:

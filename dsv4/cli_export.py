@@ -26,8 +26,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from dsv4.cli import CLIError, paths_overlap
+from dsv4.cli import CLIError
 from dsv4.cli import checkpoint_kind as layout_kind
+from dsv4.outputs import paths_overlap
 
 
 class ExportError(CLIError):

@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -25,9 +24,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from dsv4 import corpus
-from dsv4.cli import CLIError, paths_overlap, run_command
+from dsv4 import corpus, outputs
+from dsv4.cli import CLIError, run_command
 from dsv4.config import ModelConfig
+from dsv4.outputs import paths_overlap
 from dsv4.xla_flags import program_defaults
 
 # The embedded default's architecture: every layer kind (the last compress_ratios entry is the MTP
@@ -83,12 +83,12 @@ def parse_mesh(text: str | None):
     """'data=2,expert=4' -> a sharding.mesh mesh over every device; None -> None (one device)."""
     if not text:
         return None
-    from sharding.mesh import make_mesh
+    from sharding.mesh import AXES, make_mesh
 
     sizes = {}
     for part in text.split(","):
         key, _, value = part.partition("=")
-        if key not in ("data", "expert", "tensor") or not value.isdigit():
+        if key not in AXES or not value.isdigit():
             raise CLIError(f"--mesh: expected entries like data=2,expert=4, got {part!r}")
         sizes[key] = int(value)
     return make_mesh(**sizes)
@@ -175,9 +175,14 @@ def _check_paths(args) -> None:
 
 def _mesh(args):
     """The --mesh device mesh (None: one device), refused when --batch does not split over its data axis."""
+    from sharding.placement import check_batch
+
     mesh = parse_mesh(args.mesh)
-    if mesh is not None and args.batch % mesh.shape["data"]:
-        raise CLIError(f"--batch {args.batch} is not divisible by the mesh's data axis ({mesh.shape['data']})")
+    if mesh is not None:
+        try:
+            check_batch(args.batch, mesh)  # the default strategy, as the train step uses
+        except ValueError as err:
+            raise CLIError(f"--batch: {err}") from None
     return mesh
 
 
@@ -220,23 +225,10 @@ def _install_out(args, tok_source: Path) -> Path:
         fresh = stage / "run"
         (fresh / "tokenizer").mkdir(parents=True)  # mkdir, not mkdtemp: the usual permissions
         copy_tokenizer(tok_source, fresh / "tokenizer")
-        _rename_onto(fresh, out, stage / "old")
+        outputs.replace_dir(fresh, out)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)  # the old run, if one was replaced
+        shutil.rmtree(stage, ignore_errors=True)
     return target
-
-
-def _rename_onto(fresh: Path, out: Path, attic: Path) -> None:
-    """Rename `fresh` to `out`; an existing `out` is first moved to `attic` (put back if the rename fails)."""
-    if not out.exists():
-        os.replace(fresh, out)
-        return
-    os.replace(out, attic)
-    try:
-        os.replace(fresh, out)
-    except BaseException:
-        os.replace(attic, out)
-        raise
 
 
 def _prepare(args, cfg: ModelConfig):
@@ -295,21 +287,35 @@ class MetricsLog:
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
-        self.records = []
-        if path.exists():  # drop what a resumed run will redo
-            lines = path.read_text().splitlines()
-            self.records = [r for r in map(json.loads, lines) if r["step"] <= resume_step]
-        self._rewrite()
-
-    def _rewrite(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        os.replace(tmp, self.path)
+        self.noted_no_plot = False  # the missing-matplotlib notice, printed once per run
+        self.records = [r for r in _read_records(path) if r["step"] <= resume_step]  # drop what is redone
+        outputs.write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def add(self, record: dict) -> None:
         self.records.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _read_records(path: Path) -> list[dict]:
+    """The records of an earlier run's metrics.jsonl. A last line without its newline (the run was
+    killed while appending it) is dropped; any other unreadable line is a CLIError naming it."""
+    if not path.exists():
+        return []
+    text = path.read_text("utf-8", errors="replace")
+    lines = text.split("\n")
+    if lines[-1]:  # torn last line
+        lines[-1] = ""
+    records = []
+    for number, line in enumerate(lines[:-1], 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("no integer step")
+        except ValueError as err:
+            raise CLIError(f"{path}:{number}: not a metrics record ({err}); move the file away to resume") from None
+        records.append(record)
+    return records
 
 
 def plot_losses(records: list[dict], path: Path) -> bool:
@@ -336,10 +342,8 @@ def plot_losses(records: list[dict], path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    outputs.write_file(path, lambda f: fig.savefig(f, format="png"), binary=True)
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 
@@ -363,35 +367,45 @@ def _progress(args, start: int):
 
 
 def _eval_fn(graphdef):
-    """A jitted held-out loss: mean next-token CE over [n, S + 1] windows (language-model head only)."""
+    """A jitted held-out loss: summed next-token CE over the rows of [n, S + 1] windows whose `real`
+    flag is set (language-model head only)."""
     import jax
+    import jax.numpy as jnp
 
     from dsv4 import train
 
     tc = train.TrainConfig(mtp_weight=0.0, indexer_weight=0.0, compute_dtype="float32")
 
     @jax.jit
-    def lm_loss(params, frozen, tokens):
-        return train.loss_fn(graphdef, tc, params, frozen, {"tokens": tokens})[1]["lm_loss"]
+    def lm_loss_sum(params, frozen, tokens, real):
+        mask = jnp.broadcast_to(real[:, None], tokens.shape)
+        mean = train.loss_fn(graphdef, tc, params, frozen, {"tokens": tokens, "mask": mask})[1]["lm_loss"]
+        return mean * jnp.sum(real) * (tokens.shape[1] - 1)
 
-    return lm_loss
+    return lm_loss_sum
 
 
-def evaluate(lm_loss, state, windows, batch: int) -> float:
-    """Mean held-out next-token loss over `windows`, evaluated `batch` windows at a time."""
-    total, count = 0.0, 0
+def evaluate(lm_loss_sum, state, windows, batch: int) -> float:
+    """Mean held-out next-token loss over all `windows` [n, S + 1], `batch` windows at a time.
+
+    A last, shorter chunk is filled up with the first windows at weight 0, so every call has one
+    compiled shape and every window counts once.
+    """
+    import numpy as np
+
+    windows = np.asarray(windows)
+    total = 0.0
     for i in range(0, len(windows), batch):
         chunk = windows[i : i + batch]
-        if len(chunk) < batch:  # keep one compiled shape: the last chunk reuses earlier windows
-            continue
-        total += float(lm_loss(state.params, state.frozen, chunk)) * len(chunk)
-        count += len(chunk)
-    if count == 0:
-        total, count = float(lm_loss(state.params, state.frozen, windows)) * len(windows), len(windows)
-    return total / count
+        real = np.arange(batch) < len(chunk)
+        chunk = np.concatenate([chunk, np.resize(windows, (batch - len(chunk), windows.shape[1]))])
+        total += float(lm_loss_sum(state.params, state.frozen, chunk, real))
+    return total / (len(windows) * (windows.shape[1] - 1))
 
 
 def _train(args) -> None:
+    """dsv4-train: check the input and install OUT (`_prepare`), build or restore the train state,
+    run the steps with checkpoints and held-out evaluations, then export when --export is given."""
     import jax
     import numpy as np
     from flax import nnx
@@ -425,7 +439,7 @@ def _train(args) -> None:
         raise CLIError(f"--resume: the checkpoint is at step {start}, not below --steps {args.steps}")
     log = MetricsLog(args.out / "metrics.jsonl", start)
     step_fn = train.make_train_step(graphdef, tc)
-    lm_loss = _eval_fn(graphdef)
+    heldout_loss_sum = _eval_fn(graphdef)
     print(f"model: {n_params:,} trainable parameters; training steps {start} -> {args.steps}", file=sys.stderr)
 
     tokens_per_step = args.batch * args.seq_len
@@ -444,7 +458,7 @@ def _train(args) -> None:
             bar.update(1)
         late = args.time_limit is not None and time.perf_counter() - began > 60 * args.time_limit
         if step % args.eval_every == 0 or step == args.steps or late:
-            heldout = _record_eval(log, step, lm_loss, state, data, args, bar)
+            heldout = _record_eval(log, step, heldout_loss_sum, state, data, args, bar)
         ckpt.save(state, force=step == args.steps or late)
         if late:
             stopped_early = True
@@ -470,15 +484,16 @@ def _train(args) -> None:
         print(f"exported the release layout to {args.export}", file=sys.stderr)
 
 
-def _record_eval(log: MetricsLog, step: int, lm_loss, state, data: Data, args, bar) -> float | None:
+def _record_eval(log: MetricsLog, step: int, loss_sum, state, data: Data, args, bar) -> float | None:
     """Held-out loss and perplexity into the log, the loss curve redrawn; None without held-out text."""
     heldout = None
     if len(data.heldout):
-        heldout = evaluate(lm_loss, state, data.heldout, args.batch)
+        heldout = evaluate(loss_sum, state, data.heldout, args.batch)
         log.add({"step": step, "heldout_loss": heldout, "heldout_ppl": math.exp(heldout)})
         message = f"step {step}: held-out loss {heldout:.4f}, perplexity {math.exp(heldout):.2f}"
         (bar.write if bar is not None else print)(message)
-    if not plot_losses(log.records, args.out / "loss.png") and step == args.eval_every:
+    if not plot_losses(log.records, args.out / "loss.png") and not log.noted_no_plot:
+        log.noted_no_plot = True
         print("matplotlib is not installed: no loss.png (pip install 'dsv4[train]')", file=sys.stderr)
     return heldout
 

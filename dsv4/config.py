@@ -19,10 +19,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
+
+from dsv4 import outputs
 
 AttentionKind = Literal["sliding", "csa", "hca"]
 
@@ -351,15 +352,7 @@ class ModelConfig:
         target = Path(path)
         if target.is_dir():
             target = target / "config.json"
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".config.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_hf_dict(), f, indent=2)
-                f.write("\n")
-            os.replace(tmp, target)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        outputs.write_json(target, self.to_hf_dict(), indent=2)
         return target
 
 

@@ -51,7 +51,7 @@ import numpy as np
 import tensorstore as ts
 from flax import nnx
 
-from dsv4 import quant
+from dsv4 import outputs, quant
 from dsv4.checkpoint import ParamSpec, ReleaseTensor, release_specs, validate_index
 from dsv4.config import ModelConfig, RuntimeConfig
 from dsv4.loading import weight_block
@@ -501,13 +501,10 @@ class SourceReader:
         whole = FileRange(self.index.directory / shard, self._data_offset(shard) + info.start, rows, row_bytes)
         return whole.sub(r0, rows if r1 is None else r1)
 
-    def tensor(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+    def tensor(self, name: str) -> np.ndarray:
         """The whole tensor with its stored dtype and shape."""
         shape = tuple(self.index.info(name).shape)
-        if out is not None:
-            out = out.reshape(shape)
-        rows = shape[0] if shape else 1
-        return self.rows(name, 0, rows, out).reshape(shape)
+        return self.rows(name, 0, shape[0] if shape else 1).reshape(shape)
 
 
 # ----------------------------------------------------------------------------- dequantize + place
@@ -928,14 +925,7 @@ def write_orbax_metadata(directory: Path, arrays: Sequence[StoredArray]) -> None
         "store_array_data_equal_to_fill_value": True,
         "custom_metadata": None,
     }
-    _write_json(directory / "_METADATA", doc)
-
-
-def _write_json(path: Path, doc) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
+    outputs.write_json(directory / "_METADATA", doc)
 
 
 # ------------------------------------------------------------------------------- unit building
@@ -1135,7 +1125,7 @@ class ProgressRecord:
             raise ConvertError(f"{path}: unreadable progress record ({err}); rerun without --resume") from None
 
     def save(self) -> None:
-        _write_json(self.path, {"header": self.header, "completed": self.completed})
+        outputs.write_json(self.path, {"header": self.header, "completed": self.completed})
 
     def mark(self, unit: str) -> None:
         """Record `unit` as completely written."""
@@ -1278,8 +1268,7 @@ class ConvertSummary:
 
 
 def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    s, d = src.resolve(), dst.resolve()
-    if s == d or s in d.parents or d in s.parents:
+    if outputs.paths_overlap(src, dst):
         raise ConvertError(f"{dst}: destination must lie outside the source {src} (and not contain it)")
     above = next((p for p in dst.parents if p.exists()), None)
     if above is not None and not above.is_dir():
@@ -1435,19 +1424,15 @@ def _finalize(tmp, dst, src, cfg, options, entries, summary) -> None:
     write_orbax_metadata(tmp / PARAMS_DIR, [a for e in entries for a in e.arrays()])
     manifest = _manifest(src, cfg, options, entries)
     manifest["summary"] = {k: v for k, v in dataclasses.asdict(summary).items() if k not in ("dst",)}
-    _write_json(tmp / MANIFEST_FILE, manifest)
+    outputs.write_json(tmp / MANIFEST_FILE, manifest)
     cfg.save(tmp / "config.json")
     for name in COPIED_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, tmp / name)
-    (tmp / PROGRESS_FILE).unlink()
-    if dst.exists():  # --overwrite: swap, then delete the old checkpoint
-        old = dst.parent / (dst.name + ".old-dsv4-convert")
-        os.rename(dst, old)
-        os.rename(tmp, dst)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, dst)
+    # --overwrite: the old checkpoint is swapped out, and put back should the swap fail. The progress
+    # record goes last, so a failed swap leaves a temporary directory that --resume can still finish.
+    outputs.replace_dir(tmp, dst)
+    (dst / PROGRESS_FILE).unlink()
 
 
 def read_manifest(path) -> dict:

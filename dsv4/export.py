@@ -32,7 +32,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from dsv4 import checkpoint, quant
+from dsv4 import checkpoint, outputs, quant
 from dsv4.config import ModelConfig, QuantizationConfig
 from dsv4.model import DeepseekV4
 from dsv4.safetensors_io import write_sharded_checkpoint
@@ -226,20 +226,6 @@ def check_out_dir(out_dir: Path, overwrite: bool, option: str = "overwrite=True"
         )
 
 
-def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Rename the finished temporary directory onto `out_dir` (replacing it when `overwrite`)."""
-    if out_dir.exists() and any(out_dir.iterdir()):
-        check_out_dir(out_dir, overwrite)
-        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
-        os.replace(out_dir, old / "ckpt")
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-        return
-    if out_dir.exists():
-        out_dir.rmdir()
-    os.replace(tmp, out_dir)
-
-
 def export_release(
     model_or_state,
     cfg: ModelConfig | None,
@@ -279,7 +265,7 @@ def export_release(
     try:
         write_sharded_checkpoint(tmp, stored, overrides, max_shard_bytes)
         _write_side_files(tmp, release_config(cfg, fmt, include_mtp), tokenizer_dir)
-        _move_into_place(tmp, out_dir, overwrite)
+        outputs.replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

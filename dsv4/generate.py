@@ -134,9 +134,9 @@ def _decode_program(graphdef, state, loop: LoopState, params, stop_ids, limit, k
 # ------------------------------------------------------------------------------ input checks
 
 
-def check_prompt(i: int, prompt, vocab: float) -> list[int]:
+def check_prompt(i: int, prompt, vocab: int | float) -> list[int]:
     """Prompt `i` as a list of ints; ValueError (naming `i` and the position) for a non-list, an
-    empty prompt or an id outside [0, vocab)."""
+    empty prompt or an id outside [0, vocab) (`math.inf`: any id >= 0, when no model says)."""
     if isinstance(prompt, str | bytes) or not isinstance(prompt, Sequence | np.ndarray):
         raise ValueError(f"prompt {i} must be a list of token ids, got {type(prompt).__name__}")
     ids = list(prompt)
@@ -162,8 +162,13 @@ def stop_ids_of(cfg: ModelConfig, stop_tokens) -> tuple[int, ...]:
     if stop_tokens is None:
         eos = cfg.eos_token_id
         stop_tokens = () if eos is None else (eos,) if isinstance(eos, int) else eos
-    elif isinstance(stop_tokens, numbers.Integral):
+    elif _is_int(stop_tokens):
         stop_tokens = (stop_tokens,)
+    if isinstance(stop_tokens, str | bytes) or not isinstance(stop_tokens, Sequence | np.ndarray):
+        raise ValueError(f"stop_tokens must be an int or a list of ints, got {stop_tokens!r}")
+    floats = [t for t in stop_tokens if not _is_int(t)]
+    if floats:
+        raise ValueError(f"stop_tokens must be integers, got {floats}")
     ids = tuple(int(t) for t in stop_tokens)
     bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
     if bad:
@@ -173,8 +178,9 @@ def stop_ids_of(cfg: ModelConfig, stop_tokens) -> tuple[int, ...]:
 
 def cache_length(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int, max_len: int | None) -> int:
     """The cache's max length; ValueError when the prompts plus max_new_tokens do not fit in it."""
-    if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    _positive("max_len", max_len, allow_none=True)
     longest = max(len(p) for p in prompts)
     needed, limit = longest + max_new_tokens, cfg.max_position_embeddings
     if needed > limit:
@@ -215,11 +221,24 @@ def _padded(prompts: list[list[int]], chunk: int | None) -> tuple[np.ndarray, np
     return tokens, lengths
 
 
+def _is_int(value) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+
+
 def _positive(name: str, value, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if not isinstance(value, numbers.Integral) or value < 1:
+    if not _is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_seed(seed) -> int:
+    """`seed` as an int; ValueError unless it is an integer in [0, 2**32), where distinct seeds give
+    distinct streams (with JAX's 64-bit mode off, `jax.random.key(2**32)` is `key(0)`)."""
+    if not _is_int(seed) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    return int(seed)
 
 
 # ------------------------------------------------------------------------------------ host loop
@@ -266,8 +285,9 @@ class _Request:
 
 
 def check_request(cfg, prompts, max_new_tokens, sampling, stop_tokens, cache_format, max_len,
-                  stream_interval, prefill_chunk) -> _Request:  # fmt: skip
+                  stream_interval, prefill_chunk, seed=0) -> _Request:  # fmt: skip
     """Every input check, on the host, before any device work."""
+    check_seed(seed)
     prompts = check_prompts(prompts, cfg.vocab_size)
     params = SamplingParams(*sampling)
     stop_ids = stop_ids_of(cfg, stop_tokens)
@@ -358,7 +378,7 @@ def generate_with_stats(
 ) -> GenerationResult:
     """`generate`, returning a GenerationResult with timings (see `generate` for the arguments)."""
     req = check_request(model.cfg, prompts, max_new_tokens, (temperature, top_k, top_p), stop_tokens,
-                         cache_format, max_len, stream_interval, prefill_chunk)  # fmt: skip
+                         cache_format, max_len, stream_interval, prefill_chunk, seed)  # fmt: skip
     model = _on_mesh(model, mesh, strategy)
     batch = len(req.prompts)
     if model.rt.mesh is not None:  # a ValueError before compiling, not shard_map's
@@ -405,7 +425,7 @@ def generate(
       prompts: list of non-empty token-id lists (any lengths; right-padded internally).
       max_new_tokens: per prompt (>= 0).
       temperature, top_k, top_p: sampling (`dsv4.sampling.sample`); temperature 0 = greedy.
-      seed: PRNG seed; the same seed and inputs give the same tokens.
+      seed: PRNG seed in [0, 2**32); the same seed and inputs give the same tokens.
       stop_tokens: ids that end a row (included in its output); None = the config's eos ids,
         () = never stop early.
       cache_format: "bfloat16" | "compact" | "float32" (`dsv4.cache`).

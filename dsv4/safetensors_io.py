@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
+from dsv4 import outputs
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -241,19 +241,6 @@ def _build_header(tensors: dict, dtypes: dict, metadata) -> tuple[bytes, list[np
     return struct.pack("<Q", len(body)) + body, arrays
 
 
-def _atomic_write(path: Path, write_fn) -> None:
-    """Write via a temp file in the same directory, then os.replace onto `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_safetensors(
     path,
     tensors: dict[str, np.ndarray],
@@ -275,7 +262,7 @@ def write_safetensors(
         for arr in arrays:
             f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
 
-    _atomic_write(path, write)
+    outputs.write_file(path, write, binary=True)
 
 
 def shard_file_name(i: int, n: int) -> str:
@@ -317,8 +304,7 @@ def write_sharded_checkpoint(
         weight_map.update(dict.fromkeys(names, fname))
     total = sum(np.asarray(a).nbytes for a in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    text = json.dumps(index, indent=2).encode("utf-8")
-    _atomic_write(out_dir / INDEX_FILE, lambda f: f.write(text))
+    outputs.write_json(out_dir / INDEX_FILE, index, indent=2)
     return files
 
 

@@ -20,6 +20,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 F32 = jnp.float32
 
@@ -34,15 +35,20 @@ class SamplingParams:
 
     def __post_init__(self):
         check_sampling_args(self.temperature, self.top_k, self.top_p)
-
-    @property
-    def greedy(self) -> bool:
-        """Whether these settings pick the argmax."""
-        return self.temperature == 0
+        for name in ("temperature", "top_k", "top_p"):
+            if not _is_static(getattr(self, name)):
+                raise ValueError(
+                    f"SamplingParams.{name} must be a Python number, got {getattr(self, name)!r} "
+                    "(per-row arrays: call dsv4.sampling.sample)"
+                )
 
 
 def check_sampling_args(temperature, top_k, top_p) -> None:
-    """Raise ValueError for Python-number settings outside their domain (traced values pass)."""
+    """ValueError for a setting that is neither a number nor an array (a string, None, a bool), or
+    a Python number outside its domain; arrays (traced or not) pass."""
+    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
+        if isinstance(value, bool) or not (_is_static(value) or isinstance(value, jax.Array | np.ndarray)):
+            raise ValueError(f"{name} must be a number or an array, got {value!r}")
     if _is_static(temperature) and not temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
     if _is_static(top_k) and (not isinstance(top_k, numbers.Integral) or top_k < 0):
@@ -52,7 +58,8 @@ def check_sampling_args(temperature, top_k, top_p) -> None:
 
 
 def _is_static(x) -> bool:
-    return isinstance(x, numbers.Number)
+    """A Python (or numpy scalar) number, not a bool: a compile-time setting."""
+    return isinstance(x, numbers.Number) and not isinstance(x, bool | np.bool_)
 
 
 def _per_row(x, dtype) -> jax.Array:
@@ -101,8 +108,12 @@ def filter_sorted(sorted_logits: jax.Array, top_k, top_p) -> jax.Array:
 
 
 def _sample_tempered(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """Sample from softmax(filtered(logits / temperature)); temperature > 0 here."""
-    scaled = logits / _per_row(temperature, F32)
+    """Sample from softmax(filtered(logits / temperature)); temperature > 0 here. The row's maximum
+    is subtracted first, so that a tiny temperature sends the others to -inf (toward greedy) and
+    never the maximum to +inf, where the draw would take the first of several infinities; the
+    maximum stays 0 even for a temperature that flushes to zero (subnormal)."""
+    shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+    scaled = jnp.where(shifted == 0, 0.0, shifted / _per_row(temperature, F32))
     no_filter = _is_static(top_k) and top_k == 0 and _is_static(top_p) and top_p >= 1.0
     if no_filter:
         return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)

@@ -1,6 +1,6 @@
 """Run the whole-sequence forward of a DeepSeek-V4 model and print what it predicts.
 
-    python scripts/forward.py                      # a tiny random-weight model (embedded default)
+    python scripts/forward.py                      # a tiny random-weight model (ModelConfig.tiny())
     python scripts/forward.py --checkpoint DIR     # a checkpoint in the release layout
 
 The tiny default has random weights: its predictions are noise; it shows the pipeline runs.

@@ -94,26 +94,27 @@ def build_random(out: Path, seed: int = 0) -> None:
     from dsv4.config import RuntimeConfig
     from dsv4.export import export_release
 
-    with tempfile.TemporaryDirectory() as tok_dir:
+    with tempfile.TemporaryDirectory() as scratch:
+        tok_dir, export = Path(scratch) / "tokenizer", Path(scratch) / "export"
         corpus.train_bpe_tokenizer(corpus.builtin_corpus(), cli_train.EMBEDDED_VOCAB, tok_dir)
         model = dsv4.init_model(cli_train.embedded_config(), RuntimeConfig(dtype="float32"), seed=seed)
-        export_release(model, None, out, tokenizer_dir=tok_dir, overwrite=True)
-    (out / "README.txt").write_text("RANDOM WEIGHTS (scripts/make_default_checkpoint.py --random): output is noise.\n")
+        export_release(model, None, export, tokenizer_dir=tok_dir)
+        warning = "RANDOM WEIGHTS (scripts/make_default_checkpoint.py --random): output is noise.\n"
+        (export / "README.txt").write_text(warning)
+        _replace(export, out)  # the warning goes in with the weights
 
 
 def _replace(src: Path, out: Path) -> None:
-    """Move `src` to `out`, replacing it only once the new directory is complete."""
+    """Copy `src` to `out`, replacing it only once the copy is complete."""
+    from dsv4 import outputs
+
     out.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new."))
-    shutil.copytree(src, staged, dirs_exist_ok=True)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        staged.rename(out)
-        shutil.rmtree(old)
-    else:
-        staged.rename(out)
+    try:
+        shutil.copytree(src, staged / "copy")
+        outputs.replace_dir(staged / "copy", out)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 def main(argv=None) -> None:

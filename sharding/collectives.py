@@ -125,13 +125,13 @@ def minimum_bytes(cfg, mesh, strategy, batch: int, max_len: int, act_bytes: int 
     `max_len`: the cache length (a CSA indexer scores max_len / 4 entries per query); `act_bytes`:
     bytes per activation value (the runtime dtype).
     """
+    from sharding.mesh import axis_size
     from sharding.rules import get_strategy
 
     strat = get_strategy(strategy)
-    size = lambda axes: math.prod(mesh.shape[a] for a in axes)  # noqa: E731
-    ep = size(strat.mesh_axes("experts", mesh))
-    tp = size(strat.mesh_axes("heads", mesh))
-    rows = batch // size(strat.mesh_axes("batch", mesh))  # tokens a device holds (one per sequence)
+    ep = axis_size(mesh, strat.mesh_axes("experts", mesh))
+    tp = axis_size(mesh, strat.mesh_axes("heads", mesh))
+    rows = batch // axis_size(mesh, strat.mesh_axes("batch", mesh))  # tokens a device holds (one per sequence)
     e, k, d, layers = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.num_hidden_layers
     moe = 0.0
     split = set(strat.mesh_axes("experts", mesh)) <= set(strat.mesh_axes("batch", mesh))

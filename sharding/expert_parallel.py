@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +33,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from dsv4.quantized import materialize
+from sharding.mesh import axis_size
 from sharding.rules import Strategy, get_strategy
 
 EXCHANGES = ("ragged", "padded")
@@ -155,7 +155,7 @@ class ExpertParallel:
     @property
     def ep(self) -> int:
         """Devices the experts are split over."""
-        return math.prod(self.mesh.shape[a] for a in self.expert_axes)
+        return axis_size(self.mesh, self.expert_axes)
 
     @property
     def tokens_split(self) -> bool:
@@ -179,7 +179,7 @@ class ExpertParallel:
             body, mesh=self.mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=tok, check_vma=False
         )
         n, idx = x.shape[0], idx.astype(jnp.int32)
-        pad = -n % math.prod(self.mesh.shape[a] for a in self.token_axes)  # B x S need not divide the split
+        pad = -n % axis_size(self.mesh, self.token_axes)  # B x S need not divide the split
         if not pad:
             return fn(x, weights, idx, w1, w3, w2)
         x, weights, idx = (jnp.pad(a, ((0, pad), (0, 0))) for a in (x, weights, idx))

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sharding.mesh import axis_size
 from sharding.rules import Strategy, check_divisible, get_strategy, logical_to_spec, validate
 
 CACHE_AXES: dict[str, tuple[str | None, ...]] = {
@@ -44,11 +45,6 @@ def _field(path) -> str:
     if not names or names[-1] not in CACHE_AXES:
         raise ValueError(f"cache leaf {jax.tree_util.keystr(path)} has no logical axes in CACHE_AXES")
     return names[-1]
-
-
-def cache_axes(cache):
-    """The cache with every array replaced by its logical axes (a tuple per leaf)."""
-    return jax.tree_util.tree_map_with_path(lambda p, _: CACHE_AXES[_field(p)], cache)
 
 
 def cache_shardings(cache, mesh: Mesh, strategy: str | Strategy | None = None):
@@ -166,9 +162,7 @@ def check_batch(batch: int, mesh: Mesh, strategy: str | Strategy | None = None) 
     """ValueError when the strategy's batch split does not divide `batch`."""
     strat = get_strategy(strategy)
     axes = strat.mesh_axes("batch", mesh)
-    parts = 1
-    for a in axes:
-        parts *= mesh.shape[a]
+    parts = axis_size(mesh, axes)
     if batch % parts:
         raise ValueError(
             f"batch {batch} is not divisible by {parts} (strategy {strat.name!r} splits the batch over {axes})"

@@ -39,6 +39,7 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionS
 
 from dsv4.params import logical_axes
 from dsv4.xla_flags import ynn_dots_off
+from sharding.mesh import axis_size
 
 MeshAxes = str | tuple[str, ...] | None
 
@@ -226,13 +227,6 @@ def param_shardings(state: nnx.State, mesh: Mesh | None = None, rules=DEFAULT_RU
 # ------------------------------------------------------------------------------------ validation
 
 
-def _size(mesh: Mesh, axes: tuple[str, ...]) -> int:
-    out = 1
-    for a in axes:
-        out *= mesh.shape[a]
-    return out
-
-
 CPU_MULTIDEVICE_WARNING = (
     "dsv4 on {n} CPU devices with XLA_FLAGS that take XLA:CPU's dots away from YNNPACK: with that "
     "setting (jaxlib 0.10.2) XLA's own dots gave wrong logits for sequences of 2,048 tokens and more "
@@ -276,7 +270,7 @@ def validate(cfg, mesh: Mesh, strategy: str | Strategy | None = None, batch: int
     problems = []
     for logical, value, what in checks:
         axes = strat.mesh_axes(logical, mesh)
-        n = _size(mesh, axes)
+        n = axis_size(mesh, axes)
         if value is not None and value % n:
             problems.append(
                 f"{what} = {value} is not divisible by {n} (strategy {strat.name!r} splits {logical!r} "
@@ -294,7 +288,7 @@ def check_divisible(state: nnx.State, mesh: Mesh, rules) -> None:
         shape = var.get_value().shape
         spec = logical_to_spec(logical_axes(var), rules, mesh)
         for dim, target in zip(shape, spec, strict=False):
-            n = _size(mesh, _targets(target, mesh))
+            n = axis_size(mesh, _targets(target, mesh))
             if dim % n:
                 problems.append(f"{'.'.join(map(str, path))}: dimension {dim} is not divisible by {n} ({target})")
     if problems:

@@ -45,11 +45,9 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -229,7 +227,7 @@ def check_request(args) -> Request:
     """
     from dsv4.cli import CLIError, checkpoint_kind, optional_tokenizer
     from dsv4.config import ModelConfig
-    from dsv4.generate import cache_length
+    from dsv4.generate import cache_length, check_seed
     from dsv4.sampling import SamplingParams
     from sharding.rules import get_strategy
 
@@ -238,6 +236,10 @@ def check_request(args) -> Request:
     except ValueError as err:
         raise CLIError(f"--strategy: {err}") from None
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
+    try:
+        check_seed(args.seed)
+    except ValueError as err:
+        raise CLIError(f"--seed: {err}") from None
     checkpoint = Path(args.checkpoint)
     checkpoint_kind(checkpoint)
     cfg = ModelConfig.from_hf_config(checkpoint)
@@ -312,6 +314,7 @@ def check_output(path) -> None:
 
 def _write(path, ids, tokens, tokenizer) -> None:
     """The results as JSONL, atomically: a temporary file beside `path`, renamed onto it when complete."""
+    from dsv4 import outputs
     from dsv4.cli import CLIError
 
     path = Path(path)
@@ -321,15 +324,10 @@ def _write(path, ids, tokens, tokenizer) -> None:
         if tokenizer is not None:
             record["text"] = tokenizer.decode(row)
         records.append(json.dumps(record) + "\n")
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with open(tmp, "x") as f:  # "x": mode 0o666 less the umask, as a plain open(path, "w")
-            f.writelines(records)
-        os.replace(tmp, path)
+        outputs.write_text(path, "".join(records))
     except OSError as err:
         raise CLIError(f"--output {path}: cannot write: {err.strerror or err}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

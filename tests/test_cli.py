@@ -240,6 +240,7 @@ def test_generate_prompt_ids_without_tokenizer_prints_ids(capsys, flash_ckpt):
         (["--prompt-ids", "3,4,5,6", "--max-len", "3"], "longer than the cache max length 3"),
         (["--prompt-ids", "3", "--top-p", "0"], "top_p"),
         (["--prompt-ids", "3", "--temperature", "-1"], "temperature"),
+        (["--prompt-ids", "3", "--seed", str(2**64)], r"seed must be an integer in \[0, 2\*\*32\)"),  # a traceback
     ],
 )
 def test_generate_user_errors_are_one_line(capsys, flash_ckpt, argv, match):
@@ -311,8 +312,8 @@ def test_default_checkpoint_json_files_are_valid():
 
 
 def test_generate_on_a_converted_checkpoint_matches_the_release_one(capsys, tmp_path):
-    convert = pytest.importorskip("dsv4.convert")
-    pytest.importorskip("dsv4.restore")
+    from dsv4 import convert
+
     dst = tmp_path / "converted"
     convert.convert(DEFAULT, dst, dtype="float32", progress=False)
     argv = ["--prompt", "Hello", "--max-new-tokens", "6", "--dtype", "float32"]

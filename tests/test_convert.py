@@ -7,6 +7,7 @@ measured 0). Bad inputs fail before any work with a message naming the file and 
 """
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -187,6 +188,32 @@ def test_overwrite(tmp_path, flash_ckpt):
     (other / "precious.txt").write_text("keep me")
     assert main([str(src), str(other), "--no-progress", "--overwrite"]) == 1
     assert (other / "precious.txt").read_text() == "keep me"
+
+
+
+def test_a_failed_final_swap_keeps_the_old_checkpoint_and_can_resume(tmp_path, capsys, flash_ckpt, monkeypatch):
+    """--overwrite: when renaming the new checkpoint onto DST fails, DST is the old checkpoint again,
+    and the finished temporary directory (its progress record kept) completes under --resume."""
+    src, dst = flash_ckpt[0], tmp_path / "dst"
+    assert main([str(src), str(dst), "--no-progress"]) == 0
+    real_replace, failed = os.replace, []
+
+    def flaky(a, b):
+        if Path(b) == dst and not failed:  # the new checkpoint onto DST (the old one is aside by now)
+            failed.append(a)
+            raise OSError(28, "No space left on device")
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    assert main([str(src), str(dst), "--no-progress", "--dtype", "float32", "--overwrite"]) == 1
+    monkeypatch.undo()
+    assert failed and "No space left on device" in capsys.readouterr().err
+    assert convert.read_manifest(dst)["options"]["dtype"] == "bfloat16"  # the old one, whole
+    assert (convert.temp_dir(dst) / convert.PROGRESS_FILE).is_file()
+    assert main([str(src), str(dst), "--no-progress", "--dtype", "float32", "--overwrite", "--resume"]) == 0
+    assert convert.read_manifest(dst)["options"]["dtype"] == "float32"
+    assert not (dst / convert.PROGRESS_FILE).exists() and not convert.temp_dir(dst).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
 
 
 # ------------------------------------------------------------------------------------ bad inputs

@@ -142,11 +142,8 @@ def test_interrupted_conversion_leaves_no_destination_and_resumes(tmp_path, flas
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "no progress"
         time.sleep(0.05)
-        if record.exists():
-            try:
-                done = json.loads(record.read_text())["completed"]
-            except json.JSONDecodeError:
-                continue  # caught mid-replace
+        if record.exists():  # written to a temporary file and renamed: never seen half-written
+            done = json.loads(record.read_text())["completed"]
     proc.kill()
     proc.wait()
     assert not dst.exists()

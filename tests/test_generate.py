@@ -179,6 +179,17 @@ def no_device_work(monkeypatch):
         ([[3, 4]], {"cache_format": "int8"}, "cache_format"),
         ([[3, 4]], {"prefill_chunk": 0}, "prefill_chunk"),
         ([[3, 4]], {"strategy": "tp_ep"}, "strategy='tp_ep' needs a mesh"),
+        ([[3, 4]], {"seed": 2**32}, r"seed must be an integer in \[0, 2\*\*32\), got 4294967296"),
+        ([[3, 4]], {"seed": -1}, "seed must be an integer"),
+        ([[3, 4]], {"seed": 1.5}, "seed must be an integer"),
+        ([[3, 4]], {"seed": None}, "seed must be an integer"),
+        ([[3, 4]], {"temperature": None}, "temperature must be a number or an array, got None"),
+        ([[3, 4]], {"temperature": np.array([0.5])}, "SamplingParams.temperature must be a Python number"),
+        ([[3, 4]], {"stop_tokens": [1.5]}, r"stop_tokens must be integers, got \[1.5\]"),
+        ([[3, 4]], {"stop_tokens": "eos"}, "stop_tokens must be an int or a list of ints"),
+        ([[3, 4]], {"max_new_tokens": True}, "max_new_tokens must be an integer"),
+        ([[3, 4]], {"max_len": 1.5}, "max_len must be a positive integer, got 1.5"),
+        ([[3, 4]], {"max_len": "64"}, "max_len must be a positive integer"),
     ],
 )
 def test_bad_input_is_a_clear_error_before_any_device_work(no_device_work, prompts, kwargs, match):

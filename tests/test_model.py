@@ -37,6 +37,9 @@ def _float_counts(cfg):
     [("flash", 284_332_240_471, 277_025_390_592), ("pro", 1_572_997_201_763, 1_547_396_186_112)],
 )
 def test_full_config_parameter_counts(preset, main, experts):
+    """The release's counts, as the model issue states them (284.33B Flash, 1,573.00B Pro; experts
+    by hand: layers x n_routed_experts x 3 x hidden x moe_intermediate, 43 x 256 x 3 x 4096 x 2048 =
+    277,025,390,592 for Flash), not numbers read off this implementation."""
     got_main, got_experts, got_mtp = _float_counts(getattr(ModelConfig, preset)())
     assert (got_main, got_experts) == (main, experts)
     # MTP: checkpoint_format.md gives 6.61B (Flash) and 25.84B (Pro).

@@ -140,6 +140,11 @@ def test_unfiltered_frequencies_follow_softmax():
         ({"top_k": 2.5}, "top_k"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
+        ({"temperature": "-1"}, "temperature must be a number or an array, got '-1'"),
+        ({"top_k": "-5"}, "top_k must be a number or an array"),
+        ({"top_p": None}, "top_p must be a number or an array, got None"),
+        ({"temperature": True}, "temperature must be a number or an array, got True"),
+        ({"top_k": True}, "top_k must be a number or an array"),
     ],
 )
 def test_bad_settings_raise(kw, match):
@@ -147,3 +152,21 @@ def test_bad_settings_raise(kw, match):
         sample(jnp.zeros((1, 4)), jax.random.key(0), **kw)
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kw)
+
+
+def test_sampling_params_take_numbers_only():
+    """SamplingParams is a static jit argument: per-row arrays belong to `sample`."""
+    with pytest.raises(ValueError, match=r"SamplingParams.temperature must be a Python number.*sample"):
+        SamplingParams(temperature=np.array([0.5]))
+    assert SamplingParams(np.float32(0.5), np.int64(3), 0.9).top_k == 3  # numpy scalars are numbers
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-30, 1e-38, 1e-45])
+@pytest.mark.parametrize("filters", [{}, {"top_k": 2}, {"top_p": 0.9}])
+def test_a_tiny_temperature_tends_to_greedy(temperature, filters):
+    """logits / 1e-38 overflowed to +inf for every positive logit, and the draw took the first
+    infinity (token 0 here) instead of the argmax."""
+    logits = jnp.array([[1.0, 5.0, 9.0, -2.0], [-3.0, -1.0, -7.0, -2.0]])
+    for seed in range(3):
+        got = sample(logits, jax.random.key(seed), temperature, **filters)
+        np.testing.assert_array_equal(got, [2, 1])

@@ -108,6 +108,7 @@ def test_text_prompt_without_tokenizer_names_the_checkpoint(run, tmp_path):
         (["--temperature", "-1"], "temperature must be >= 0"),
         (["--top-k", "-3"], "top_k must be an integer >= 0"),
         (["--coordinator", "nohost"], "coordinator must be host:port, got 'nohost'"),
+        (["--seed", str(2**64)], "--seed: seed must be an integer in [0, 2**32), got 18446744073709551616"),
     ],
 )
 def test_bad_flags(run, args, message):

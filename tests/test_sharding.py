@@ -664,10 +664,10 @@ def test_check_sharded_script_compares_and_reports():
     assert "RuntimeWarning" not in proc.stderr  # the programs' setting keeps the dots with YNNPACK
 
 
-def test_check_sharded_lists_the_differing_positions():
+def test_check_sharded_lists_the_differing_positions(monkeypatch):
     import numpy as np
 
-    sys.path.insert(0, str(ROOT / "scripts"))
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     from check_sharded import differing_positions
 
     ref = np.zeros((2, 6, 3), np.float32)

@@ -69,7 +69,7 @@ def test_lm_gradients_match_transformers(flash_ckpt):
 # ------------------------------------------------------------------------------------ (b) indexer loss
 
 
-def _indexer_only(cfg):
+def _indexer_only():
     return train.TrainConfig(
         lr=1e-2, warmup_steps=0, total_steps=60, weight_decay=0.0, lm_weight=0.0, mtp_weight=0.0,
         indexer_weight=1.0, bias_update_rate=0.0, compute_dtype="float32",
@@ -78,7 +78,7 @@ def _indexer_only(cfg):
 
 def test_indexer_loss_reaches_only_the_indexer():
     model = dsv4.init_model(SMALL, RT, seed=0)
-    tc = _indexer_only(SMALL)
+    tc = _indexer_only()
     graphdef, params, frozen = train.split_model(model)
     batch = {"tokens": tokens(SMALL)}
     grads = jax.jit(jax.grad(lambda p: train.loss_fn(graphdef, tc, p, frozen, batch)[0]))(params)
@@ -106,7 +106,7 @@ def _overlap_probe(q, entries, iq, keys, iw, positions, ratio, block):
 
 def test_indexer_training_raises_topk_overlap(monkeypatch):
     model = dsv4.init_model(SMALL, RT, seed=0)
-    tc = _indexer_only(SMALL)
+    tc = _indexer_only()
     graphdef, state = train.init_train_state(model, tc)
     batch = {"tokens": tokens(SMALL, batch=2, seq=128, seed=1)}
 

@@ -1,0 +1,76 @@
+"""Writing outputs safely: never a half-written file or directory where a user looks for a finished one.
+
+Every file goes to a temporary name beside its target and is renamed onto it when complete; a
+directory is built under a temporary name and swapped in by `replace_dir`. Temporary files are
+created with the usual permissions (0o666 less the umask, as a plain `open(path, "w")`), not
+mkstemp's 0o600, so a shared checkpoint stays readable by whoever could read the old one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+
+def _temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def write_file(path, write: Callable[[IO], None], binary: bool = False) -> None:
+    """Call `write(f)` on a temporary file beside `path`, then rename it onto `path`.
+
+    On any failure the temporary file is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    tmp = _temporary_name(path)
+    try:
+        with open(tmp, "xb" if binary else "x", **({} if binary else {"encoding": "utf-8"})) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path, text: str) -> None:
+    """`path.write_text(text)` (UTF-8), atomically."""
+    write_file(path, lambda f: f.write(text))
+
+
+def write_json(path, doc, indent: int | None = 1) -> None:
+    """`doc` as JSON plus a newline, atomically."""
+    write_text(path, json.dumps(doc, indent=indent) + "\n")
+
+
+def replace_dir(fresh, dst) -> None:
+    """Rename the finished directory `fresh` onto `dst`.
+
+    An existing `dst` is first renamed to a new hidden sibling, put back if the second rename
+    fails, and deleted only once `fresh` is in place. Both paths must be on one file system.
+    """
+    fresh, dst = Path(fresh), Path(dst)
+    if not dst.exists():
+        os.replace(fresh, dst)
+        return
+    attic = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old."))
+    old = attic / "old"
+    os.replace(dst, old)
+    try:
+        os.replace(fresh, dst)
+    except BaseException:
+        os.replace(old, dst)
+        attic.rmdir()
+        raise
+    shutil.rmtree(attic)
+
+
+def paths_overlap(a, b) -> bool:
+    """Whether `a` and `b` are the same directory or one lies inside the other (after resolving)."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a in b.parents or b in a.parents
