@@ -265,7 +265,7 @@ def info_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="flash", help="flash | pro | path to config.json or a checkpoint dir")
     p.add_argument("--context", type=int, default=1 << 20, help="tokens per sequence (default 1048576)")
     p.add_argument("--cache-format", choices=CACHE_FORMATS, default="bfloat16")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="sequences: the cache line adds their total (default 1)")
     return p
 
 
@@ -293,7 +293,7 @@ def info_lines(cfg: ModelConfig, context: int, cache_format: str, batch: int = 1
         f"parameters (MTP):        {_billions(counts.mtp)}",
         f"KV cache ({cache_format}) at context {context:,}: {per_seq:,.0f} bytes per sequence "
         f"({per_seq / 2**30:,.3f} GiB; {per_seq / context:,.1f} bytes per token of context)",
-    ]
+    ] + ([f"  for a batch of {batch}:   {nbytes:,} bytes ({nbytes / 2**30:,.3f} GiB)"] if batch > 1 else [])
 
 
 def _info(args) -> None:

@@ -57,13 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale-fmt",
         choices=("ue8m0", "float"),
         default="ue8m0",
-        help="FP8 block scales as F8_E8M0 (default, as released) or F32 (as Base)",
+        help="FP8 block scales as F8_E8M0 (default, as released) or F32 (as Base; re-quantizes E8M0-scaled weights)",
     )
     p.add_argument(
         "--expert-format",
         choices=("fp4", "fp8"),
         default="fp4",
-        help="routed experts as packed FP4 (default, instruct release) or FP8 (Base release)",
+        help="routed experts as packed FP4 (default, instruct release) or FP8 (Base release; re-quantizes FP4 experts)",
     )
     return p  # fmt: skip
 

@@ -292,7 +292,11 @@ def test_info_reports_counts_and_cache_bytes(capsys):
     out = capsys.readouterr().out
     assert "284.33B" in out and "13.27B" in out and "6.61B" in out
     nbytes = kv_cache.cache_bytes(ModelConfig.flash(), 1, 65536, "compact")
-    assert f"{nbytes:,} bytes per sequence" in out
+    assert f"{nbytes:,} bytes per sequence" in out and "for a batch" not in out
+    assert cli.info_main(["--config", "flash", "--context", "65536", "--cache-format", "compact", "--batch", "3"]) == 0
+    out = capsys.readouterr().out
+    total = kv_cache.cache_bytes(ModelConfig.flash(), 3, 65536, "compact")
+    assert f"{nbytes:,} bytes per sequence" in out and f"for a batch of 3:   {total:,} bytes" in out
 
 
 def test_info_reads_a_config_path_and_refuses_nonsense(capsys, flash_ckpt):
