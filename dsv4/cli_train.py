@@ -302,12 +302,9 @@ def _read_records(path: Path) -> list[dict]:
     killed while appending it) is dropped; any other unreadable line is a CLIError naming it."""
     if not path.exists():
         return []
-    text = path.read_text("utf-8", errors="replace")
-    lines = text.split("\n")
-    if lines[-1]:  # torn last line
-        lines[-1] = ""
+    complete = path.read_text("utf-8", errors="replace").split("\n")[:-1]  # drops "" or a torn last line
     records = []
-    for number, line in enumerate(lines[:-1], 1):
+    for number, line in enumerate(complete, 1):
         try:
             record = json.loads(line)
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):

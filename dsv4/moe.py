@@ -106,8 +106,10 @@ TILE_BATCH = 16  # tiles per step of the tile loop: at most 16 expert matrices g
 class _TileLayout(NamedTuple):
     """Rows sorted by group, each group padded to whole tiles (tile_rows(M, E) rows).
 
-    dest [M]: padded row of each row; src [P]: row of each padded row (M where padding);
-    tile_group [P / tile]: the group of each tile (tiles past the last group: E - 1, zero rows).
+    dest [M]: padded row of each row (P for rows past the last group, which no tile holds and which
+    read back as zero, as `ragged_dot` leaves them); src [P]: row of each padded row (M where
+    padding); tile_group [P / tile]: the group of each tile (tiles past the last group: E - 1, zero
+    rows).
     """
 
     tile: int
@@ -123,7 +125,7 @@ class _TileLayout(NamedTuple):
 
     def unpad(self, tiles: jax.Array) -> jax.Array:
         """[steps, batch, tile, F] -> [M, F]."""
-        return tiles.reshape(-1, tiles.shape[-1])[self.dest]
+        return tiles.reshape(-1, tiles.shape[-1]).at[self.dest].get(mode="fill", fill_value=0)
 
     def groups(self) -> jax.Array:
         return self.tile_group.reshape(-1, self.batch)
@@ -140,7 +142,8 @@ def _tile_layout(m: int, e: int, group_sizes: jax.Array) -> _TileLayout:
     padded_starts = jnp.cumsum(padded_sizes) - padded_sizes
     group = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(m), side="right")  # [M]
     dest = (padded_starts[group] + jnp.arange(m) - starts[group]).astype(jnp.int32)
-    src = jnp.full((n_tiles * tile,), m, jnp.int32).at[dest].set(jnp.arange(m, dtype=jnp.int32))
+    dest = jnp.where(jnp.arange(m) < jnp.sum(group_sizes), dest, n_tiles * tile)  # rows past the groups
+    src = jnp.full((n_tiles * tile,), m, jnp.int32).at[dest].set(jnp.arange(m, dtype=jnp.int32), mode="drop")
     tile_group = jnp.searchsorted(jnp.cumsum(padded_sizes), jnp.arange(n_tiles) * tile, side="right")
     return _TileLayout(tile, batch, dest, src, jnp.minimum(tile_group, e - 1))
 
@@ -173,7 +176,7 @@ def _tiled_bwd(res, dy):
     (`scripts/bench_train.py`'s experts, forward + backward per layer at 1,024 tokens: 52 -> 29 ms)."""
     x, w, group_sizes = res
     layout = _tile_layout(x.shape[0], w.shape[0], group_sizes)
-    dy_tiles, groups = layout.pad(dy.astype(x.dtype)), layout.groups()
+    dy_tiles, groups = layout.pad(jnp.asarray(dy, x.dtype)), layout.groups()
     dx = layout.unpad(_tiles_times(dy_tiles, w, groups, transpose=True))
 
     def add_step(dw, args):

@@ -149,3 +149,19 @@ def to_param_layout_np(w: np.ndarray, layout: str, groups: int = 1) -> np.ndarra
     if layout == "grouped":
         return w.reshape(groups, -1, w.shape[-1]).transpose(0, 2, 1)
     return np.swapaxes(w, -1, -2)
+
+
+def quantized_axes(axes: tuple, layout: str) -> tuple[tuple, tuple]:
+    """Logical axes of (data, scale) of a quantized weight whose dense parameter has `axes`.
+
+    data is in release orientation: transpose [in, out] -> [out, in]; grouped [G, in, r] -> [G*r, in]
+    (rows follow the groups); experts [E, in, out] -> [E, out, in]. Scale grids keep only the
+    expert axis (tiles are too coarse to split with the data).
+    """
+    if layout == "transpose":
+        return (axes[1], axes[0]), (None, None)
+    if layout == "grouped":
+        return (axes[0], axes[1]), (None, None)
+    if layout == "experts":
+        return (axes[0], axes[2], axes[1]), (axes[0], None, None)
+    raise ValueError(f"unknown quantized layout {layout!r}")

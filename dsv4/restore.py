@@ -9,9 +9,7 @@ scales are sharded like the parameter they stand for.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -23,11 +21,9 @@ from dsv4.config import ModelConfig, RuntimeConfig
 from dsv4.convert import PARAMS_DIR, read_manifest
 from dsv4.model import DeepseekV4, abstract_model
 from dsv4.params import logical_axes
-from dsv4.quantized import QuantizedWeight
+from dsv4.quantized import QuantizedWeight, quantized_axes
 from dsv4.safetensors_io import CheckpointError
 from sharding.rules import (
-    DEFAULT_RULES,
-    MeshAxes,
     check_divisible,
     get_rules,
     logical_to_spec,
@@ -35,22 +31,6 @@ from sharding.rules import (
     single_device_mesh,
     validate,
 )
-
-
-def quantized_axes(axes: tuple, layout: str) -> tuple[tuple, tuple]:
-    """Logical axes of (data, scale) of a quantized weight whose dense parameter has `axes`.
-
-    data is in release orientation: transpose [in, out] -> [out, in]; grouped [G, in, r] -> [G*r, in]
-    (rows follow the groups); experts [E, in, out] -> [E, out, in]. Scale grids keep only the
-    expert axis (tiles are too coarse to split with the data).
-    """
-    if layout == "transpose":
-        return (axes[1], axes[0]), (None, None)
-    if layout == "grouped":
-        return (axes[0], axes[1]), (None, None)
-    if layout == "experts":
-        return (axes[0], axes[2], axes[1]), (axes[0], None, None)
-    raise ValueError(f"unknown quantized layout {layout!r}")
 
 
 def _named(mesh: Mesh, axes: tuple, rules) -> NamedSharding:
@@ -183,20 +163,3 @@ def _fill_state(state, restored: dict, quantized: dict) -> None:
                 dtype=np.dtype(var.get_value().dtype).name, block=tuple(q["block"]), groups=q["groups"],
             )  # fmt: skip
         var.set_value(value)
-
-
-def state_shardings(state, mesh: Mesh, rules: Mapping[str, MeshAxes] = DEFAULT_RULES):
-    """`sharding.rules.param_shardings` for states that may hold `QuantizedWeight` values.
-
-    Each variable becomes its NamedSharding, or, for a quantized weight, a `QuantizedWeight` whose
-    data and scale leaves are the NamedShardings `load` restores them with.
-    """
-
-    def one(var):
-        value = var.get_value()
-        if not isinstance(value, QuantizedWeight):
-            return _named(mesh, logical_axes(var), rules)
-        data_axes, scale_axes = quantized_axes(logical_axes(var), value.layout)
-        return dataclasses.replace(value, data=_named(mesh, data_axes, rules), scale=_named(mesh, scale_axes, rules))
-
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -17,11 +17,9 @@ from sharding.placement import (
     put,
     shard_cache,
     shard_model,
-    state_shardings,
     with_runtime,
 )
 from sharding.rules import (
-    DEFAULT_RULES,
     STRATEGIES,
     Strategy,
     check_divisible,
@@ -36,7 +34,6 @@ from sharding.rules import (
 __all__ = [
     "AXES",
     "CACHE_AXES",
-    "DEFAULT_RULES",
     "ExpertParallel",
     "STRATEGIES",
     "Strategy",
@@ -57,7 +54,6 @@ __all__ = [
     "shard_cache",
     "shard_model",
     "single_device_mesh",
-    "state_shardings",
     "validate",
     "with_runtime",
 ]

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sharding.mesh import axis_size
-from sharding.rules import Strategy, check_divisible, get_strategy, logical_to_spec, validate
+from sharding.rules import Strategy, check_divisible, get_strategy, logical_to_spec, param_shardings, validate
 
 CACHE_AXES: dict[str, tuple[str | None, ...]] = {
     "lengths": ("batch",),
@@ -63,17 +63,10 @@ def batch_sharding(mesh: Mesh, strategy: str | Strategy | None, ndim: int) -> Na
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, strategy: str | Strategy | None = None):
-    """NamedShardings for every variable of a state, quantized weights included (`dsv4.restore`)."""
-    from dsv4.restore import state_shardings as restore_shardings
-
-    return restore_shardings(state, mesh, get_strategy(strategy).rules)
-
-
 def _spec_tree(state, shardings):
     """The PartitionSpecs of `shardings` in the exact tree structure of `state` (shard_map's in_specs).
 
-    `state_shardings` replaces each variable by its sharding, or by a `QuantizedWeight` of shardings
+    `param_shardings` replaces each variable by its sharding, or by a `QuantizedWeight` of shardings
     where the state has a variable holding a `QuantizedWeight`: a tree that is no prefix of the state.
     Leaf for leaf (data then scale, in both) the two agree.
     """
@@ -98,7 +91,7 @@ def per_device(fn, rt, state):
     if rt.mesh is None or not strat.data_parallel:
         return fn
     rows = PartitionSpec(strat.mesh_axes("batch", rt.mesh) or None)
-    specs = _spec_tree(state, state_shardings(state, rt.mesh, strat))
+    specs = _spec_tree(state, param_shardings(state, rt.mesh, strat))
 
     def run(state, *args):
         in_specs = (specs,) + (rows,) * len(args)
@@ -148,7 +141,7 @@ def shard_model(model, mesh: Mesh, strategy: str | Strategy | None = None):
     validate(model.cfg, mesh, strategy)
     state = nnx.state(model)
     check_divisible(state, mesh, get_strategy(strategy).rules)
-    placed = jax.device_put(state, state_shardings(state, mesh, strategy))
+    placed = jax.device_put(state, param_shardings(state, mesh, strategy))
     return with_runtime(model, mesh, strategy, placed)  # new variables: `model` itself stays as it was
 
 

@@ -38,6 +38,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from dsv4.params import logical_axes
+from dsv4.quantized import QuantizedWeight, quantized_axes
 from dsv4.xla_flags import ynn_dots_off
 from sharding.mesh import axis_size
 
@@ -79,10 +80,6 @@ TP_EP_RULES: Mapping[str, MeshAxes] = {
     "index_heads": "tensor",
     "experts": ("expert", "tensor"),
 }
-
-# Kept for callers that pass a table directly (dsv4.restore): the default strategy's table.
-DEFAULT_RULES = DP_EP_RULES
-
 
 @dataclasses.dataclass(frozen=True)
 class Strategy:
@@ -202,24 +199,33 @@ def single_device_mesh() -> Mesh:
 
 
 def _as_rules(rules) -> Mapping[str, MeshAxes]:
-    """Accept a table, a Strategy or a strategy name."""
-    if isinstance(rules, str | Strategy):
+    """Accept a table, a Strategy, a strategy name or None (the default strategy)."""
+    if rules is None or isinstance(rules, str | Strategy):
         return get_rules(rules)
     return rules
 
 
-def param_shardings(state: nnx.State, mesh: Mesh | None = None, rules=DEFAULT_RULES):
+def param_shardings(state: nnx.State, mesh: Mesh | None = None, rules=None):
     """NamedShardings for every variable of an (abstract or concrete) NNX state, from its logical axes.
 
-    `rules` is a table, a Strategy or a strategy name. Quantized weights are handled by
-    `dsv4.restore.state_shardings`, which builds on `logical_to_spec`.
+    `rules` is a table, a Strategy or a strategy name (default: the default strategy's). A variable
+    holding a `QuantizedWeight` becomes a QuantizedWeight whose data and scale are their shardings
+    (`dsv4.quantized.quantized_axes`): a tree that is no prefix of the state (see
+    `sharding.placement._spec_tree`).
     """
     mesh = mesh or single_device_mesh()
     rules = _as_rules(rules)
     check_mesh_axes(rules, mesh)
 
+    def named(axes):
+        return NamedSharding(mesh, logical_to_spec(axes, rules, mesh))
+
     def one(variable):
-        return NamedSharding(mesh, logical_to_spec(logical_axes(variable), rules, mesh))
+        value, axes = variable.get_value(), logical_axes(variable)
+        if not isinstance(value, QuantizedWeight):
+            return named(axes)
+        data_axes, scale_axes = quantized_axes(axes, value.layout)
+        return dataclasses.replace(value, data=named(data_axes), scale=named(scale_axes))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

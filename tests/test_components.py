@@ -223,6 +223,34 @@ def test_tiled_grouped_matmul_gradients_equal_ragged_dot(sizes):
     assert np.abs(np.asarray(got[1][np.flatnonzero(gs == 0)])).max(initial=0.0) == 0.0  # empty groups
 
 
+@pytest.mark.parametrize("impl", ["tiled", "fused"])
+def test_rows_past_the_last_group_are_zero_as_in_ragged_dot(impl):
+    """sum(group_sizes) < M (the expert-parallel exchange passes such sizes): ragged_dot leaves the
+    trailing rows zero and gives them no gradient; the tiled forms had multiplied them by the last
+    expert (its weight gradient 72% off). A numpy cotangent is taken too (eager jax.vjp)."""
+    from dsv4 import moe
+
+    rng = np.random.default_rng(7)
+    gs = np.asarray([3, 0, 2], np.int32)
+    x = jnp.asarray(rng.standard_normal((9, 8)), jnp.float32)  # rows 5..8 belong to no group
+    w1, w3 = (jnp.asarray(rng.standard_normal((3, 8, 6)), jnp.float32) for _ in range(2))
+    w2 = jnp.asarray(rng.standard_normal((3, 6, 8)), jnp.float32)
+    if impl == "tiled":
+        args, fn = (x, w1), lambda x, w: grouped_matmul(x, w, gs, "tiled")
+        ref = lambda x, w: grouped_matmul(x, w, gs, "ragged_dot")  # noqa: E731
+    else:
+        args = (x, w1, w3, w2)
+        fn = functools.partial(moe.expert_ffn, group_sizes=gs, limit=10.0, impl="tiled")
+        ref = functools.partial(moe._expert_ffn_by_products, group_sizes=gs, limit=10.0, impl="ragged_dot")
+    out, vjp = jax.vjp(fn, *args)
+    want, want_vjp = jax.vjp(ref, *args)
+    assert np.abs(np.asarray(out[5:])).max() == 0.0
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+    cotangent = rng.standard_normal(out.shape).astype(np.float32)
+    for g, r in zip(vjp(cotangent), want_vjp(jnp.asarray(cotangent)), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("sizes", [[70, 3, 0, 129, 1], list(np.random.default_rng(6).integers(0, 9, 40))])
 def test_fused_expert_ffn_equals_three_products(sizes):
     """The experts' one-loop form (gate, up, SwiGLU, down per tile) gives what the three grouped

@@ -84,7 +84,7 @@ def test_restore_onto_an_8_device_mesh(tmp_path, flash_ckpt, flash_dsts):
         from jax.sharding import AxisType, PartitionSpec as P
         import dsv4
         from dsv4.quantized import QuantizedWeight
-        from dsv4.restore import load, state_shardings
+        from dsv4.restore import load
         from sharding.rules import param_shardings
 
         assert len(jax.devices()) == 8
@@ -108,7 +108,7 @@ def test_restore_onto_an_8_device_mesh(tmp_path, flash_ckpt, flash_dsts):
 
         quantized = load("{flash_dsts / "kq-True"}", mesh=mesh)
         qstate = nnx.split(quantized)[1]
-        shardings = jax.tree.leaves(state_shardings(qstate, mesh))
+        shardings = jax.tree.leaves(param_shardings(qstate, mesh))
         arrays = jax.tree.leaves(qstate)
         assert len(shardings) == len(arrays)
         for array, sharding in zip(arrays, shardings):

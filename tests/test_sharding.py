@@ -334,9 +334,9 @@ def _spec_axes(sharding, dim: int = 0) -> list[str]:
 def _param_mismatches(model, mesh, strategy) -> list[str]:
     from flax import nnx
 
-    from sharding.placement import state_shardings
+    from sharding.rules import param_shardings
 
-    expected = dict(nnx.to_flat_state(state_shardings(nnx.state(model), mesh, strategy)))
+    expected = dict(nnx.to_flat_state(param_shardings(nnx.state(model), mesh, strategy)))
     bad = []
     for path, var in nnx.to_flat_state(nnx.state(model)):
         want = expected[path]
@@ -445,15 +445,15 @@ def _placement(strategy, shape) -> dict:
     from dsv4.model import abstract_model
     from sharding.expert_parallel import ExpertParallel
     from sharding.mesh import make_mesh
-    from sharding.placement import cache_shardings, state_shardings
-    from sharding.rules import get_strategy
+    from sharding.placement import cache_shardings
+    from sharding.rules import get_strategy, param_shardings
 
     cfg, mesh = _config(), make_mesh(*shape)
     state = nnx.state(abstract_model(cfg))
     cache = jax.eval_shape(lambda: init_cache(cfg, BATCH[strategy], SEQ, "float32"))
     plan = ExpertParallel.plan(mesh, strategy)
     return {
-        "params": [str(x.spec) for x in jax.tree.leaves(state_shardings(state, mesh, strategy))],
+        "params": [str(x.spec) for x in jax.tree.leaves(param_shardings(state, mesh, strategy))],
         "cache": [str(x.spec) for x in jax.tree.leaves(cache_shardings(cache, mesh, strategy))],
         "plan": None if plan is None else [plan.token_axes, plan.expert_axes, plan.mode],
         "per_device": get_strategy(strategy).data_parallel,
