@@ -726,8 +726,9 @@ class RuntimeConfig:
     attention_impl: "xla" | "reference" | "pallas".
     query_block: query block size of the blockwise attention and indexer paths.
     train_stats: for training, CSA layers compute the lightning indexer's KL loss (`sow`n as the
-        `nnx.Intermediate` "indexer_kl": (sum, count)), top-k MoE layers their "expert_load" and
-        their routers the "routing" (affinities, expert ids) of the sequence-wise balance loss;
+        `nnx.Intermediate` "indexer_kl": (sum, count)), and top-k routers their "routing"
+        (affinities, expert ids: the expert loads of the bias balancing and the sequence-wise
+        balance loss);
         collected with `nnx.capture(fn, nnx.Intermediate)` (as `dsv4.train.loss_fn` does).
     mesh: a `jax.sharding.Mesh` with axes (data, expert, tensor) (`sharding.mesh.make_mesh`), or
         None for one device. Mesh is hashable, so the config stays a valid static argument.

@@ -346,7 +346,6 @@ class MoE(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, hashed: bool, keys: KeyChain):
         dtype = rt.jnp_dtype
-        self.report_load, self.num_experts = rt.train_stats and not hashed, cfg.n_routed_experts
         self.gate = Gate(cfg, hashed, dtype, keys, report=rt.train_stats)
         self.experts = Experts(cfg, dtype, keys, rt)
         self.shared_experts = SharedExpert(cfg, dtype, keys) if cfg.n_shared_experts else None
@@ -358,8 +357,6 @@ class MoE(nnx.Module):
         weights, idx = self.gate(flat, token_ids.reshape(-1))
         record(self, "expert_ids", idx.reshape(b, s, -1))
         record(self, "expert_weights", weights.reshape(b, s, -1))
-        if self.report_load:  # per-expert token counts, for auxiliary-loss-free bias balancing
-            self.sow(nnx.Intermediate, "expert_load", jnp.bincount(idx.reshape(-1), length=self.num_experts))
         y = self.experts(flat, weights, idx)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat).astype(F32)

@@ -194,22 +194,39 @@ def cross_entropy(logits, targets, mask):
 
 
 def _stats(intermediates: nnx.State):
-    """The sown train stats: (indexer loss, {gate-bias path: load [E]}, {gate path: [(affinities, ids)]}).
+    """The sown train stats: (indexer loss, {gate path: [(affinities, ids)]}).
 
     affinities [N, E] float32, ids [N, K]: one pair per call of a top-k router (see `dsv4.moe.Gate`).
     """
-    indexer, loads, routing = jnp.zeros((), F32), {}, {}
+    indexer, routing = jnp.zeros((), F32), {}
     for path, var in nnx.to_flat_state(intermediates):
-        value = var.get_value()
         name = path[-1]
-        for v in value:
+        for v in var.get_value():
             if name == "indexer_kl":
                 indexer = indexer + v[0] / jnp.maximum(v[1], 1.0)
-            elif name == "expert_load":
-                loads[tuple(path[:-1]) + ("gate", "bias")] = v.astype(F32)
             elif name == "routing":
                 routing.setdefault(tuple(path[:-1]), []).append(v)
-    return indexer, loads, routing
+    return indexer, routing
+
+
+def _routed_tokens_mask(path, input_mask) -> jax.Array:
+    """[B, S'] the real tokens a router at `path` saw: the main stack routes the S input tokens; the
+    MTP block routes S - 1 (position t sees tokens t and t + 1, real when both are)."""
+    return input_mask[:, :-1] & input_mask[:, 1:] if path[0] == "mtp" else input_mask
+
+
+def expert_loads(routing: dict, input_mask) -> dict:
+    """{gate-bias path: load [E] float32}: each top-k router's selections of real tokens only
+    (masked padding does not move the bias balancing)."""
+    loads = {}
+    for path, calls in routing.items():
+        real = _routed_tokens_mask(path, input_mask).reshape(-1)
+        load = 0.0
+        for affinity, idx in calls:
+            weight = jnp.broadcast_to(real[:, None], idx.shape).astype(F32)
+            load = load + jnp.zeros(affinity.shape[-1], F32).at[idx.reshape(-1)].add(weight.reshape(-1))
+        loads[path + ("bias",)] = load
+    return loads
 
 
 def sequence_balance(affinity, idx, mask):
@@ -239,7 +256,7 @@ def seq_balance_loss(routing: dict, input_mask) -> jax.Array:
     b = input_mask.shape[0]
     layers = []
     for path, calls in routing.items():
-        mask = input_mask[:, :-1] & input_mask[:, 1:] if path[0] == "mtp" else input_mask
+        mask = _routed_tokens_mask(path, input_mask)
         for affinity, idx in calls:
             e, k = affinity.shape[-1], idx.shape[-1]
             layers.append(sequence_balance(affinity.reshape(b, -1, e), idx.reshape(b, -1, k), mask))
@@ -263,7 +280,7 @@ def loss_fn(graphdef, tc: TrainConfig, params, frozen, batch):
     if use_mtp:
         mtp_loss = cross_entropy(mtp, tokens[:, 2:], mask[:, 2:] & mask[:, 1:-1] & mask[:, :-2])
     lm_loss = cross_entropy(main, tokens[:, 1:], mask[:, 1:] & mask[:, :-1])
-    indexer_loss, loads, routing = _stats(sown)
+    indexer_loss, routing = _stats(sown)
     total = tc.lm_weight * lm_loss + tc.mtp_weight * mtp_loss
     if tc.indexer_weight:
         total = total + tc.indexer_weight * indexer_loss
@@ -272,7 +289,7 @@ def loss_fn(graphdef, tc: TrainConfig, params, frozen, batch):
         balance = seq_balance_loss(routing, mask[:, :-1])
         total = total + tc.seq_balance_weight * balance
     aux = {"lm_loss": lm_loss, "mtp_loss": mtp_loss, "indexer_loss": indexer_loss, "seq_balance_loss": balance}
-    return total, {**aux, "loads": loads}
+    return total, {**aux, "loads": expert_loads(routing, mask[:, :-1])}
 
 
 def balance_bias(frozen: nnx.State, loads: dict, rate: float) -> tuple[nnx.State, jax.Array]:

@@ -337,6 +337,10 @@ def test_seq_balance_loss_value():
         m = mask[:, :-1] & mask[:, 1:] if path[0] == "mtp" else mask  # MTP position t reads tokens t and t + 1
         b, e, k = mask.shape[0], affinity.shape[-1], idx.shape[-1]
         expected.append(_numpy_balance(affinity.reshape(b, -1, e), idx.reshape(b, -1, k), m))
+        # the bias balancing's loads count real tokens only (padding once moved the biases too)
+        real_load = np.bincount(idx.reshape(b, -1, k)[m].ravel(), minlength=e)
+        np.testing.assert_array_equal(aux_on["loads"][path + ("bias",)], real_load)
+        assert real_load.sum() == k * m.sum() < idx.size
     value = float(aux_on["seq_balance_loss"])
     print(f"sequence balance loss {value:.6f}, numpy {np.mean(expected):.6f} (per layer {expected})")
     assert abs(value - np.mean(expected)) <= 1e-6 * np.mean(expected) and value > 0.5  # ~1 for random routing
