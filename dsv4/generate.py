@@ -233,12 +233,11 @@ def _positive(name: str, value, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def check_seed(seed) -> int:
-    """`seed` as an int; ValueError unless it is an integer in [0, 2**32), where distinct seeds give
-    distinct streams (with JAX's 64-bit mode off, `jax.random.key(2**32)` is `key(0)`)."""
+def check_seed(seed) -> None:
+    """ValueError unless `seed` is an integer in [0, 2**32), where distinct seeds give distinct
+    streams (with JAX's 64-bit mode off, `jax.random.key(2**32)` is `key(0)`)."""
     if not _is_int(seed) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-    return int(seed)
 
 
 # ------------------------------------------------------------------------------------ host loop

@@ -47,7 +47,7 @@ def check_sampling_args(temperature, top_k, top_p) -> None:
     """ValueError for a setting that is neither a number nor an array (a string, None, a bool), or
     a Python number outside its domain; arrays (traced or not) pass."""
     for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
-        if isinstance(value, bool) or not (_is_static(value) or isinstance(value, jax.Array | np.ndarray)):
+        if not (_is_static(value) or isinstance(value, jax.Array | np.ndarray)):  # a bool is neither
             raise ValueError(f"{name} must be a number or an array, got {value!r}")
     if _is_static(temperature) and not temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -259,3 +260,35 @@ def test_overwrite_replaces_the_old_run_whole(tmp_path, small_tokenizer):
     assert cli_train._install_out(args, small_tokenizer) == tmp_path / "run" / "tokenizer"
     copied = {f"run/tokenizer/{name}": data for name, data in _tree(small_tokenizer).items()}
     assert _tree(tmp_path) == {"run": None, "run/tokenizer": None, **copied}
+
+
+@pytest.mark.parametrize("n_windows", [1, 3, 4, 10])
+def test_heldout_evaluation_counts_every_window_once_in_one_shape(n_windows):
+    """The last, shorter chunk is padded at weight 0: 10 windows at batch 4 count 10, not 8."""
+    seq = 5
+    windows = np.repeat(np.arange(n_windows)[:, None], seq + 1, axis=1)  # window i: loss i per token
+    shapes = set()
+
+    def loss_sum(params, frozen, tokens, real):
+        shapes.add(tokens.shape)
+        return float(np.sum(tokens[:, 0] * real) * seq)
+
+    state = SimpleNamespace(params=None, frozen=None)
+    assert cli_train.evaluate(loss_sum, state, windows, batch=4) == pytest.approx(np.mean(np.arange(n_windows)))
+    assert shapes == {(4, seq + 1)}
+
+
+def test_heldout_loss_of_the_real_model_is_the_mean_over_windows():
+    """`_eval_fn`'s masked sum: 3 windows at batch 2 (the second chunk padded) give the mean of the
+    three windows' own next-token losses."""
+    from dsv4 import train
+
+    model = dsv4.init_model(SMALL, dsv4.RuntimeConfig(dtype="float32", train_stats=True, query_block=16), seed=0)
+    graphdef, params, frozen = train.split_model(model)
+    state = SimpleNamespace(params=params, frozen=frozen)
+    windows = np.random.default_rng(0).integers(0, SMALL.vocab_size, (3, 17)).astype(np.int32)
+    tc = train.TrainConfig(mtp_weight=0.0, indexer_weight=0.0, compute_dtype="float32")
+    each = [float(train.loss_fn(graphdef, tc, params, frozen, {"tokens": w[None]})[1]["lm_loss"]) for w in windows]
+    got = cli_train.evaluate(cli_train._eval_fn(graphdef), state, windows, batch=2)
+    assert abs(got - np.mean(each)) <= 1e-5 * np.mean(each)
+    assert abs(got - np.mean(each[:2])) > 1e-3  # what dropping the short chunk gave

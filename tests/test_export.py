@@ -177,17 +177,17 @@ def test_inverse_covers_every_assemble_function():
     checked on values by release_arrays in every export test.)"""
     import jax
 
-    for cfg in (ModelConfig.flash(),):
-        state = nnx.split(dsv4.abstract_model(cfg))[1]
-        flat = dict(nnx.to_flat_state(state))
-        checked = set()  # layers repeat: one trace per (assemble, parameter shape, release shapes)
-        for spec in checkpoint.release_specs(state, cfg):
-            param = flat[spec.path].get_value()
-            want = [tuple(t.shape) for t in spec.tensors]
-            key = (spec.assemble, tuple(param.shape), tuple(want))
-            if key in checked:
-                continue
-            checked.add(key)
-            inverse = export._disassemble_fn(spec, tuple(param.shape))  # NotImplementedError if unknown
-            arrays = jax.eval_shape(inverse, jax.ShapeDtypeStruct(param.shape, param.dtype))
-            assert [tuple(a.shape) for a in arrays] == want, spec.path
+    cfg = ModelConfig.flash()
+    state = nnx.split(dsv4.abstract_model(cfg))[1]
+    flat = dict(nnx.to_flat_state(state))
+    checked = set()  # layers repeat: one trace per (assemble, parameter shape, release shapes)
+    for spec in checkpoint.release_specs(state, cfg):
+        param = flat[spec.path].get_value()
+        want = [tuple(t.shape) for t in spec.tensors]
+        key = (spec.assemble, tuple(param.shape), tuple(want))
+        if key in checked:
+            continue
+        checked.add(key)
+        inverse = export._disassemble_fn(spec, tuple(param.shape))  # NotImplementedError if unknown
+        arrays = jax.eval_shape(inverse, jax.ShapeDtypeStruct(param.shape, param.dtype))
+        assert [tuple(a.shape) for a in arrays] == want, spec.path

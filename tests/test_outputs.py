@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 from dsv4 import outputs
@@ -118,21 +116,3 @@ def test_metrics_log_resumes_past_a_torn_last_line(tmp_path):
     path.write_text('{"loss": 1}\n')
     with pytest.raises(CLIError, match=r"metrics\.jsonl:1: .*no integer step"):
         MetricsLog(path, resume_step=2)
-
-
-@pytest.mark.parametrize("n_windows", [1, 3, 4, 10])
-def test_heldout_evaluation_counts_every_window_once_in_one_shape(n_windows):
-    """The last, shorter chunk is padded at weight 0: 10 windows at batch 4 count 10, not 8."""
-    from dsv4.cli_train import evaluate
-
-    seq = 5
-    windows = np.repeat(np.arange(n_windows)[:, None], seq + 1, axis=1)  # window i: loss i per token
-    shapes = set()
-
-    def loss_sum(params, frozen, tokens, real):
-        shapes.add(tokens.shape)
-        return float(np.sum(tokens[:, 0] * real) * seq)
-
-    state = SimpleNamespace(params=None, frozen=None)
-    assert evaluate(loss_sum, state, windows, batch=4) == pytest.approx(np.mean(np.arange(n_windows)))
-    assert shapes == {(4, seq + 1)}
