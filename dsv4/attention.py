@@ -310,11 +310,12 @@ def indexer_kl(q, entries, iq, keys, iw, positions, ratio: int, block: int) -> j
     The target, held fixed (stop_gradient), is the main attention's distribution over the visible
     entries (per-head softmax of q.e / sqrt(K), averaged over heads); the indexer's distribution is
     softmax_s I(t, s). q [B,S,H,K], entries [B,T,K], iq [B,S,I,J], keys [B,T,J], iw [B,S,I].
-    Computed `block` queries at a time: no [S, T] array is kept. Returns the sum over queries that
-    see at least one entry, and their count (float32 scalars).
+    Computed `block` queries at a time: no [S, T] array is kept. Returns (kl [B, S], sees [B, S]),
+    float32: each query's KL, 0 where it sees no entry, and 1 where it sees one (the training loss
+    averages kl over the real queries that see an entry, `dsv4.train`).
     """
     if entries.shape[1] == 0:  # fewer tokens than one window: no query sees an entry
-        return jnp.zeros((), F32), jnp.zeros((), F32)
+        return jnp.zeros(q.shape[:2], F32), jnp.zeros(q.shape[:2], F32)
     q, entries = jax.lax.stop_gradient(q.astype(F32)), jax.lax.stop_gradient(entries.astype(F32))
     scale = q.shape[-1] ** -0.5
 
@@ -331,7 +332,7 @@ def indexer_kl(q, entries, iq, keys, iw, positions, ratio: int, block: int) -> j
         return jnp.stack([kl, has_any.astype(F32)], axis=-1)  # [B, Q, 2]
 
     out = _map_query_blocks(one_block, (q, iq, iw, positions), block)
-    return jnp.sum(out[..., 0]), jnp.sum(out[..., 1])
+    return out[..., 0], out[..., 1]
 
 
 def _map_query_blocks(fn, arrays, block: int):

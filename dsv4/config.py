@@ -726,7 +726,7 @@ class RuntimeConfig:
     attention_impl: "xla" | "reference" | "pallas".
     query_block: query block size of the blockwise attention and indexer paths.
     train_stats: for training, CSA layers compute the lightning indexer's KL loss (`sow`n as the
-        `nnx.Intermediate` "indexer_kl": (sum, count)), and top-k routers their "routing"
+        `nnx.Intermediate` "indexer_kl": (per-query KL, sees an entry), each [B, S]), and top-k routers their "routing"
         (affinities, expert ids: the expert loads of the bias balancing and the sequence-wise
         balance loss);
         collected with `nnx.capture(fn, nnx.Intermediate)` (as `dsv4.train.loss_fn` does).

@@ -6,7 +6,8 @@
     state, metrics = step(state, {"tokens": int32 [B, S + 1], "mask": optional [B, S + 1]})
 
 Loss = lm_weight * next-token CE (mean over real targets) + mtp_weight * CE of the MTP block on
-token t + 2 + indexer_weight * sum over CSA layers of (indexer KL sum / count)
+token t + 2 + indexer_weight * sum over CSA layers of (the indexer KL's mean over the real
+queries that see a compressed entry)
 + seq_balance_weight * the sequence-wise balance loss (`seq_balance_loss`). The indexer's inputs
 are stop_gradient'ed in the model, so the KL term reaches only indexer parameters, and the LM terms
 never reach them (top-k is not differentiable).
@@ -193,9 +194,11 @@ def cross_entropy(logits, targets, mask):
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def _stats(intermediates: nnx.State):
+def _stats(intermediates: nnx.State, input_mask):
     """The sown train stats: (indexer loss, {gate path: [(affinities, ids)]}).
 
+    input_mask [B, S]: the real input tokens; the indexer loss of each CSA layer is its KL's mean
+    over the real queries that see an entry (padding does not train the indexer).
     affinities [N, E] float32, ids [N, K]: one pair per call of a top-k router (see `dsv4.moe.Gate`).
     """
     indexer, routing = jnp.zeros((), F32), {}
@@ -203,15 +206,17 @@ def _stats(intermediates: nnx.State):
         name = path[-1]
         for v in var.get_value():
             if name == "indexer_kl":
-                indexer = indexer + v[0] / jnp.maximum(v[1], 1.0)
+                kl, sees = v  # [B, S'] each
+                real = _routed_tokens_mask(path, input_mask).astype(F32) * sees
+                indexer = indexer + jnp.sum(kl * real) / jnp.maximum(jnp.sum(real), 1.0)
             elif name == "routing":
                 routing.setdefault(tuple(path[:-1]), []).append(v)
     return indexer, routing
 
 
 def _routed_tokens_mask(path, input_mask) -> jax.Array:
-    """[B, S'] the real tokens a router at `path` saw: the main stack routes the S input tokens; the
-    MTP block routes S - 1 (position t sees tokens t and t + 1, real when both are)."""
+    """[B, S'] the real tokens a layer at `path` saw: the main stack sees the S input tokens; the
+    MTP block sees S - 1 (position t sees tokens t and t + 1, real when both are)."""
     return input_mask[:, :-1] & input_mask[:, 1:] if path[0] == "mtp" else input_mask
 
 
@@ -280,7 +285,7 @@ def loss_fn(graphdef, tc: TrainConfig, params, frozen, batch):
     if use_mtp:
         mtp_loss = cross_entropy(mtp, tokens[:, 2:], mask[:, 2:] & mask[:, 1:-1] & mask[:, :-2])
     lm_loss = cross_entropy(main, tokens[:, 1:], mask[:, 1:] & mask[:, :-1])
-    indexer_loss, routing = _stats(sown)
+    indexer_loss, routing = _stats(sown, mask[:, :-1])
     total = tc.lm_weight * lm_loss + tc.mtp_weight * mtp_loss
     if tc.indexer_weight:
         total = total + tc.indexer_weight * indexer_loss

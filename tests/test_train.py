@@ -88,6 +88,30 @@ def test_indexer_loss_reaches_only_the_indexer():
     assert {n.split(".attn.indexer.")[1].split(".")[0] for n in nonzero} >= {"wq_b", "weights_proj", "compressor"}
 
 
+def test_indexer_loss_counts_real_queries_only():
+    """Padding is not trained: a padded batch's indexer loss equals that of the batch cut before
+    the padding (causal, so the real queries see the same entries), whatever the padding holds."""
+    model = dsv4.init_model(SMALL, RT, seed=0)
+    graphdef, params, frozen = train.split_model(model)
+    tc = _indexer_only()
+    ids = tokens(SMALL, batch=2, seq=64)  # 64 inputs
+    mask = jnp.ones(ids.shape, bool).at[:, 41:].set(False)  # inputs 0..40 real
+    noise = jnp.where(mask, ids, (ids * 7 + 3) % SMALL.vocab_size)  # other padding contents
+
+    @jax.jit
+    def indexer_loss(batch):
+        return train.loss_fn(graphdef, tc, params, frozen, batch)[1]["indexer_loss"]
+
+    cut = float(indexer_loss({"tokens": ids[:, :42]}))  # 41 inputs
+    padded = float(indexer_loss({"tokens": ids, "mask": mask}))
+    padded_noise = float(indexer_loss({"tokens": noise, "mask": mask}))
+    unmasked = float(indexer_loss({"tokens": ids}))
+    print(f"indexer loss: cut {cut:.6f}, padded {padded:.6f} / {padded_noise:.6f}, unmasked {unmasked:.6f}")
+    assert cut > 0
+    np.testing.assert_allclose([padded, padded_noise], cut, rtol=1e-6)
+    assert abs(unmasked - cut) > 1e-3 * cut  # the control: without the mask the padding counts
+
+
 def _overlap_probe(q, entries, iq, keys, iw, positions, ratio, block):
     """Stand-in for attention.indexer_kl: (sum of top-k overlaps, queries) where more than k entries are visible."""
     del block
