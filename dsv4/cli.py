@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,10 +46,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def run_command(prog: str, fn, args) -> int:
-    """`fn(args)` for the console script `prog`: 0, or 2 after one line `prog: error: ...` on a user error."""
+    """`fn(args)` for the console script `prog`: 0, or 2 after one line `prog: error: ...` on a user error.
+
+    With DSV4_TRACEBACK=1 in the environment the error propagates with its traceback instead (a
+    ValueError from deep inside jax reads as a user error too).
+    """
     try:
         fn(args)
     except _user_errors() as err:
+        if os.environ.get("DSV4_TRACEBACK", "") not in ("", "0"):
+            raise
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     return 0

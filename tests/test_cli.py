@@ -258,6 +258,17 @@ def test_generate_refuses_a_directory_that_is_no_checkpoint(capsys, tmp_path):
     assert code == 2 and "neither a release-layout checkpoint" in err
 
 
+def test_traceback_on_request(capsys, monkeypatch):
+    def fail(args):
+        raise ValueError("deep inside")
+
+    assert cli.run_command("dsv4-x", fail, None) == 2
+    assert capsys.readouterr().err == "dsv4-x: error: deep inside\n"
+    monkeypatch.setenv("DSV4_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="deep inside"):
+        cli.run_command("dsv4-x", fail, None)
+
+
 def test_converted_checkpoints_go_through_restore(tmp_path, monkeypatch):
     (tmp_path / cli.CONVERTED_MARKER).write_text("{}")
     assert cli.checkpoint_kind(tmp_path) == "converted"
