@@ -122,7 +122,8 @@ def test_restore_onto_an_8_device_mesh(tmp_path, flash_ckpt, flash_dsts):
         assert err <= 1e-6
         print("OK")
     """
-    result = run_python(code, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"  # as conftest's
+    result = run_python(code, {"XLA_FLAGS": flags})
     print(result.stdout)
     assert "OK" in result.stdout
 

@@ -6,10 +6,12 @@ one-device JAX. Each worker prints one JSON line of measurements; the tests asse
 
 Model: ModelConfig.tiny cut to two layers (a hash-routed CSA layer and an HCA layer: every cache
 part, both routers) to keep the (strategy, mesh) compilations affordable; sequences of 136
-tokens, so the HCA layer emits an entry (ratio 128) and the CSA layer 34. Of the 17 cases (four
-meshes x four strategies, plus tensor-parallel heads on 1x4x2), 12 are compiled and run; the
-other 5 place every array exactly like one of those (nothing is split differently), which
-test_equivalent_cases_place_identically checks without compiling.
+tokens, so the HCA layer emits an entry (ratio 128) and the CSA layer 34. Of the 13 cases (three
+meshes x four strategies, plus tensor-parallel heads on 1x4x2), 9 are compiled and run; the
+other 4 place every array exactly like one of those (nothing is split differently), which
+test_equivalent_cases_place_identically checks without compiling. The meshes are experts only,
+data only, and both (2x4x1); a 4x2x1 mesh splits the same axes as 2x4x1 with other sizes and was
+left out to keep CI's time (its three compiled cases took ~50 s).
 """
 
 from __future__ import annotations
@@ -25,13 +27,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
 SEQ = 136
-MESHES = [(1, 8, 1), (2, 4, 1), (4, 2, 1), (8, 1, 1)]
+MESHES = [(1, 8, 1), (2, 4, 1), (8, 1, 1)]
 BATCH = {"dp_ep": 8, "dp_ep_a2a": 8, "tp_ep": 2, "replicated": 2}
 # Cases whose placement is identical to another's (same parameter and cache specs, same expert
 # plan: the same program) are not recompiled; test_equivalent_cases_place_identically checks that.
 SAME_AS = {
     ("replicated", (1, 8, 1)): ("replicated", (2, 4, 1)),
-    ("replicated", (4, 2, 1)): ("replicated", (2, 4, 1)),
     ("replicated", (8, 1, 1)): ("replicated", (2, 4, 1)),
     ("tp_ep", (8, 1, 1)): ("replicated", (2, 4, 1)),  # tensor 1, expert 1: nothing split
     ("dp_ep_a2a", (8, 1, 1)): ("dp_ep", (8, 1, 1)),  # expert 1: batch over data only
