@@ -16,8 +16,6 @@ from collections.abc import Callable
 import numpy as np
 from flax import nnx
 
-from dsv4.config import ModelConfig
-
 FLOAT_DTYPES = ("F32", "BF16", "F16")
 
 # Modules whose `.weight` the release stores as FP8 (+ `.scale`); routed experts may also be FP4.
@@ -93,7 +91,7 @@ def _stack_experts(arrays):  # E x [out, in] -> [E, in, out]
     return np.stack([a.T for a in arrays])
 
 
-def param_spec(path: tuple, shape: tuple[int, ...], dtype, cfg: ModelConfig) -> ParamSpec:
+def param_spec(path: tuple, shape: tuple[int, ...], dtype) -> ParamSpec:
     """The release tensors behind one parameter of the abstract model."""
     ours = _dotted(path)
     m = re.search(r"experts\.(w[123])$", ours)
@@ -116,12 +114,12 @@ def param_spec(path: tuple, shape: tuple[int, ...], dtype, cfg: ModelConfig) -> 
     return ParamSpec(path, (ReleaseTensor(name, tuple(shape), kind),), _copy)
 
 
-def release_specs(state: nnx.State, cfg: ModelConfig) -> list[ParamSpec]:
+def release_specs(state: nnx.State) -> list[ParamSpec]:
     """One ParamSpec per variable of an (abstract) model state, in tree order."""
     specs = []
     for path, var in nnx.to_flat_state(state):
         value = var.get_value()
-        specs.append(param_spec(tuple(path), tuple(value.shape), value.dtype, cfg))
+        specs.append(param_spec(tuple(path), tuple(value.shape), value.dtype))
     return specs
 
 

@@ -383,11 +383,11 @@ def _quant_storage(index: CheckpointIndex, spec: ParamSpec) -> QuantStorage | No
     )
 
 
-def build_entries(state: nnx.State, cfg: ModelConfig, index: CheckpointIndex | None, keep_quantized: bool):
+def build_entries(state: nnx.State, index: CheckpointIndex | None, keep_quantized: bool):
     """One Entry per parameter of the abstract state, in tree order."""
     shapes = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(state)}
     entries = []
-    for spec in release_specs(state, cfg):
+    for spec in release_specs(state):
         abstract = shapes[spec.path]
         layout, groups = detect_layout(spec, tuple(abstract.shape))
         quant_storage = None
@@ -1353,8 +1353,8 @@ def convert(
     cfg = ModelConfig.from_hf_config(src)
     out_cfg = _output_config(cfg, options)
     state = nnx.split(abstract_model(cfg, RuntimeConfig(dtype=options.dtype)))[1]
-    index = open_source(src, cfg, release_specs(state, cfg))
-    units = plan_units(build_entries(state, cfg, index, keep_quantized), options)
+    index = open_source(src, cfg, release_specs(state))
+    units = plan_units(build_entries(state, index, keep_quantized), options)
     entries = list({e.name: e for u in units for e in u.entries}.values())
     tmp = temp_dir(dst)
     record = _start_or_resume(tmp, _progress_header(src, index, options), resume, log)
@@ -1517,8 +1517,8 @@ def verify(src, dst, samples: int = 16, seed: int = 0) -> VerifyReport:
     options = ConvertOptions(**{**opts, "layers": tuple(opts["layers"]) if opts["layers"] else None})
     cfg = ModelConfig.from_hf_config(src)
     state = nnx.split(abstract_model(cfg, RuntimeConfig(dtype=options.dtype)))[1]
-    index = open_source(src, cfg, release_specs(state, cfg))
-    entries = [e for u in plan_units(build_entries(state, cfg, index, options.keep_quantized), options)
+    index = open_source(src, cfg, release_specs(state))
+    entries = [e for u in plan_units(build_entries(state, index, options.keep_quantized), options)
                for e in u.entries]  # fmt: skip
     entries = list({e.name: e for e in entries}.values())
     missing = [a.name for e in entries for a in e.arrays() if a.name not in manifest["arrays"]]

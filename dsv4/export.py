@@ -171,14 +171,14 @@ def release_config(cfg: ModelConfig, fmt: StorageFormat, include_mtp: bool) -> M
     return out if include_mtp else dataclasses.replace(out, num_nextn_predict_layers=0)
 
 
-def release_tensors(state: nnx.State, cfg: ModelConfig, fmt: StorageFormat, include_mtp: bool = True):
+def release_tensors(state: nnx.State, fmt: StorageFormat, include_mtp: bool = True):
     """Every stored tensor of the checkpoint, in parameter-tree order.
 
     Returns ({name: array}, {name: safetensors dtype override}).
     """
     flat = dict(nnx.to_flat_state(state))
     stored, overrides = {}, {}
-    for spec in checkpoint.release_specs(state, cfg):
+    for spec in checkpoint.release_specs(state):
         if not include_mtp and spec.path[0] == "mtp":
             continue
         value = np.asarray(flat[spec.path].get_value())
@@ -256,7 +256,7 @@ def export_release(
     state, cfg = _split_state(model_or_state, cfg)
     block = cfg.quantization_config.weight_block_size if cfg.quantization_config else None
     fmt = StorageFormat(scale_fmt, expert_format, *(() if block is None else (tuple(block),)))
-    stored, overrides = release_tensors(state, cfg, fmt, include_mtp)
+    stored, overrides = release_tensors(state, fmt, include_mtp)
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

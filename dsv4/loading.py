@@ -60,7 +60,7 @@ def load_hf(
     if mesh is not None:
         validate(cfg, mesh, strategy)
     graphdef, state = nnx.split(abstract_model(cfg, rt))
-    specs = release_specs(state, cfg)
+    specs = release_specs(state)
     block = weight_block(cfg)
     index = CheckpointIndex(path)
     problems = validate_index(index, specs, block)

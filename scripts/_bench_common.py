@@ -164,7 +164,7 @@ def dsv4_from_release(model, release: dict) -> None:
     state = nnx.state(model)
     for path, var in nnx.to_flat_state(state):
         old = var.get_value()
-        spec = param_spec(tuple(path), tuple(old.shape), old.dtype, model.cfg)
+        spec = param_spec(tuple(path), tuple(old.shape), old.dtype)
         var.set_value(jnp.asarray(spec.assemble([release[t.name] for t in spec.tensors]), old.dtype))
     nnx.update(model, state)
 

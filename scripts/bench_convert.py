@@ -107,7 +107,7 @@ def write_synthetic_release(
     state = abstract_model(cfg, RuntimeConfig(dtype="bfloat16"))
     from flax import nnx
 
-    tensors = [t for spec in release_specs(nnx.split(state)[1], cfg) for t in spec.tensors]
+    tensors = [t for spec in release_specs(nnx.split(state)[1]) for t in spec.tensors]
     shards, current, dtypes, size, total = [], {}, {}, 0, 0
     for t in tensors:
         arrays, codes = _stored(t, cfg, rng, expert_format)

@@ -31,7 +31,7 @@ def _entries(path, dtype, keep_quantized=False):
     cfg = ModelConfig.from_hf_config(path)
     state = nnx.split(abstract_model(cfg, RuntimeConfig(dtype=dtype)))[1]
     index = CheckpointIndex(path)
-    return cfg, index, convert.build_entries(state, cfg, index, keep_quantized)
+    return cfg, index, convert.build_entries(state, index, keep_quantized)
 
 
 # ------------------------------------------------------------------------------------- layouts
@@ -42,7 +42,7 @@ def test_layouts_of_the_name_table():
     state = nnx.split(abstract_model(cfg, RuntimeConfig(dtype="float32")))[1]
     shapes = {tuple(p): v.get_value().shape for p, v in nnx.to_flat_state(state)}
     layouts = {}
-    for spec in release_specs(state, cfg):
+    for spec in release_specs(state):
         layout, groups = convert.detect_layout(spec, shapes[spec.path])
         layouts[".".join(map(str, spec.path))] = (layout, groups)
     assert layouts["embed.weight"] == ("copy", 1)
@@ -191,7 +191,7 @@ def test_fp4_experts_materialize_like_the_name_table():
 def test_grouped_wo_a_materializes_like_the_name_table():
     cfg = ModelConfig.tiny()
     state = nnx.split(abstract_model(cfg, RuntimeConfig(dtype="float32")))[1]
-    spec = next(s for s in release_specs(state, cfg) if s.path[-1] == "wo_a")
+    spec = next(s for s in release_specs(state) if s.path[-1] == "wo_a")
     rng = np.random.default_rng(3)
     g, r = cfg.o_groups, cfg.o_lora_rank
     k = cfg.num_attention_heads * cfg.head_dim // g

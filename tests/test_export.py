@@ -30,7 +30,7 @@ def rounded_reference(model):
     """A copy of `model` whose every parameter went through quantize -> dequantize."""
     graphdef, state = nnx.split(nnx.clone(model))
     flat = dict(nnx.to_flat_state(state))
-    for spec in checkpoint.release_specs(state, model.cfg):
+    for spec in checkpoint.release_specs(state):
         var = flat[spec.path]
         arrays = export.release_arrays(spec, np.asarray(var.get_value()))
         rounded = [_rounded(t, a) for t, a in zip(spec.tensors, arrays, strict=True)]
@@ -88,7 +88,7 @@ def test_reexporting_a_release_checkpoint_is_lossless(tmp_path, flash_ckpt):
     src, dst = CheckpointIndex(path), CheckpointIndex(out)
     cfg = ModelConfig.from_hf_config(path)
     block = tuple(cfg.quantization_config.weight_block_size)
-    specs = checkpoint.release_specs(nnx.split(dsv4.abstract_model(cfg, F32_RT))[1], cfg)
+    specs = checkpoint.release_specs(nnx.split(dsv4.abstract_model(cfg, F32_RT))[1])
     for t in (t for spec in specs for t in spec.tensors):
         a, b = checkpoint.read_dequantized(src, t, block), checkpoint.read_dequantized(dst, t, block)
         np.testing.assert_array_equal(a, b, err_msg=t.name)
@@ -181,7 +181,7 @@ def test_inverse_covers_every_assemble_function():
     state = nnx.split(dsv4.abstract_model(cfg))[1]
     flat = dict(nnx.to_flat_state(state))
     checked = set()  # layers repeat: one trace per (assemble, parameter shape, release shapes)
-    for spec in checkpoint.release_specs(state, cfg):
+    for spec in checkpoint.release_specs(state):
         param = flat[spec.path].get_value()
         want = [tuple(t.shape) for t in spec.tensors]
         key = (spec.assemble, tuple(param.shape), tuple(want))
