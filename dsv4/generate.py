@@ -134,19 +134,21 @@ def _decode_program(graphdef, state, loop: LoopState, params, stop_ids, limit, k
 # ------------------------------------------------------------------------------ input checks
 
 
-def check_prompt(i: int, prompt, vocab: int | float) -> list[int]:
-    """Prompt `i` as a list of ints; ValueError (naming `i` and the position) for a non-list, an
-    empty prompt or an id outside [0, vocab) (`math.inf`: any id >= 0, when no model says)."""
+def check_prompt(name: int | str, prompt, vocab: int | float) -> list[int]:
+    """A prompt as a list of ints; ValueError for a non-list, an empty prompt or an id outside
+    [0, vocab) (`math.inf`: any id >= 0, when no model says). The message names the prompt by
+    `name`: an index i reads "prompt i", a string is used as it is."""
+    label = f"prompt {name}" if isinstance(name, int) else name
     if isinstance(prompt, str | bytes) or not isinstance(prompt, Sequence | np.ndarray):
-        raise ValueError(f"prompt {i} must be a list of token ids, got {type(prompt).__name__}")
+        raise ValueError(f"{label} must be a list of token ids, got {type(prompt).__name__}")
     ids = list(prompt)
     if not ids:
-        raise ValueError(f"prompt {i} is empty: generation needs at least one prompt token")
+        raise ValueError(f"{label} is empty: generation needs at least one prompt token")
     for j, t in enumerate(ids):
         if not isinstance(t, numbers.Integral) or isinstance(t, bool):
-            raise ValueError(f"prompt {i}, position {j}: token ids must be integers, got {t!r}")
+            raise ValueError(f"{label}, position {j}: token ids must be integers, got {t!r}")
         if not 0 <= t < vocab:
-            raise ValueError(f"prompt {i}, position {j}: token id {t} is outside the vocabulary [0, {vocab})")
+            raise ValueError(f"{label}, position {j}: token id {t} is outside the vocabulary [0, {vocab})")
     return [int(t) for t in ids]
 
 

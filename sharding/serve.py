@@ -102,7 +102,8 @@ def read_prompts(path, tokenizer=None, *, add_bos=True, vocab=None, checkpoint=N
         ids.append(row.get("id", len(ids)))
         tokens = _row_tokens(path, n, row, tokenizer, add_bos, checkpoint)
         try:
-            prompts.append(check_prompt(len(prompts), tokens, vocab))
+            label = "'tokens'" if "tokens" in row else "the encoded 'text'"  # the line number says which prompt
+            prompts.append(check_prompt(label, tokens, vocab))
         except ValueError as err:
             raise ValueError(f"{path}:{n}: {err}") from None
     if not prompts:
