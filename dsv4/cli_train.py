@@ -146,6 +146,26 @@ def _check_args(args, cfg: ModelConfig) -> None:
         raise CLIError(f"--warmup must be in [0, --steps {args.steps}], got {args.warmup}")
 
 
+# TrainConfig's fields and the flags that set them
+_TRAIN_FLAGS = {
+    "lr": "lr", "warmup_steps": "warmup", "total_steps": "steps", "weight_decay": "weight_decay",
+    "mtp_weight": "mtp_weight", "indexer_weight": "indexer_weight",
+    "seq_balance_weight": "seq_balance_weight", "compute_dtype": "compute_dtype",
+}  # fmt: skip
+
+
+def _train_config(args):
+    """The TrainConfig of the flags; CLIError naming the flag of a value it refuses."""
+    from dsv4 import train
+
+    try:
+        return train.TrainConfig(**{field: getattr(args, flag) for field, flag in _TRAIN_FLAGS.items()})
+    except ValueError as err:
+        field, _, reason = str(err).partition(": ")
+        flag = _TRAIN_FLAGS.get(field)
+        raise CLIError(f"--{flag.replace('_', '-')}: {reason}" if flag else str(err)) from None
+
+
 def _has_entries(path: Path) -> bool:
     """Whether the directory `path` exists and is not empty."""
     return path.is_dir() and any(path.iterdir())
@@ -232,7 +252,7 @@ def _install_out(args, tok_source: Path) -> Path:
 
 
 def _prepare(args, cfg: ModelConfig):
-    """Check the whole input, then create --out: returns (OUT/tokenizer, Data, mesh).
+    """Check the whole input, then create --out: returns (OUT/tokenizer, Data, mesh, TrainConfig).
 
     Every user error is raised before --out is touched, so a refused command leaves no new
     directory behind and an existing run (even with --overwrite) as it was.
@@ -240,6 +260,7 @@ def _prepare(args, cfg: ModelConfig):
     from dsv4.tokenizer import load_tokenizer
 
     _check_args(args, cfg)
+    tc = _train_config(args)
     _check_paths(args)
     docs = corpus.read_corpus(args.corpus)
     mesh = _mesh(args)
@@ -248,7 +269,7 @@ def _prepare(args, cfg: ModelConfig):
         tokenizer = load_tokenizer(source)
         _check_vocab(tokenizer, cfg, source)
         data = _data(args, tokenizer, docs)
-        return _install_out(args, source), data, mesh
+        return _install_out(args, source), data, mesh, tc
 
 
 def _check_vocab(tokenizer, cfg: ModelConfig, tok_dir: Path) -> None:
@@ -412,20 +433,10 @@ def _train(args) -> None:
     from dsv4.config import RuntimeConfig
 
     cfg = resolve_config(args.config, args.vocab_size)
-    tok_dir, data, mesh = _prepare(args, cfg)
+    tok_dir, data, mesh, tc = _prepare(args, cfg)
 
     rt = RuntimeConfig(dtype="float32", mesh=mesh)
     model = train.training_model(dsv4.init_model(cfg, rt, seed=args.seed), remat=args.remat)
-    tc = train.TrainConfig(
-        lr=args.lr,
-        warmup_steps=args.warmup,
-        total_steps=args.steps,
-        weight_decay=args.weight_decay,
-        mtp_weight=args.mtp_weight,
-        indexer_weight=args.indexer_weight,
-        seq_balance_weight=args.seq_balance_weight,
-        compute_dtype=args.compute_dtype,
-    )
     graphdef, state = train.init_train_state(model, tc)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     ckpt = train.Checkpointer(args.out / "checkpoints", cfg, tc, every=args.save_every, keep=args.keep)

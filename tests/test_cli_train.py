@@ -186,6 +186,8 @@ LATE_FAILURES = {
     "window-length": ({"--corpus": "TINY", "--heldout-fraction": 0}, "fewer than one window of 33"),
     "vocab": ({"--vocab-size": 300}, f"has {SMALL.vocab_size} tokens but the config's vocab_size is 300"),
     "bpe": ({"--corpus": "TINY", "--tokenizer": None}, "the corpus is too small for a 512-token vocabulary"),
+    "lr": ({"--lr": -1}, "--lr: must be a finite number > 0, got -1.0"),
+    "weight-decay": ({"--weight-decay": "nan"}, "--weight-decay: must be a finite number >= 0, got nan"),
 }
 
 
