@@ -5,7 +5,7 @@ from dsv4.config import ConfigError, ModelConfig, RuntimeConfig
 # dsv4.generate is the function; `from dsv4.generate import ...` still reaches the module
 from dsv4.generate import generate
 from dsv4.loading import load_hf
-from dsv4.model import DeepseekV4, abstract_model, forward, forward_with_mtp, init_model
+from dsv4.model import DeepseekV4, abstract_model, forward, forward_with_mtp, init_model, with_runtime
 from dsv4.probes import probe
 from dsv4.restore import load
 from dsv4.safetensors_io import CheckpointError
@@ -24,4 +24,5 @@ __all__ = [
     "load",
     "load_hf",
     "probe",
+    "with_runtime",
 ]

@@ -450,6 +450,8 @@ def _layer_errors(cfg: ModelConfig) -> list[str]:
 
 def _attention_errors(cfg: ModelConfig) -> list[str]:
     rope, errors = cfg.qk_rope_head_dim, []
+    if cfg.head_dim % 2:
+        errors.append(f"head_dim: must be even (RoPE rotates channel pairs), got {cfg.head_dim}")
     if rope % 2 or rope >= cfg.head_dim:
         errors.append(f"qk_rope_head_dim: must be even and < head_dim ({cfg.head_dim}), got {rope}")
     if cfg.index_head_dim % 2 or cfg.index_head_dim <= rope:
@@ -756,8 +758,9 @@ class RuntimeConfig:
             )
         if not _is_int(self.query_block) or self.query_block < 1:
             raise ConfigError(f"query_block: must be a positive integer, got {self.query_block!r}")
-        if not isinstance(self.remat, bool):
-            raise ConfigError(f"remat: must be a bool, got {self.remat!r}")
+        for name in ("remat", "train_stats"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: must be a bool, got {getattr(self, name)!r}")
         _check_sharding(self.mesh, self.strategy)
 
     @property

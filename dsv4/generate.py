@@ -33,7 +33,7 @@ from flax import nnx
 from dsv4 import cache as kv_cache
 from dsv4 import decode
 from dsv4.config import ModelConfig
-from dsv4.model import DeepseekV4
+from dsv4.model import DeepseekV4, check_model
 from dsv4.sampling import SamplingParams, sample_with
 from dsv4.xla_flags import jit_whole_sequence
 
@@ -378,6 +378,7 @@ def generate_with_stats(
     strategy=None,
 ) -> GenerationResult:
     """`generate`, returning a GenerationResult with timings (see `generate` for the arguments)."""
+    check_model(model)
     req = check_request(model.cfg, prompts, max_new_tokens, (temperature, top_k, top_p), stop_tokens,
                          cache_format, max_len, stream_interval, prefill_chunk, seed)  # fmt: skip
     model = _on_mesh(model, mesh, strategy)

@@ -9,7 +9,9 @@ so the checkpoint name table in `dsv4.checkpoint` stays short.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -128,8 +130,12 @@ class DeepseekV4(nnx.Module):
     """DeepSeek-V4 for causal LM. Build from a `ModelConfig` (architecture) and `RuntimeConfig`."""
 
     def __init__(self, cfg: ModelConfig, rt: RuntimeConfig | None = None, *, keys: KeyChain):
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"cfg must be a dsv4.ModelConfig (e.g. ModelConfig.tiny()), got {type(cfg).__name__}")
+        if rt is not None and not isinstance(rt, RuntimeConfig):
+            raise TypeError(f"rt must be a dsv4.RuntimeConfig or None, got {type(rt).__name__}")
         rt = rt or RuntimeConfig()
-        self.cfg, self.rt = cfg, rt
+        self.cfg, self._rt = cfg, rt
         d, v, dtype = cfg.hidden_size, cfg.vocab_size, rt.jnp_dtype
         self.embed = Table(v, d, dtype, keys, std=1.0)
         self.layers = nnx.List(
@@ -142,6 +148,18 @@ class DeepseekV4(nnx.Module):
         self.norm = RMSNorm(d, cfg.rms_norm_eps, keys)
         self.head = Table(v, d, dtype, keys, std=0.02)
         self.mtp = nnx.List([MTPBlock(cfg, rt, keys) for _ in range(cfg.num_mtp_layers)])
+
+    @property
+    def rt(self) -> RuntimeConfig:
+        """The runtime choices the model was built with (every layer holds them too)."""
+        return self._rt
+
+    @rt.setter
+    def rt(self, value):
+        raise AttributeError(
+            "model.rt cannot be reassigned: every layer was built with it; "
+            "dsv4.with_runtime(model, attention_impl=...) rebuilds the model around the same weights"
+        )
 
     def run(self, tokens, start, n, caches=None):
         """The residual streams after the last block for a chunk: tokens [B, C] -> ([B, C, N, D], caches).
@@ -201,7 +219,28 @@ class DeepseekV4(nnx.Module):
 
 def init_model(cfg: ModelConfig, rt: RuntimeConfig | None = None, seed: int = 0) -> DeepseekV4:
     """A randomly initialised model (small configs; large ones go through `abstract_model`)."""
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
     return DeepseekV4(cfg, rt, keys=KeyChain(seed))
+
+
+# RuntimeConfig fields `with_runtime` leaves alone: the weights' dtype and placement come with them
+_PLACEMENT_FIELDS = {"dtype": "load it anew with dtype=...", "mesh": "sharding.placement.shard_model",
+                     "strategy": "sharding.placement.shard_model"}  # fmt: skip
+
+
+def with_runtime(model: DeepseekV4, **changes) -> DeepseekV4:
+    """The same weights under `dataclasses.replace(model.rt, **changes)`: e.g. attention_impl,
+    query_block, remat, train_stats. Every layer holds its own copy of the runtime choices, so the
+    model is rebuilt around its state (no copy of the weights). dtype, mesh and strategy go with
+    the weights and are refused here (`_PLACEMENT_FIELDS` says where they change)."""
+    check_model(model)
+    for name in changes.keys() & _PLACEMENT_FIELDS.keys():
+        if changes[name] != getattr(model.rt, name):
+            raise ValueError(f"with_runtime: {name} cannot change here ({_PLACEMENT_FIELDS[name]})")
+    rt = dataclasses.replace(model.rt, **changes)
+    graphdef, _ = nnx.split(abstract_model(model.cfg, rt))
+    return nnx.merge(graphdef, nnx.state(model))
 
 
 def abstract_model(cfg: ModelConfig, rt: RuntimeConfig | None = None) -> DeepseekV4:
@@ -234,6 +273,14 @@ def check_vocabulary(tokens: np.ndarray, vocab: int, real: np.ndarray | None = N
         raise ValueError(f"token id {tokens[b, i]} at row {b}, position {i} is outside the vocabulary [0, {vocab})")
 
 
+def check_model(model, name: str = "model") -> None:
+    """TypeError unless `model` is a DeepseekV4 (a config passed in its place reads clearly)."""
+    if not isinstance(model, DeepseekV4):
+        raise TypeError(
+            f"{name} must be a dsv4.DeepseekV4 (dsv4.init_model, load_hf or load), got {type(model).__name__}"
+        )
+
+
 def whole_sequence_tokens(model: DeepseekV4, tokens) -> jax.Array:
     """tokens [B, S] as int32, validated first.
 
@@ -242,6 +289,7 @@ def whole_sequence_tokens(model: DeepseekV4, tokens) -> jax.Array:
     embedding without a word). The ids of device arrays and tracers are not checked: reading them
     would wait for the device.
     """
+    check_model(model)
     if not isinstance(tokens, jax.Array):  # jax.Array: tracers too
         tokens = np.asarray(tokens)
     check_token_shape(tokens)

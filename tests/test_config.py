@@ -377,6 +377,7 @@ def test_native_unknown_and_missing_keys():
         ({"qk_rope_head_dim": 64, "index_head_dim": 66}, "qk_rope_head_dim"),
         ({"index_head_dim": 16}, "index_head_dim"),
         ({"index_head_dim": 33}, "index_head_dim"),
+        ({"head_dim": 63}, r"head_dim: must be even \(RoPE"),  # was accepted, then failed inside RoPE
         ({"o_groups": 3}, "o_groups"),
         ({"num_experts_per_tok": 9}, "num_experts_per_tok"),
         ({"num_hash_layers": 6}, "num_hash_layers"),
@@ -462,6 +463,8 @@ def test_runtime_config_defaults_and_dtype():
         ({"attention_impl": "flash"}, "attention_impl"),
         ({"query_block": 0}, "query_block"),
         ({"query_block": 12.5}, "query_block"),
+        ({"remat": "no"}, "remat: must be a bool"),
+        ({"train_stats": "no"}, "train_stats: must be a bool"),  # a truthy string once switched it on
     ],
 )
 def test_runtime_config_validation(kwargs, field):

@@ -158,6 +158,41 @@ def test_device_tokens_are_checked_for_shape_and_dtype(tokens, message):
         jax.jit(lambda t: dsv4.forward(model, t))(tokens)
 
 
+def test_wrong_types_name_the_argument():
+    """A config where the model goes, swapped arguments, a dtype string for rt: each names the argument."""
+    cfg, rt = ModelConfig.tiny(), RuntimeConfig(dtype="float32")
+    tokens = np.array([[1, 2]])
+    for entry in (dsv4.forward, dsv4.forward_with_mtp, dsv4.probe, dsv4.generate):
+        with pytest.raises(TypeError, match="model must be a dsv4.DeepseekV4 .* got ModelConfig"):
+            entry(cfg, tokens, *((2,) if entry is dsv4.generate else ()))
+    with pytest.raises(TypeError, match="cfg must be a dsv4.ModelConfig .* got RuntimeConfig"):
+        init_model(rt, cfg)
+    with pytest.raises(TypeError, match="rt must be a dsv4.RuntimeConfig or None, got str"):
+        init_model(cfg, "float32")
+    with pytest.raises(TypeError, match="cfg must be a dsv4.ModelConfig .* got dict"):
+        abstract_model({"hidden_size": 64})
+    with pytest.raises(TypeError, match="seed must be an integer, got 'a'"):
+        init_model(cfg, rt, seed="a")
+
+
+def test_runtime_changes_go_through_with_runtime():
+    """Assigning model.rt once left every layer on the old attention path while model.rt said otherwise."""
+    model = init_model(ModelConfig.tiny(), RuntimeConfig(dtype="float32"), seed=0)
+    with pytest.raises(AttributeError, match="dsv4.with_runtime"):
+        model.rt = RuntimeConfig(dtype="float32", attention_impl="reference")
+    ref = dsv4.with_runtime(model, attention_impl="reference", query_block=16)
+    assert ref.rt.attention_impl == "reference" and ref.rt.query_block == 16
+    assert {layer.attn.rt.attention_impl for layer in ref.layers} == {"reference"}
+    assert model.rt.attention_impl == "xla"  # the source model is unchanged and shares the weights
+    assert ref.embed.weight.get_value() is model.embed.weight.get_value()
+    tokens = np.random.default_rng(0).integers(0, 512, (2, 70))
+    got, want = np.asarray(dsv4.forward(ref, tokens)), np.asarray(dsv4.forward(model, tokens))
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    for change, where in (({"dtype": "bfloat16"}, "dtype=..."), ({"strategy": "tp_ep"}, "shard_model")):
+        with pytest.raises(ValueError, match=f"{next(iter(change))} cannot change here .*{re.escape(where)}"):
+            dsv4.with_runtime(model, **change)
+
+
 def test_mtp_of_a_single_token_is_empty():
     """S = 1: no token t + 1 to condition on, so [B, 0, V] MTP logits (was a ZeroDivisionError)."""
     cfg = ModelConfig.tiny()
