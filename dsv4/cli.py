@@ -42,7 +42,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from dsv4.safetensors_io import CheckpointError
     from dsv4.tokenizer import TokenizerError
 
-    return (CLIError, ValueError, ConfigError, CheckpointError, TokenizerError, FileNotFoundError)
+    return (CLIError, ValueError, ConfigError, CheckpointError, TokenizerError, OSError)
 
 
 def run_command(prog: str, fn, args) -> int:

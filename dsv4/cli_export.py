@@ -26,9 +26,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from dsv4.cli import CLIError
+from dsv4.cli import CLIError, run_command
 from dsv4.cli import checkpoint_kind as layout_kind
-from dsv4.outputs import paths_overlap
+from dsv4.outputs import check_creatable, paths_overlap
 
 
 class ExportError(CLIError):
@@ -194,7 +194,8 @@ def check_paths(args) -> Path | None:
         raise ExportError(f"{args.out}: exists and is not a directory")
     try:
         check_out_dir(args.out, args.overwrite, option="--overwrite")
-    except FileExistsError as err:
+        check_creatable(args.out, "OUT")
+    except (FileExistsError, ValueError) as err:
         raise ExportError(str(err)) from None
     parse_size(args.max_shard_size)
     if args.tokenizer is not None:
@@ -241,17 +242,8 @@ def run(args) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 2 user error)."""
-    args = build_parser().parse_args(argv)
-    from dsv4.config import ConfigError
-    from dsv4.safetensors_io import CheckpointError
-
-    try:
-        run(args)
-    except (CLIError, ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"dsv4-export: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    """Entry point; returns the exit status (0 ok, 2 user error, as every dsv4 console script)."""
+    return run_command("dsv4-export", run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
     dsv4-train --config tiny --corpus notes/ --tokenizer tok/ --steps 200 --out runs/tiny
     dsv4-train --out runs/demo --resume --steps 2000             # continue from the latest checkpoint
 
-OUT receives: tokenizer/ (given, or a byte-level BPE trained on the corpus), checkpoints/ (Orbax,
+OUT receives: tokenizer/ (given, or a byte-level BPE trained on the corpus), run.json (the corpus's
+sha256, --batch, --seq-len, --seed, --heldout-fraction: --resume refuses others), checkpoints/ (Orbax,
 every --save-every steps, the last --keep kept), metrics.jsonl (one line per step and per held-out
 evaluation), loss.png (the loss curve, redrawn at every evaluation), and with --export DIR a
 release-layout copy of the final model that `dsv4-generate --checkpoint DIR` and `dsv4.load_hf`
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import shutil
@@ -179,6 +181,12 @@ def _check_paths(args) -> None:
             raise CLIError(f"{flag} {path} exists and is not a directory")
     if export is not None and paths_overlap(out, export):
         raise CLIError(f"--export {export} and --out {out} must be separate directories, neither inside the other")
+    for flag, path in (("--out", out), ("--export", export)):
+        if path is not None:
+            try:
+                outputs.check_creatable(path, flag)
+            except ValueError as err:
+                raise CLIError(str(err)) from None
     if args.resume:
         if not (out / "checkpoints").is_dir():
             raise CLIError(f"--resume: no checkpoints in {out}")
@@ -212,18 +220,53 @@ def _tokenizer_source(args, cfg: ModelConfig, docs: list[str], scratch: Path) ->
     OUT/tokenizer on --resume, else --tokenizer, else a byte-level BPE trained on the corpus into `scratch`.
     """
     kept = args.out / "tokenizer"
-    if args.resume and (kept / "tokenizer.json").is_file():
-        return kept
+    source = None
     if args.tokenizer is not None:
         source = args.tokenizer.parent if args.tokenizer.name == "tokenizer.json" else args.tokenizer
         if not (source / "tokenizer.json").is_file():
             raise CLIError(f"--tokenizer: no tokenizer.json in {source}")
+    if args.resume and (kept / "tokenizer.json").is_file():
+        if source is not None and (source / "tokenizer.json").read_bytes() != (kept / "tokenizer.json").read_bytes():
+            raise CLIError(f"--tokenizer {source}: not the run's tokenizer ({kept}), which --resume keeps")
+        return kept
+    if source is not None:
         return source
     print(f"training a {cfg.vocab_size}-token byte-level BPE on the corpus ...", file=sys.stderr)
     return corpus.train_bpe_tokenizer(docs, cfg.vocab_size, scratch)
 
 
-def _install_out(args, tok_source: Path) -> Path:
+RUN_RECORD = "run.json"  # OUT/run.json: what a --resume must train on to continue exactly
+_DATA_FLAGS = ("batch", "seq_len", "seed", "heldout_fraction")
+
+
+def _run_record(args, docs: list[str]) -> dict:
+    """The run's data: the corpus (its text's sha256) and the flags that choose batches and held-out text."""
+    digest = hashlib.sha256()
+    for doc in docs:
+        digest.update(doc.encode("utf-8") + b"\0")
+    flags = {f: getattr(args, f) for f in _DATA_FLAGS}
+    return {"corpus": str(args.corpus), "corpus_sha256": digest.hexdigest(), **flags}
+
+
+def _check_resume_data(out: Path, record: dict) -> None:
+    """CLIError naming every data flag of a --resume that differs from the run's (OUT/run.json; a run
+    from before the record is not checked). --lr, --steps and the loss weights may change."""
+    path = out / RUN_RECORD
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    changed = [f for f in _DATA_FLAGS if old.get(f, record[f]) != record[f]]
+    diffs = [f"--{f.replace('_', '-')} {record[f]} (the run's: {old[f]})" for f in changed]
+    if old.get("corpus_sha256", record["corpus_sha256"]) != record["corpus_sha256"]:
+        diffs.append(f"--corpus {record['corpus']} (other text than the run's {old.get('corpus')})")
+    if diffs:
+        raise CLIError(
+            f"--resume continues {out} on the data it trained on, but: {'; '.join(diffs)}. "
+            "Give the run's values, or start a new --out"
+        )
+
+
+def _install_out(args, tok_source: Path, record: dict) -> Path:
     """Make --out the run directory, holding tokenizer/ (copied from `tok_source`); returns OUT/tokenizer.
 
     Called only once every check on the user's input has passed. --resume keeps OUT as it is (adding
@@ -245,6 +288,7 @@ def _install_out(args, tok_source: Path) -> Path:
         fresh = stage / "run"
         (fresh / "tokenizer").mkdir(parents=True)  # mkdir, not mkdtemp: the usual permissions
         copy_tokenizer(tok_source, fresh / "tokenizer")
+        (fresh / RUN_RECORD).write_text(json.dumps(record, indent=1) + "\n")
         outputs.replace_dir(fresh, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -263,13 +307,16 @@ def _prepare(args, cfg: ModelConfig):
     tc = _train_config(args)
     _check_paths(args)
     docs = corpus.read_corpus(args.corpus)
+    record = _run_record(args, docs)
+    if args.resume:
+        _check_resume_data(args.out, record)
     mesh = _mesh(args)
     with tempfile.TemporaryDirectory(prefix="dsv4-train-tokenizer.") as scratch:
         source = _tokenizer_source(args, cfg, docs, Path(scratch))
         tokenizer = load_tokenizer(source)
         _check_vocab(tokenizer, cfg, source)
         data = _data(args, tokenizer, docs)
-        return _install_out(args, source), data, mesh, tc
+        return _install_out(args, source, record), data, mesh, tc
 
 
 def _check_vocab(tokenizer, cfg: ModelConfig, tok_dir: Path) -> None:

@@ -133,7 +133,9 @@ def split_stream(stream: np.ndarray, heldout_fraction: float) -> tuple[np.ndarra
     train, heldout = stream[~held], stream[held]
     if not len(heldout) or not len(train):
         raise CorpusError(
-            f"the corpus ({len(stream)} tokens) is too small to hold out every {every}th block of {HELDOUT_BLOCK}"
+            f"the corpus ({len(stream):,} tokens) is too small to hold out one block of {HELDOUT_BLOCK} tokens "
+            f"in {every} (held-out fraction {heldout_fraction}; it needs more than {(every - 1) * HELDOUT_BLOCK:,} "
+            "tokens); --heldout-fraction 0 trains on all of it without held-out evaluation"
         )
     return train, heldout
 

@@ -70,6 +70,26 @@ def replace_dir(fresh, dst) -> None:
     shutil.rmtree(attic)
 
 
+def check_creatable(path, flag: str, parents: bool = True) -> None:
+    """ValueError naming `flag` unless `path` can be created (or replaced) by the writers here.
+
+    Tried, not guessed (a root process passes every permission test, yet /proc refuses it): a
+    scratch file is created and removed in the directory the output goes into, or with `parents`
+    (the caller creates missing parents) in its nearest existing ancestor.
+    """
+    path = Path(path)
+    where = path.absolute().parent
+    while parents and not where.exists() and where != where.parent:
+        where = where.parent
+    if where.exists() and not where.is_dir():
+        raise ValueError(f"{flag} {path}: {where} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot write in {where}: {err.strerror or err}") from None
+
+
 def paths_overlap(a, b) -> bool:
     """Whether `a` and `b` are the same directory or one lies inside the other (after resolving)."""
     a, b = Path(a).resolve(), Path(b).resolve()

@@ -46,7 +46,6 @@ import dataclasses
 import json
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -302,15 +301,15 @@ def check_output(path) -> None:
     """CLIError naming --output when its file cannot be created: checked by creating a scratch file
     in its directory, before the model is loaded (a bad path used to surface after generation)."""
     from dsv4.cli import CLIError
+    from dsv4.outputs import check_creatable
 
     path = Path(path)
     if path.is_dir():
         raise CLIError(f"--output {path}: is a directory")
     try:
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as err:
-        raise CLIError(f"--output {path}: cannot write in {path.parent}: {err.strerror or err}") from None
+        check_creatable(path, "--output", parents=False)  # the results go beside it, no directory made
+    except ValueError as err:
+        raise CLIError(str(err)) from None
 
 
 def _write(path, ids, tokens, tokenizer) -> None:

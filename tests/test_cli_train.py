@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import dsv4
-from dsv4 import cli_train, corpus
+from dsv4 import cli_export, cli_train, corpus
 from dsv4.config import ModelConfig
 from dsv4.tokenizer import load_tokenizer
 
@@ -151,6 +151,49 @@ def test_resume_with_another_config_is_refused(full_run, capsys, text_corpus, tm
     assert "written for another model config (differs in: compress_ratios)" in err
 
 
+def test_resume_on_other_data_is_refused(full_run, capsys, small_config, text_corpus, tmp_path):
+    """--resume continues on the run's data (OUT/run.json): another corpus text, batch, sequence length,
+    seed or held-out fraction is named, and so is a --tokenizer other than the run's; the run is left
+    alone. (Each used to be accepted silently, mixing incomparable losses in one metrics.jsonl.)"""
+    run, _ = full_run
+    record = json.loads((run / cli_train.RUN_RECORD).read_text())
+    assert {k: record[k] for k in ("batch", "seq_len", "seed", "heldout_fraction")} == {
+        "batch": 2, "seq_len": 32, "seed": 0, "heldout_fraction": 0.05}  # fmt: skip
+    other = tmp_path / "other.txt"
+    other.write_text(corpus.builtin_corpus()[3])
+    base = ["--config", small_config, "--out", run, "--resume", "--steps", 8, "--no-progress", "--eval-windows", 2]
+    before = _tree(run)
+    err = _error(capsys, [*base, "--corpus", other, "--batch", 3, "--seq-len", 32, "--seed", 7])
+    assert "--resume continues" in err and "--batch 3 (the run's: 2)" in err and "--seed 7 (the run's: 0)" in err
+    assert f"--corpus {other} (other text than the run's {text_corpus})" in err and "--seq-len" not in err
+    corpus.train_bpe_tokenizer(corpus.builtin_corpus()[:20], SMALL.vocab_size, tmp_path / "tok")
+    err = _error(capsys, [*base, "--corpus", text_corpus, *RUN[:4], "--tokenizer", tmp_path / "tok"])
+    assert f"--tokenizer {tmp_path / 'tok'}: not the run's tokenizer" in err
+    assert _tree(run) == before
+
+
+def test_unwritable_places_are_refused_first(tmp_path, capsys, small_config, text_corpus, full_run):
+    """An --out, --export or OUT that cannot be created is one line naming it, before any work (a
+    traceback after loading or training before)."""
+    (tmp_path / "file").write_text("x")
+    argv = ["--config", small_config, "--corpus", text_corpus, *RUN, "--steps", 1]
+    err = _error(capsys, [*argv, "--out", tmp_path / "file" / "run"])
+    assert f"--out {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is not a directory" in err
+    err = _error(capsys, [*argv, "--out", "/proc/dsv4-run"])  # refused even to root
+    assert "--out /proc/dsv4-run: cannot write in /proc" in err
+    err = _error(capsys, [*argv, "--out", tmp_path / "run", "--export", "/proc/dsv4-export"])
+    assert "--export /proc/dsv4-export: cannot write in /proc" in err and not (tmp_path / "run").exists()
+    _, export = full_run
+    assert cli_export.main([str(export), "/proc/dsv4-export"]) == 2
+    assert "dsv4-export: error: OUT /proc/dsv4-export: cannot write in /proc" in capsys.readouterr().err
+
+
+def test_small_corpus_error_names_the_flag():
+    with pytest.raises(corpus.CorpusError, match="--heldout-fraction 0 trains on all of it") as err:
+        corpus.split_stream(np.zeros(5_000, np.int32), 0.05)
+    assert "one block of 2048 tokens in 20 (held-out fraction 0.05; it needs more than 38,912 tokens)" in str(err.value)
+
+
 def test_existing_out_is_refused_without_resume_or_overwrite(full_run, capsys, small_config):
     run, _ = full_run
     err = _error(capsys, ["--config", small_config, "--out", run])
@@ -256,12 +299,14 @@ def test_export_onto_other_files_is_refused_before_training(tmp_path, capsys, mo
 
 
 def test_overwrite_replaces_the_old_run_whole(tmp_path, small_tokenizer):
-    """Once the checks pass, --overwrite swaps in a new OUT holding only tokenizer/ (no old files, no leftovers)."""
+    """Once the checks pass, --overwrite swaps in a new OUT holding only tokenizer/ and run.json (no old
+    files, no leftovers)."""
     _old_run(tmp_path / "run")
     args = argparse.Namespace(out=tmp_path / "run", resume=False, overwrite=True)
-    assert cli_train._install_out(args, small_tokenizer) == tmp_path / "run" / "tokenizer"
+    assert cli_train._install_out(args, small_tokenizer, {"batch": 2}) == tmp_path / "run" / "tokenizer"
     copied = {f"run/tokenizer/{name}": data for name, data in _tree(small_tokenizer).items()}
-    assert _tree(tmp_path) == {"run": None, "run/tokenizer": None, **copied}
+    record = {"run/run.json": b'{\n "batch": 2\n}\n'}
+    assert _tree(tmp_path) == {"run": None, "run/tokenizer": None, **copied, **record}
 
 
 @pytest.mark.parametrize("n_windows", [1, 3, 4, 10])
