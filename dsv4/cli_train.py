@@ -254,7 +254,10 @@ def _check_resume_data(out: Path, record: dict) -> None:
     path = out / RUN_RECORD
     if not path.is_file():
         return
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CLIError(f"--resume: {path} is not the JSON record dsv4-train writes ({err})") from None
     changed = [f for f in _DATA_FLAGS if old.get(f, record[f]) != record[f]]
     diffs = [f"--{f.replace('_', '-')} {record[f]} (the run's: {old[f]})" for f in changed]
     if old.get("corpus_sha256", record["corpus_sha256"]) != record["corpus_sha256"]:

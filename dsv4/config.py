@@ -728,9 +728,9 @@ class RuntimeConfig:
     attention_impl: "xla" | "reference" | "pallas".
     query_block: query block size of the blockwise attention and indexer paths.
     train_stats: for training, CSA layers compute the lightning indexer's KL loss (`sow`n as the
-        `nnx.Intermediate` "indexer_kl": (per-query KL, sees an entry), each [B, S]), and top-k routers their "routing"
-        (affinities, expert ids: the expert loads of the bias balancing and the sequence-wise
-        balance loss);
+        `nnx.Intermediate` "indexer_kl": each query's KL and whether it sees an entry, both [B, S]),
+        and top-k routers their "routing" (affinities, expert ids: the expert loads of the bias
+        balancing and the sequence-wise balance loss);
         collected with `nnx.capture(fn, nnx.Intermediate)` (as `dsv4.train.loss_fn` does).
     mesh: a `jax.sharding.Mesh` with axes (data, expert, tensor) (`sharding.mesh.make_mesh`), or
         None for one device. Mesh is hashable, so the config stays a valid static argument.

@@ -9,6 +9,7 @@ import pytest
 
 import dsv4
 from dsv4 import cli_export, cli_train, corpus
+from dsv4.cli import CLIError
 from dsv4.config import ModelConfig
 from dsv4.tokenizer import load_tokenizer
 
@@ -170,6 +171,12 @@ def test_resume_on_other_data_is_refused(full_run, capsys, small_config, text_co
     err = _error(capsys, [*base, "--corpus", text_corpus, *RUN[:4], "--tokenizer", tmp_path / "tok"])
     assert f"--tokenizer {tmp_path / 'tok'}: not the run's tokenizer" in err
     assert _tree(run) == before
+
+
+def test_a_damaged_run_record_is_named(tmp_path):
+    (tmp_path / cli_train.RUN_RECORD).write_text('{"batch": 2,')
+    with pytest.raises(CLIError, match=f"--resume: {tmp_path / 'run.json'} is not the JSON record"):
+        cli_train._check_resume_data(tmp_path, {"batch": 2})
 
 
 def test_unwritable_places_are_refused_first(tmp_path, capsys, small_config, text_corpus, full_run):
