@@ -194,9 +194,9 @@ def check_paths(args) -> Path | None:
         raise ExportError(f"{args.out}: exists and is not a directory")
     try:
         check_out_dir(args.out, args.overwrite, option="--overwrite")
-        check_creatable(args.out, "OUT")
-    except (FileExistsError, ValueError) as err:
+    except FileExistsError as err:
         raise ExportError(str(err)) from None
+    check_creatable(args.out, "OUT")
     parse_size(args.max_shard_size)
     if args.tokenizer is not None:
         if not (args.tokenizer / "tokenizer.json").is_file():

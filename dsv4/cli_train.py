@@ -183,10 +183,7 @@ def _check_paths(args) -> None:
         raise CLIError(f"--export {export} and --out {out} must be separate directories, neither inside the other")
     for flag, path in (("--out", out), ("--export", export)):
         if path is not None:
-            try:
-                outputs.check_creatable(path, flag)
-            except ValueError as err:
-                raise CLIError(str(err)) from None
+            outputs.check_creatable(path, flag)  # a ValueError: one line, as every user error
     if args.resume:
         if not (out / "checkpoints").is_dir():
             raise CLIError(f"--resume: no checkpoints in {out}")

@@ -238,9 +238,15 @@ def with_runtime(model: DeepseekV4, **changes) -> DeepseekV4:
     for name in changes.keys() & _PLACEMENT_FIELDS.keys():
         if changes[name] != getattr(model.rt, name):
             raise ValueError(f"with_runtime: {name} cannot change here ({_PLACEMENT_FIELDS[name]})")
-    rt = dataclasses.replace(model.rt, **changes)
+    return rebuild_model(model, dataclasses.replace(model.rt, **changes))
+
+
+def rebuild_model(model: DeepseekV4, rt: RuntimeConfig, state: nnx.State | None = None) -> DeepseekV4:
+    """`model`'s architecture built under `rt`, holding `state` (default: the model's own variables,
+    shared, no data moved). The one rebuild behind `with_runtime`, `sharding.placement.with_mesh`
+    and `dsv4.train.training_model`."""
     graphdef, _ = nnx.split(abstract_model(model.cfg, rt))
-    return nnx.merge(graphdef, nnx.state(model))
+    return nnx.merge(graphdef, nnx.state(model) if state is None else state)
 
 
 def abstract_model(cfg: ModelConfig, rt: RuntimeConfig | None = None) -> DeepseekV4:

@@ -54,7 +54,7 @@ import optax
 from flax import nnx, struct
 
 from dsv4.config import ModelConfig
-from dsv4.model import DeepseekV4, abstract_model, check_token_ids
+from dsv4.model import DeepseekV4, check_token_ids, rebuild_model
 
 F32 = jnp.float32
 
@@ -131,9 +131,8 @@ def training_model(model: DeepseekV4, query_block: int | None = None, remat: boo
     rt = dataclasses.replace(
         model.rt, dtype="float32", train_stats=True, remat=remat, query_block=query_block or model.rt.query_block
     )
-    graphdef, _ = nnx.split(abstract_model(model.cfg, rt))
     state = jax.tree.map(lambda x: x.astype(F32) if jnp.issubdtype(x.dtype, jnp.floating) else x, nnx.state(model))
-    return nnx.merge(graphdef, state)
+    return rebuild_model(model, rt, state)
 
 
 def split_model(model: DeepseekV4):
@@ -207,14 +206,14 @@ def _stats(intermediates: nnx.State, input_mask):
         for v in var.get_value():
             if name == "indexer_kl":
                 kl, sees = v  # [B, S'] each
-                real = _routed_tokens_mask(path, input_mask).astype(F32) * sees
+                real = _real_tokens_mask(path, input_mask).astype(F32) * sees
                 indexer = indexer + jnp.sum(kl * real) / jnp.maximum(jnp.sum(real), 1.0)
             elif name == "routing":
                 routing.setdefault(tuple(path[:-1]), []).append(v)
     return indexer, routing
 
 
-def _routed_tokens_mask(path, input_mask) -> jax.Array:
+def _real_tokens_mask(path, input_mask) -> jax.Array:
     """[B, S'] the real tokens a layer at `path` saw: the main stack sees the S input tokens; the
     MTP block sees S - 1 (position t sees tokens t and t + 1, real when both are)."""
     return input_mask[:, :-1] & input_mask[:, 1:] if path[0] == "mtp" else input_mask
@@ -225,7 +224,7 @@ def expert_loads(routing: dict, input_mask) -> dict:
     (masked padding does not move the bias balancing)."""
     loads = {}
     for path, calls in routing.items():
-        real = _routed_tokens_mask(path, input_mask).reshape(-1)
+        real = _real_tokens_mask(path, input_mask).reshape(-1)
         load = 0.0
         for affinity, idx in calls:
             weight = jnp.broadcast_to(real[:, None], idx.shape).astype(F32)
@@ -261,7 +260,7 @@ def seq_balance_loss(routing: dict, input_mask) -> jax.Array:
     b = input_mask.shape[0]
     layers = []
     for path, calls in routing.items():
-        mask = _routed_tokens_mask(path, input_mask)
+        mask = _real_tokens_mask(path, input_mask)
         for affinity, idx in calls:
             e, k = affinity.shape[-1], idx.shape[-1]
             layers.append(sequence_balance(affinity.reshape(b, -1, e), idx.reshape(b, -1, k), mask))

@@ -17,7 +17,7 @@ from sharding.placement import (
     put,
     shard_cache,
     shard_model,
-    with_runtime,
+    with_mesh,
 )
 from sharding.rules import (
     STRATEGIES,
@@ -55,5 +55,5 @@ __all__ = [
     "shard_model",
     "single_device_mesh",
     "validate",
-    "with_runtime",
+    "with_mesh",
 ]

@@ -122,14 +122,13 @@ def put(value, sharding):
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
-def with_runtime(model, mesh: Mesh | None, strategy: str | Strategy | None, state=None):
+def with_mesh(model, mesh: Mesh | None, strategy: str | Strategy | None, state=None):
     """A model under a RuntimeConfig carrying `mesh` and `strategy`, holding `state` (default: the
-    model's own variables, shared, no data moved)."""
-    from dsv4.model import abstract_model
+    model's own variables, shared, no data moved). `dsv4.with_runtime` changes the other runtime
+    choices."""
+    from dsv4.model import rebuild_model
 
-    rt = dataclasses.replace(model.rt, mesh=mesh, strategy=strategy or "dp_ep")
-    graphdef, _ = nnx.split(abstract_model(model.cfg, rt))
-    return nnx.merge(graphdef, nnx.state(model) if state is None else state)
+    return rebuild_model(model, dataclasses.replace(model.rt, mesh=mesh, strategy=strategy or "dp_ep"), state)
 
 
 def shard_model(model, mesh: Mesh, strategy: str | Strategy | None = None):
@@ -142,7 +141,7 @@ def shard_model(model, mesh: Mesh, strategy: str | Strategy | None = None):
     state = nnx.state(model)
     check_divisible(state, mesh, get_strategy(strategy).rules)
     placed = jax.device_put(state, param_shardings(state, mesh, strategy))
-    return with_runtime(model, mesh, strategy, placed)  # new variables: `model` itself stays as it was
+    return with_mesh(model, mesh, strategy, placed)  # new variables: `model` itself stays as it was
 
 
 def shard_cache(cache, mesh: Mesh, strategy: str | Strategy | None = None):

@@ -298,18 +298,16 @@ def _serve(args) -> None:
 
 
 def check_output(path) -> None:
-    """CLIError naming --output when its file cannot be created: checked by creating a scratch file
-    in its directory, before the model is loaded (a bad path used to surface after generation)."""
+    """CLIError or ValueError naming --output when its file cannot be created: checked by creating a
+    scratch file in its directory, before the model is loaded (a bad path used to surface after
+    generation)."""
     from dsv4.cli import CLIError
     from dsv4.outputs import check_creatable
 
     path = Path(path)
     if path.is_dir():
         raise CLIError(f"--output {path}: is a directory")
-    try:
-        check_creatable(path, "--output", parents=False)  # the results go beside it, no directory made
-    except ValueError as err:
-        raise CLIError(str(err)) from None
+    check_creatable(path, "--output", parents=False)  # the results go beside it, no directory made
 
 
 def _write(path, ids, tokens, tokenizer) -> None:

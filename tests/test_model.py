@@ -187,7 +187,7 @@ def test_runtime_changes_go_through_with_runtime():
     assert ref.embed.weight.get_value() is model.embed.weight.get_value()
     tokens = np.random.default_rng(0).integers(0, 512, (2, 70))
     got, want = np.asarray(dsv4.forward(ref, tokens)), np.asarray(dsv4.forward(model, tokens))
-    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()  # measured 0 here, 2.9e-7 at 300 tokens
     for change, where in (({"dtype": "bfloat16"}, "dtype=..."), ({"strategy": "tp_ep"}, "shard_model")):
         with pytest.raises(ValueError, match=f"{next(iter(change))} cannot change here .*{re.escape(where)}"):
             dsv4.with_runtime(model, **change)
