@@ -101,7 +101,7 @@ def _prefill_program(graphdef, state, tokens, lengths, cache, last_logits):
 
     tokens [B, P], lengths [B] (real tokens of each row in this chunk, 0..P), last_logits [B, V].
     """
-    logits, cache = decode.prefill_fn(graphdef, state, tokens, lengths, cache, True)  # [B, V]
+    logits, cache = decode.prefill_fn(nnx.merge(graphdef, state), tokens, lengths, cache, True)  # [B, V]
     return jnp.where((lengths > 0)[:, None], logits, last_logits), cache
 
 
@@ -122,7 +122,7 @@ def _decode_program(graphdef, state, loop: LoopState, params, stop_ids, limit, k
 
     def body(s: LoopState) -> LoopState:
         previous = jax.lax.dynamic_index_in_dim(s.out, s.step - 1, axis=1, keepdims=False)  # [B]
-        logits, cache = decode.decode_fn(graphdef, state, previous, s.cache)
+        logits, cache = decode.decode_fn(nnx.merge(graphdef, state), previous, s.cache)
         token = sample_with(params, logits, jax.random.fold_in(key, s.step))
         token = jnp.where(s.done, PAD_ID, token)
         out = jax.lax.dynamic_update_index_in_dim(s.out, token, s.step, axis=1)

@@ -303,23 +303,26 @@ def whole_sequence_tokens(model: DeepseekV4, tokens) -> jax.Array:
     return jnp.asarray(tokens, jnp.int32)
 
 
-@jit_whole_sequence(static_argnums=0)
-def _forward(graphdef, state, tokens):
-    return nnx.merge(graphdef, state)(tokens)
+# The jitted entry points take the model itself: an nnx.Module is a pytree, which jit flattens in
+# a fraction of the time `nnx.split` walks the module graph (4 layers: 0.8 against 8 ms per call; 43
+# layers: 9 against 132 ms), and the program is still a pure function of the weights.
+
+
+@jit_whole_sequence()
+def _forward(model, tokens):
+    return model(tokens)
 
 
 def forward(model: DeepseekV4, tokens: jax.Array) -> jax.Array:
-    """Jitted whole-sequence forward: tokens [B, S] -> logits [B, S, V] (a pure function of the state)."""
-    graphdef, state = nnx.split(model)
-    return _forward(graphdef, state, whole_sequence_tokens(model, tokens))
+    """Jitted whole-sequence forward: tokens [B, S] -> logits [B, S, V] (a pure function of the weights)."""
+    return _forward(model, whole_sequence_tokens(model, tokens))
 
 
-@jit_whole_sequence(static_argnums=0)
-def _forward_with_mtp(graphdef, state, tokens):
-    return nnx.merge(graphdef, state).forward_with_mtp(tokens)
+@jit_whole_sequence()
+def _forward_with_mtp(model, tokens):
+    return model.forward_with_mtp(tokens)
 
 
 def forward_with_mtp(model: DeepseekV4, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Jitted main logits [B, S, V] and MTP logits [B, S-1, V] (see DeepseekV4.forward_with_mtp)."""
-    graphdef, state = nnx.split(model)
-    return _forward_with_mtp(graphdef, state, whole_sequence_tokens(model, tokens))
+    return _forward_with_mtp(model, whole_sequence_tokens(model, tokens))

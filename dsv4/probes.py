@@ -49,9 +49,8 @@ def _probing():
         _PROBING.reset(token)
 
 
-@jit_whole_sequence(static_argnums=0)  # compiled as the forward is, so its logits are the forward's
-def _probe(graphdef, state, tokens):
-    model = nnx.merge(graphdef, state)
+@jit_whole_sequence()  # compiled as the forward is, so its logits are the forward's
+def _probe(model, tokens):
     with _probing():
         logits, probes = nnx.capture(model, Probe)(tokens)
     return logits, {".".join(map(str, path)): var.get_value() for path, var in nnx.to_flat_state(probes)}
@@ -66,5 +65,4 @@ def probe(model, tokens) -> tuple[jax.Array, dict[str, jax.Array]]:
     """
     from dsv4.model import whole_sequence_tokens  # dsv4.model imports this module
 
-    graphdef, state = nnx.split(model)
-    return _probe(graphdef, state, whole_sequence_tokens(model, tokens))
+    return _probe(model, whole_sequence_tokens(model, tokens))

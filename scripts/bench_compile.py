@@ -45,15 +45,13 @@ def depth_changes(layers: int) -> dict:
 
 def measure_forward(layers: int, seq: int) -> dict:
     import jax.numpy as jnp
-    from flax import nnx
 
     from dsv4.config import RuntimeConfig
     from dsv4.model import _forward, init_model
 
     model = init_model(bench_config(depth_changes(layers)), RuntimeConfig(dtype="bfloat16"), 0)
-    graphdef, state = nnx.split(model)
     t0 = time.perf_counter()
-    lowered = _forward.lower(graphdef, state, jnp.zeros((1, seq), jnp.int32))
+    lowered = _forward.lower(model, jnp.zeros((1, seq), jnp.int32))
     t1 = time.perf_counter()
     lowered.compile()
     return {"lower_s": t1 - t0, "compile_s": time.perf_counter() - t1}

@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from dsv4.config import ModelConfig, RuntimeConfig  # noqa: E402
 from dsv4.decode import _device_batch, decode_fn, prefill  # noqa: E402
@@ -84,14 +83,13 @@ def bench_one(model, cfg, strategy, shape, args) -> dict:
     tokens = rng.integers(2, cfg.vocab_size, (args.batch, args.prompt)).astype(np.int32)
     cache = init_sharded_cache(cfg, args.batch, args.max_len, args.dtype, mesh, strategy)
     logits, cache = prefill(m, tokens, cache, last_only=True)
-    g, s = nnx.split(m)
     step_tokens = _device_batch(m, np.asarray(logits).argmax(-1))
-    compiled = decode_fn.lower(g, s, step_tokens, cache).compile()
+    compiled = decode_fn.lower(m, step_tokens, cache).compile()
     found = collectives(compiled.as_text(), jax.device_count())
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
-        logits, cache = compiled(s, step_tokens, cache)
+        logits, cache = compiled(m, step_tokens, cache)
         logits.block_until_ready()
         times.append(time.perf_counter() - start)
     act = np.dtype(args.dtype).itemsize

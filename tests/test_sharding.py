@@ -366,7 +366,6 @@ def _run_case(model, cfg, strategy, shape, tokens, ref, ref_greedy, ref_generate
     """Shard `model`, run forward / prefill / decode, compare with the single-device `ref` logits."""
     import jax
     import numpy as np
-    from flax import nnx
 
     from dsv4.cache import init_cache
     from dsv4.decode import _device_batch, decode_fn, prefill
@@ -385,11 +384,10 @@ def _run_case(model, cfg, strategy, shape, tokens, ref, ref_greedy, ref_generate
     out["whole"] = _rel(logits, ref)
     padded = np.where(np.arange(SEQ) < SEQ - 2, tokens, 0)  # the same program: S - 2 real tokens
     logits, cache = prefill(m, padded, init_cache(cfg, b, SEQ, "float32"), lengths=np.full(b, SEQ - 2))
-    g, s = nnx.split(m)
-    compiled = decode_fn.lower(g, s, _device_batch(m, tokens[:, SEQ - 2]), cache).compile()
+    compiled = decode_fn.lower(m, _device_batch(m, tokens[:, SEQ - 2]), cache).compile()
     pieces = [np.asarray(logits)[:, : SEQ - 2]]
     for i in (SEQ - 2, SEQ - 1):
-        step, cache = compiled(s, _device_batch(m, tokens[:, i]), cache)
+        step, cache = compiled(m, _device_batch(m, tokens[:, i]), cache)
         pieces.append(np.asarray(step)[:, None])
     decoded = np.concatenate(pieces, axis=1)
     out["prefill_decode"] = _rel(decoded, ref)

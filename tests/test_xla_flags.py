@@ -201,7 +201,6 @@ def test_the_forward_compiles_without_the_tree_reduction_rewrite():
     tests/test_parity.py, which runs it."""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     import dsv4
     from dsv4 import model
@@ -211,14 +210,13 @@ def test_the_forward_compiles_without_the_tree_reduction_rewrite():
 
     assert jax.default_backend() == "cpu"
     net = dsv4.init_model(ModelConfig.tiny(), seed=0)
-    graphdef, state = nnx.split(net)
     tokens = jnp.zeros((1, 300), jnp.int32)
 
     def tree_reductions(jitted) -> int:
-        text = jitted.lower(graphdef, state, tokens).compile().as_text()
+        text = jitted.lower(net, tokens).compile().as_text()
         return len(re.findall(r"reduce-window\(.*window=\{size=[\dx]*32 stride=", text))
 
-    assert tree_reductions(jax.jit(model._forward.__wrapped__, static_argnums=0)) > 0
+    assert tree_reductions(jax.jit(model._forward.__wrapped__)) > 0
     assert tree_reductions(model._forward) == 0
     for program in (model._forward, model._forward_with_mtp, _prefill_program, _probe):
         assert isinstance(program, xla_flags.WholeSequenceJit)
@@ -247,8 +245,8 @@ def test_whole_sequence_programs_run_inside_a_callers_jit_and_grad():
     np.testing.assert_allclose(np.asarray(mapped), np.asarray(direct), rtol=0, atol=2e-6)
     graphdef, state = nnx.split(net)
 
-    def last_logit(state):  # through the program itself: dsv4.forward splits the model eagerly
-        return model._forward(graphdef, state, tokens)[0, -1, 0]
+    def last_logit(state):  # through the program itself, with traced weights
+        return model._forward(nnx.merge(graphdef, state), tokens)[0, -1, 0]
 
     grad = jax.grad(last_logit, allow_int=True)(state)["embed"]["weight"].get_value()  # tid2eid is int
     assert grad.shape == (net.cfg.vocab_size, net.cfg.hidden_size) and bool(jnp.any(grad != 0))
