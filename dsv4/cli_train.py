@@ -168,6 +168,16 @@ def _train_config(args):
         raise CLIError(f"--{flag.replace('_', '-')}: {reason}" if flag else str(err)) from None
 
 
+def _report_changes(changes: dict[str, tuple]) -> None:
+    """One stderr line naming the optimisation flags a --resume changed (allowed: e.g. more --steps)."""
+    named = []
+    for field, (old, new) in changes.items():
+        flag = _TRAIN_FLAGS.get(field)
+        named.append(f"{'--' + flag.replace('_', '-') if flag else 'TrainConfig.' + field} {new} (the run's: {old})")
+    if named:
+        print(f"--resume: continuing with {'; '.join(named)}", file=sys.stderr)
+
+
 def _has_entries(path: Path) -> bool:
     """Whether the directory `path` exists and is not empty."""
     return path.is_dir() and any(path.iterdir())
@@ -489,6 +499,7 @@ def _train(args) -> None:
     ckpt = train.Checkpointer(args.out / "checkpoints", cfg, tc, every=args.save_every, keep=args.keep)
     if args.resume:
         state = ckpt.restore(state)
+        _report_changes(ckpt.train_config_changes)
     start = int(state.step)
     if start >= args.steps:
         raise CLIError(f"--resume: the checkpoint is at step {start}, not below --steps {args.steps}")

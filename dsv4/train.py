@@ -424,6 +424,7 @@ class Checkpointer:
         import orbax.checkpoint as ocp
 
         self._ocp, self.cfg, self.tc = ocp, cfg, tc
+        self.train_config_changes: dict[str, tuple] = {}  # field -> (checkpoint's, this run's), by restore
         options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep, create=True)
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
@@ -440,12 +441,15 @@ class Checkpointer:
 
     def restore(self, like: TrainState, step: int | None = None) -> TrainState:
         """Restore into the structure of `like` (e.g. a fresh init_train_state). Refuses another model
-        config; another TrainConfig (a changed schedule, other loss weights) is taken as given."""
+        config; another TrainConfig (a changed schedule, other loss weights) is taken as given, and
+        `train_config_changes` lists how it differs."""
         ocp = self._ocp
         step = self.manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        saved_tc, tc = meta.get("train_config", {}), dataclasses.asdict(self.tc)
+        self.train_config_changes = {k: (saved_tc[k], v) for k, v in tc.items() if saved_tc.get(k, v) != v}
         want = json.loads(json.dumps(_meta(self.cfg, self.tc)["model_config"]))
         if meta["model_config"] != want:
             diff = sorted(

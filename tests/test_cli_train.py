@@ -102,13 +102,15 @@ def test_run_writes_metrics_plot_checkpoints_and_export(full_run):
     assert np.all(np.isfinite(np.asarray(logits)))
 
 
-def test_resume_continues_exactly(full_run, tmp_path, small_config, text_corpus):
+def test_resume_continues_exactly(full_run, tmp_path, small_config, text_corpus, capsys):
     run, _ = full_run
     args = ["--config", small_config, "--corpus", text_corpus, "--out", tmp_path / "r", *RUN, "--eval-every", 100]
     assert train([*args, "--steps", 4, "--time-limit", 0]) == 0  # stops (and saves) after step 1
     first = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in first if "loss" in r] == [1]
+    capsys.readouterr()
     assert train([*args, "--steps", 4, "--resume"]) == 0
+    assert "continuing with" not in capsys.readouterr().err  # the same flags: nothing to report
     resumed = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     uninterrupted = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [(r["step"], r["loss"], r["grad_norm"]) for r in resumed if "loss" in r]
@@ -116,6 +118,16 @@ def test_resume_continues_exactly(full_run, tmp_path, small_config, text_corpus)
 
 
 # --------------------------------------------------------------------------------------- bad input
+
+
+def test_resume_reports_changed_optimisation_flags(capsys):
+    """A --resume may change the schedule or loss weights (e.g. train for more --steps); it says so."""
+    cli_train._report_changes({"lr": (0.001, 0.002), "total_steps": (4, 8), "b1": (0.9, 0.8)})
+    err = capsys.readouterr().err
+    expected = "--lr 0.002 (the run's: 0.001); --steps 8 (the run's: 4); TrainConfig.b1 0.8 (the run's: 0.9)"
+    assert err == f"--resume: continuing with {expected}\n"
+    cli_train._report_changes({})
+    assert capsys.readouterr().err == ""
 
 
 def _error(capsys, argv) -> str:

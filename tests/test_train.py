@@ -206,7 +206,14 @@ def test_save_restore_continue_is_exact(small_step, tmp_path):
         restored, _ = step(restored, b)
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert ckpt.train_config_changes == {}
     ckpt.close()
+
+    longer = dataclasses.replace(TC, total_steps=TC.total_steps + 10, lr=TC.lr * 2)
+    resumed = train.Checkpointer(tmp_path / "ckpt", SMALL, longer)
+    resumed.restore(_fresh_state())  # another schedule is taken, and listed
+    changes = {"lr": (TC.lr, TC.lr * 2), "total_steps": (TC.total_steps, TC.total_steps + 10)}
+    assert resumed.train_config_changes == changes
 
     other = dataclasses.replace(SMALL, hidden_size=32)
     with pytest.raises(ValueError, match="another model config.*hidden_size"):
