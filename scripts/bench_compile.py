@@ -11,7 +11,10 @@ bfloat16 (dsv4's default runtime dtype). Three fresh interpreters per depth:
 2. `generate_with_stats` on a --prompt-len prompt for --new tokens with an empty persistent cache
    (`dsv4.xla_flags.enable_compile_cache` in a temporary directory): its compile seconds
    (prefill and decode programs: tracing, lowering, compiling), prefill and decode seconds;
-3. the same generation again, with the cache the previous run filled.
+3. the same generation again, with the cache the previous run filled;
+4. per-call costs that grow with depth: `dsv4.decode.decode_step` at batch 1 once compiled (the
+   median of 20 calls, milliseconds), and `nnx.split(model)` alone, which every call of the jitted
+   entry points paid until they took the model as a pytree argument.
 
 Each run is a subprocess of its own, so no in-memory cache of an earlier run helps it.
 """
@@ -69,6 +72,38 @@ def measure_generate(layers: int, prompt_len: int, new: int, cache_dir: str) -> 
     return {"compile_s": r.compile_seconds, "prefill_s": r.prefill_seconds, "decode_s": r.decode_seconds}
 
 
+CALLS = 20
+KINDS = ("forward", "generate", "calls")
+
+
+def measure_calls(layers: int) -> dict:
+    import statistics
+
+    import numpy as np
+    from flax import nnx
+
+    from dsv4.cache import init_cache
+    from dsv4.config import RuntimeConfig
+    from dsv4.decode import decode_step
+    from dsv4.model import init_model
+
+    cfg = bench_config(depth_changes(layers))
+    model = init_model(cfg, RuntimeConfig(dtype="bfloat16"), 0)
+    cache = init_cache(cfg, 1, CALLS + 1, "bfloat16")
+    token = np.zeros(1, np.int32)
+    logits, cache = decode_step(model, token, cache)  # compiles
+    steps, splits = [], []
+    for _ in range(CALLS):
+        t0 = time.perf_counter()
+        logits, cache = decode_step(model, token, cache)
+        logits.block_until_ready()
+        t1 = time.perf_counter()
+        nnx.split(model)
+        steps.append(t1 - t0)
+        splits.append(time.perf_counter() - t1)
+    return {"decode_step_ms": 1e3 * statistics.median(steps), "split_ms": 1e3 * statistics.median(splits)}
+
+
 def measure_one(args) -> dict:
     import jax
 
@@ -77,6 +112,8 @@ def measure_one(args) -> dict:
     kind, layers = args.one[0], int(args.one[1])
     if kind == "forward":
         return measure_forward(layers, args.seq)
+    if kind == "calls":
+        return measure_calls(layers)
     return measure_generate(layers, args.prompt_len, args.new, args.cache_dir)
 
 
@@ -91,21 +128,23 @@ def main_table(args) -> None:
             gen = ["--one", "generate", str(layers), "--cache-dir", cache, *common]
             cold = run_child(script, gen, args.timeout)
             warm = run_child(script, gen, args.timeout)
-        rows.append((layers, fwd, cold, warm))
-        print(f"# layers {layers}: forward {fwd}, generate {cold}, from the cache {warm}", file=sys.stderr)
+        calls = run_child(script, ["--one", "calls", str(layers)], args.timeout)
+        rows.append((layers, fwd, cold, warm, calls))
+        print(f"# layers {layers}: forward {fwd}, generate {cold}, cached {warm}, calls {calls}", file=sys.stderr)
 
     def cell(r: dict, key: str) -> str:
         return r["error"].split(":")[0] if "error" in r else f"{r[key]:.1f}"
 
     print(f"\nforward at [1, {args.seq}]; generation: {args.prompt_len}-token prompt, {args.new} new tokens; seconds\n")
     print("| layers | forward: trace + lower | forward: compile | generate: compile | prefill | decode "
-          "| generate from the cache: compile |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for layers, fwd, cold, warm in rows:
+          "| generate from the cache: compile | decode_step: ms per call | nnx.split: ms |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for layers, fwd, cold, warm, calls in rows:
         print(f"| {layers} | {cell(fwd, 'lower_s')} | {cell(fwd, 'compile_s')} | {cell(cold, 'compile_s')} "
-              f"| {cell(cold, 'prefill_s')} | {cell(cold, 'decode_s')} | {cell(warm, 'compile_s')} |")
+              f"| {cell(cold, 'prefill_s')} | {cell(cold, 'decode_s')} | {cell(warm, 'compile_s')} "
+              f"| {cell(calls, 'decode_step_ms')} | {cell(calls, 'split_ms')} |")
     for layers, *runs in rows:
-        for name, r in zip(("forward", "generate", "generate from the cache"), runs, strict=True):
+        for name, r in zip(("forward", "generate", "generate from the cache", "calls"), runs, strict=True):
             if "error" in r:
                 print(f"- layers {layers} {name}: {r['error']}")
 
@@ -117,11 +156,11 @@ def parse_args(argv):
     p.add_argument("--prompt-len", type=int, default=1000, help="generation prompt length")
     p.add_argument("--new", type=int, default=8, help="generated tokens")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run")
-    p.add_argument("--one", nargs=2, metavar=("KIND", "LAYERS"), help="forward|generate at LAYERS, print JSON")
+    p.add_argument("--one", nargs=2, metavar=("KIND", "LAYERS"), help="forward|generate|calls at LAYERS, print JSON")
     p.add_argument("--cache-dir", help="with --one generate: the persistent cache directory")
     args = p.parse_args(argv)
-    if args.one and (args.one[0] not in ("forward", "generate") or (args.one[0] == "generate" and not args.cache_dir)):
-        p.error("--one takes forward or generate (generate with --cache-dir)")
+    if args.one and (args.one[0] not in KINDS or (args.one[0] == "generate" and not args.cache_dir)):
+        p.error("--one takes forward, generate (with --cache-dir) or calls")
     return args
 
 
