@@ -465,7 +465,7 @@ def _entry_part(q_blk, pos_blk, idx_blk, entries, ratio, scale):
     # products 104 + 40 -> 30 + 23 ms per CSA layer; the forward 1.38-1.58 -> 1.24-1.36 s).
     gathered = jax.vmap(lambda e, i: e[jnp.maximum(i, 0)])(entries, idx_blk).astype(F32)  # [B, Q, N, K]
     logits = jnp.einsum("bqnk,bqhk->bqnh", gathered, q_blk) * scale
-    logits = jnp.where((idx_blk >= 0)[..., None], logits, NEG_INF)
+    logits = jnp.where(((idx_blk >= 0) & (idx_blk < t))[..., None], logits, NEG_INF)  # as the dense forms read it
     return KeyGroup(logits, lambda p: jnp.einsum("bqhn,bqnk->bqhk", p.swapaxes(-1, -2), gathered), heads_last=True)
 
 
@@ -478,8 +478,8 @@ def sparse_attention(q, kv, prev, start, sink, window, entries=None, entry_idx=N
 
     q [B, S, H, K] and kv [B, S, K] (K = V) of the chunk's tokens at positions start[b] + i;
     prev [B, W-1, K]: the keys of positions start[b]-W+1 .. start[b]-1 (invalid where negative);
-    sink [H]. entries [B, T, K] with either entry_idx [B, S, N] (CSA, -1 = invalid) or None (HCA:
-    every entry complete at the query position). Each query block of `block` reads one
+    sink [H]. entries [B, T, K] with either entry_idx [B, S, N] (CSA; -1 or any index outside [0, T):
+    no entry) or None (HCA: every entry complete at the query position). Each query block of `block` reads one
     (block + W - 1)-key slice, so memory is O(S*W), never O(S^2). Returns [B, S, H, K] float32.
     """
     b, s, h, dk = q.shape

@@ -9,7 +9,7 @@ Each query attends, in one online-softmax pass, to
   the W-1 keys before the chunk (`prev`) and the chunk's own keys. Decode form
   (`sparse_attention_decode`): one query reads the slots of a window buffer whose position p
   satisfies pos-W < p <= pos (a ring buffer works as is);
-- compressed entries: CSA reads the N entries named by `entry_idx` (-1 = invalid, skipped); HCA
+- compressed entries: CSA reads the N entries named by `entry_idx` (-1 or out of range: skipped); HCA
   reads every entry w with w < (pos + 1) // ratio;
 - a value-less sink logit per head, in the denominator only.
 One K=V head is shared by all H query heads (MQA): each key chunk is read once per head block and
@@ -145,8 +145,15 @@ def _attend_reference(q, sink, groups, rope):
     return out
 
 
+def _selected(entry_idx: jax.Array, num_entries: int) -> jax.Array:
+    """entry_idx with every index outside [0, num_entries) as -1 (no entry): the kernels read only
+    what this leaves, and a gather would otherwise clamp an index >= T to the last entry."""
+    return jnp.where((entry_idx >= 0) & (entry_idx < num_entries), entry_idx, -1).astype(jnp.int32)
+
+
 def _entry_group(positions, entries, entry_idx, ratio, kind):
     if kind == "csa":  # gather: a repeated index counts twice, as in dsv4.attention.sparse_attention
+        entry_idx = _selected(entry_idx, entries.shape[1])
         gathered = jax.vmap(lambda e, i: e[jnp.maximum(i, 0)])(entries, entry_idx)  # [B, S, N, K]
         return gathered, entry_idx >= 0
     visible = jnp.arange(entries.shape[1]) < ((positions + 1) // ratio)[..., None]  # [B, S, T]
@@ -578,6 +585,8 @@ def _run(plan, q, kv, win_pos, sink, pos, entries, entry_idx, rope):
         return _reference(plan, q, kv, win_pos, sink, pos, entries, entry_idx, rope)
     if entries is not None and plan.kind == "window":
         entries, entry_idx = None, None
+    if entry_idx is not None:
+        entry_idx = _selected(entry_idx, entries.shape[1])
     return _attend(plan, q, kv, win_pos, sink, pos, entries, entry_idx, rope)
 
 
@@ -633,8 +642,8 @@ def sparse_attention(
 
     q [B, S, H, K] and kv [B, S, K] (K = V) of a chunk of tokens at positions start[b] + i;
     prev [B, W-1, K]: the keys of positions start-W+1 .. start-1 (ignored where negative);
-    start [B] int32; sink [H]; window W; entries [B, T, K] with entry_idx [B, S, N] int32 (CSA,
-    -1 = invalid) or None (HCA: entry w visible iff w < (pos + 1) // ratio); rope: optional
+    start [B] int32; sink [H]; window W; entries [B, T, K] with entry_idx [B, S, N] int32 (CSA;
+    -1, or any index outside [0, T): no entry) or None (HCA: entry w visible iff w < (pos + 1) // ratio); rope: optional
     (cos, sin), each [B, S, R/2], the query position's angles, undone on the last R output
     channels (omit it to get the un-rotated output). The whole-sequence forward is start = 0 with
     prev = zeros. backend: "gpu" | "tpu" | "reference" | None (from `jax.default_backend()`);

@@ -65,6 +65,11 @@ def _entry_idx(rng, case, positions):
     positions = np.asarray(positions)
     if case.idx_mode == "random":
         return jnp.asarray(rng.integers(-1, case.t, (*positions.shape, case.n)), jnp.int32)
+    if case.idx_mode == "out_of_range":  # distinct in-range indices, about half replaced by < -1 or >= T
+        shape = (*positions.shape, case.n)
+        idx = np.argsort(rng.random((*positions.shape, case.t)), axis=-1)[..., : case.n]
+        wild = rng.choice([-7, -2, case.t, case.t + 3, 10**6], shape)
+        return jnp.asarray(np.where(rng.random(shape) < 0.5, wild, idx), jnp.int32)
     vis = np.minimum((positions + 1) // case.ratio, case.t)[..., None]
     order = np.argsort(rng.random((*positions.shape, case.t)), axis=-1)[..., : case.n]
     ranked = np.sort(np.where(order < vis, order, case.t), axis=-1)  # visible ones first
@@ -148,6 +153,25 @@ def test_chunk_kernel_matches_model_xla_path(case):
     model = model_sparse_attention(*args.values(), block=4)
     out = sparse_attention(*args.values(), blocks=SMALL, interpret=True)
     _check(out, model, case.dtype)
+
+
+@pytest.mark.parametrize("t", [9, 13], ids=["masked_dense_selection", "gathered_selection"])
+def test_out_of_range_entry_indices_select_nothing(t):
+    """An index outside [0, T) selects no entry, as -1 does, on every path: both kernels, their
+    reference, and the model's XLA path in both of its forms (T <= 2N reads all T under a selection
+    mask; otherwise it gathers, which would clamp an index >= T to the last entry)."""
+    from dsv4.attention import DENSE_SELECTION
+
+    case = Case("csa", 2, 7, 2, 32, 4, t=t, n=5, ratio=2, start=(0, 9), idx_mode="out_of_range")
+    assert (t <= DENSE_SELECTION * case.n) == (t == 9)
+    args = _chunk_inputs(case, seed=t)
+    idx = np.asarray(args["entry_idx"])
+    assert ((idx < -1) | (idx >= t)).any() and ((idx >= 0) & (idx < t)).any()
+    expected = reference(**{**args, "entry_idx": jnp.asarray(np.where((idx >= 0) & (idx < t), idx, -1))})
+    _check(reference(**args), expected, case.dtype)
+    for backend in ("gpu", "tpu"):
+        _check(sparse_attention(**args, blocks=SMALL, backend=backend, interpret=True), expected, case.dtype)
+    _check(model_sparse_attention(*args.values(), block=4), expected, case.dtype)
 
 
 PADDED_TILE_CASES = {  # problems smaller than 16 in every dimension: all padded when compiled for a GPU
