@@ -254,10 +254,15 @@ def check_request(args) -> Request:
 
 
 def _serve(args) -> None:
-    """Check, join the cluster, check the output (process 0), load, generate, write (process 0)."""
-    from sharding.mesh import initialize_distributed
+    """Check, join the cluster, load, generate, write (process 0). Process 0 checks --output before
+    joining when its id is given (or it runs alone): its refusal then stops no other process midway."""
+    from sharding.mesh import distributed_args, initialize_distributed
 
     req = check_request(args)
+    known = distributed_args(args.coordinator, args.num_processes, args.process_id)
+    checked_early = known["process_id"] == 0 or known["num_processes"] == 1
+    if checked_early:
+        check_output(args.output)
     initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
     import jax
 
@@ -267,7 +272,7 @@ def _serve(args) -> None:
     from sharding.rules import validate
 
     writer = jax.process_index() == 0
-    if writer:
+    if writer and not checked_early:  # its id came from the cluster (e.g. a TPU slice)
         check_output(args.output)
     mesh = make_mesh(args.data, args.expert, args.tensor)
     rows = 1

@@ -131,6 +131,22 @@ def test_output_in_a_missing_directory_is_found_before_loading(run, tmp_path):
     assert not out.parent.exists()
 
 
+@pytest.mark.parametrize("cluster", [["--process-id", "0"], ["--num-processes", "1"]], ids=["process_0", "alone"])
+def test_output_is_checked_before_joining_the_cluster(run, tmp_path, monkeypatch, cluster):
+    """Process 0 (its id given) refuses a bad --output before it joins: the other processes are
+    not left waiting in the cluster for a process that already stopped."""
+    import sharding.mesh
+
+    def no_join(*args, **kwargs):
+        raise AssertionError("joined the cluster before checking --output")
+
+    monkeypatch.setattr(sharding.mesh, "initialize_distributed", no_join)
+    if cluster[0] == "--process-id":
+        cluster = [*cluster, "--num-processes", "2", "--coordinator", "localhost:1"]
+    rc, err = run(["--output", str(tmp_path / "nodir" / "out.jsonl"), *cluster])
+    assert rc == 2 and "cannot write in" in _one_error(err)
+
+
 def test_output_that_is_a_directory(run, tmp_path):
     rc, err = run(["--output", str(tmp_path)])
     assert rc == 2 and f"--output {tmp_path}: is a directory" in _one_error(err)
