@@ -388,13 +388,14 @@ def _check_batch(tokens, max_len: int, rt) -> None:
 
 def make_train_step(graphdef, tc: TrainConfig):
     """A jitted `train_step(state, batch) -> (state, metrics)` (state donated). Checks the batch shape.
+    `train_step.lower(state, batch)` gives the lowered step (to read its HLO or cost analysis).
 
     When the model's RuntimeConfig carries a mesh, the state is placed by `train_state_shardings`
     and kept there, and the batch (tokens, mask: [B, S + 1]) is split along the strategy's batch axes.
     """
     compiled = {}
 
-    def train_step(state: TrainState, batch):
+    def placed(state: TrainState, batch):
         if not compiled:
             model = nnx.merge(graphdef, state.params, state.frozen)
             compiled.update(rt=model.rt, cfg=model.cfg)
@@ -403,8 +404,18 @@ def make_train_step(graphdef, tc: TrainConfig):
         if compiled["placement"] is not None:
             state_shardings, rows = compiled["placement"]
             state, batch = jax.device_put(state, state_shardings), jax.device_put(dict(batch), rows)
+        return state, batch
+
+    def train_step(state: TrainState, batch):
+        state, batch = placed(state, batch)  # compiles on the first call
         return compiled["step"](state, batch)
 
+    def lower(state: TrainState, batch):
+        """The step lowered for these arguments, as `jax.jit(...).lower` (e.g. `.compile().as_text()`)."""
+        state, batch = placed(state, batch)
+        return compiled["step"].lower(state, batch)
+
+    train_step.lower = lower
     return train_step
 
 

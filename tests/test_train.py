@@ -189,6 +189,19 @@ def _copy(state):
     return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
 
 
+def test_lower_gives_the_compiled_steps_program(small_step):
+    """`train_step.lower(state, batch)` is the program the step runs (to read its HLO or cost): it
+    counts at least the LM head's forward and backward products for the batch, and runs as the step."""
+    _, step = small_step
+    state, batch = _fresh_state(), {"tokens": tokens(SMALL, seq=16)}
+    compiled = step.lower(state, batch).compile()
+    cost = compiled.cost_analysis()
+    flops = (cost[0] if isinstance(cost, list | tuple) else cost)["flops"]
+    assert flops >= 3 * 2 * (2 * 16) * SMALL.vocab_size * SMALL.hidden_size  # 3 products per weight
+    new_state, metrics = compiled(state, batch)
+    assert int(new_state.step) == 1 and np.isfinite(float(metrics["loss"]))
+
+
 def test_save_restore_continue_is_exact(small_step, tmp_path):
     _, step = small_step
     batches = [{"tokens": tokens(SMALL, seed=s)} for s in range(6)]
