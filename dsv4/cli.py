@@ -54,11 +54,16 @@ def run_command(prog: str, fn, args) -> int:
     try:
         fn(args)
     except _user_errors() as err:
-        if os.environ.get("DSV4_TRACEBACK", "") not in ("", "0"):
+        if wants_traceback():
             raise
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def wants_traceback() -> bool:
+    """DSV4_TRACEBACK=1 (any value but empty or 0): user errors propagate with their traceback."""
+    return os.environ.get("DSV4_TRACEBACK", "") not in ("", "0")
 
 
 # ------------------------------------------------------------------------------------ checkpoints

@@ -15,7 +15,9 @@ weights) into an Orbax checkpoint that dsv4.load(DST, mesh) restores straight in
 
 The whole index is validated against config.json before any heavy work (all problems at once).
 DST appears only when complete (assembled in DST.tmp-dsv4-convert, then renamed); an interrupted
-run leaves no DST, and --resume continues from the last complete unit.
+run leaves no DST, and --resume continues from the last complete unit. A conversion locks its
+temporary directory: a second one to the same DST is refused while the first runs. A DST that is
+a symbolic link is written through it (with --overwrite, the link's target is replaced).
 """
 
 _EPILOG = """\
@@ -93,22 +95,35 @@ def _run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 failed, 130 interrupted)."""
     args = build_parser().parse_args(argv)
+
+    from dsv4.cli import wants_traceback
     from dsv4.config import ConfigError
-    from dsv4.convert import ConvertError, temp_dir
+    from dsv4.convert import ConvertError, destination, temp_dir
     from dsv4.safetensors_io import CheckpointError
 
+    tmp = temp_dir(destination(args.dst))
     try:
         return _run(args)
-    except (ConvertError, CheckpointError, ConfigError, OSError) as err:  # OSError: a path, the disk
-        print(f"dsv4-convert: error: {err}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
-        from pathlib import Path
-
-        tmp = temp_dir(Path(args.dst))
         hint = f"; rerun with --resume to continue from {tmp}" if os.path.isdir(tmp) else ""
         print(f"dsv4-convert: interrupted{hint}", file=sys.stderr)
         return 130
+    except (ConvertError, CheckpointError, ConfigError, OSError) as err:
+        if wants_traceback():
+            raise
+        print(f"dsv4-convert: error: {_error_text(args, err, tmp)}", file=sys.stderr)
+        return 1
+
+
+def _error_text(args, err: Exception, tmp) -> str:
+    """The one-line message: an OSError (a path; the disk full, read-only or gone) names DST, and the
+    unfinished conversion --resume can continue."""
+    if not isinstance(err, OSError):
+        return str(err)
+    hint = ""
+    if not args.verify and os.path.isdir(tmp):
+        hint = f"; the unfinished conversion is kept in {tmp}: once fixed, rerun with --resume (or remove it)"
+    return f"{'verifying' if args.verify else 'converting to'} {args.dst}: {err}{hint}"
 
 
 if __name__ == "__main__":

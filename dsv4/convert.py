@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import functools
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import threading
@@ -98,7 +100,7 @@ class ConvertOptions:
         if self.dtype not in OUTPUT_DTYPES:
             raise ConvertError(f"dtype must be one of {OUTPUT_DTYPES}, got {self.dtype!r}")
         if self.unit_bytes < 1:
-            raise ConvertError(f"unit_bytes must be positive, got {self.unit_bytes}")
+            raise ConvertError(f"unit_bytes (--unit-mb) must be positive, got {self.unit_bytes} bytes")
         if self.layers is not None:
             a, b = self.layers
             if not 0 <= a < b:
@@ -1144,37 +1146,81 @@ def _progress_header(src: Path, index: CheckpointIndex, options: ConvertOptions)
     }
 
 
+def destination(dst) -> Path:
+    """DST as a conversion writes it: a symbolic link is followed to its target, which is replaced
+    (replacing the link itself would leave the target holding the old checkpoint)."""
+    dst = Path(dst)
+    return dst.resolve() if dst.is_symlink() else dst
+
+
 def temp_dir(dst: Path) -> Path:
     """Where a conversion to `dst` is assembled (a sibling, so the final rename stays on one disk)."""
     return dst.parent / (dst.name + TEMP_SUFFIX)
 
 
-def _start_or_resume(tmp: Path, header: dict, resume: bool, log) -> ProgressRecord:
-    """A fresh temp dir with an empty record, or (resume) the existing record if it matches."""
+def _lock_dir(path: Path) -> int:
+    """An exclusive flock on the directory `path` (its open descriptor; closing it releases the lock,
+    as does the process's death). ConvertError when another conversion holds it."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConvertError(
+            f"{path}: another dsv4-convert is writing this conversion now; wait for it to finish, or stop it"
+        ) from None
+    return fd
+
+
+def _changed_options(header: dict, old: dict) -> list[str]:
+    """The header keys that differ, with the option names inside "options"."""
+    diff = []
+    for key in sorted(set(header) | set(old)):
+        if key == "options" and isinstance(old.get(key), dict):
+            new_opts, old_opts = header[key], old[key]
+            diff += [f"{k} ({old_opts.get(k)!r} -> {new_opts.get(k)!r})" for k in sorted(set(new_opts) | set(old_opts))
+                     if new_opts.get(k) != old_opts.get(k)]  # fmt: skip
+        elif header.get(key) != old.get(key):
+            diff.append(key)
+    return diff
+
+
+def _start_or_resume(tmp: Path, header: dict, resume: bool, log) -> tuple[ProgressRecord, int]:
+    """A fresh temp dir with an empty record, or (resume) the existing record if it matches; with the
+    descriptor of the temp dir's lock (`_lock_dir`), which the caller holds until the conversion ends."""
     record_path = tmp / PROGRESS_FILE
-    if resume and record_path.exists():
-        record = ProgressRecord.load(record_path)
-        if record.header != header:
-            diff = sorted(k for k in set(header) | set(record.header) if header.get(k) != record.header.get(k))
-            raise ConvertError(
-                f"{tmp}: cannot resume: the unfinished conversion differs in {diff}; rerun without --resume "
-                "to start over"
-            )
-        for stale in (tmp / PARAMS_DIR).glob("*/.*.tmp"):  # chunk writes cut short by the interruption
-            stale.unlink()
-        log(f"resuming {tmp}: {len(record.completed)} unit(s) already complete")
-        return record
-    if tmp.exists():
-        if not record_path.exists():
-            raise ConvertError(f"{tmp}: exists and is not a dsv4-convert temporary directory; remove it")
-        log(f"removing the unfinished conversion {tmp} (pass --resume to continue it instead)")
-        shutil.rmtree(tmp)
-    elif resume:
-        log(f"nothing to resume at {tmp}: starting from scratch")
-    tmp.mkdir(parents=True)
-    record = ProgressRecord(record_path, header)
-    record.save()
-    return record
+    lock = _lock_dir(tmp) if tmp.is_dir() else None  # refuses while another run writes it
+    try:
+        if resume and record_path.exists():
+            record = ProgressRecord.load(record_path)
+            if record.header != header:
+                raise ConvertError(
+                    f"{tmp}: cannot resume: the unfinished conversion differs in "
+                    f"{', '.join(_changed_options(header, record.header))}; rerun without --resume to start over"
+                )
+            for stale in (tmp / PARAMS_DIR).glob("*/.*.tmp"):  # chunk writes cut short by the interruption
+                stale.unlink()
+            log(f"resuming {tmp}: {len(record.completed)} unit(s) already complete")
+            return record, lock
+        if tmp.exists():
+            if not record_path.exists():
+                raise ConvertError(f"{tmp}: exists and is not a dsv4-convert temporary directory; remove it")
+            log(f"removing the unfinished conversion {tmp} (pass --resume to continue it instead)")
+            shutil.rmtree(tmp)
+        elif resume:
+            log(f"nothing to resume at {tmp}: starting from scratch")
+        tmp.mkdir(parents=True)
+        if lock is not None:  # the removed directory's
+            os.close(lock)
+        lock = None
+        lock = _lock_dir(tmp)
+        record = ProgressRecord(record_path, header)
+        record.save()
+        return record, lock
+    except BaseException:
+        if lock is not None:
+            os.close(lock)
+        raise
 
 
 class _Progress:
@@ -1345,10 +1391,10 @@ def convert(
     """
     start = time.monotonic()
     log = log or (lambda msg: print(msg, flush=True))
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src), destination(dst)
     options = ConvertOptions(dtype, keep_quantized, include_mtp, layers, unit_bytes)
     if workers < 1:
-        raise ConvertError(f"workers must be >= 1, got {workers}")
+        raise ConvertError(f"workers (--workers) must be >= 1, got {workers}")
     _check_destination(src, dst, overwrite)
     cfg = ModelConfig.from_hf_config(src)
     out_cfg = _output_config(cfg, options)
@@ -1357,7 +1403,16 @@ def convert(
     units = plan_units(build_entries(state, index, keep_quantized), options)
     entries = list({e.name: e for u in units for e in u.entries}.values())
     tmp = temp_dir(dst)
-    record = _start_or_resume(tmp, _progress_header(src, index, options), resume, log)
+    record, lock = _start_or_resume(tmp, _progress_header(src, index, options), resume, log)
+    try:
+        return _convert_into(tmp, record, src, dst, cfg, out_cfg, options, index, units, entries, workers, progress,
+                             start)  # fmt: skip
+    finally:
+        os.close(lock)
+
+
+def _convert_into(tmp, record, src, dst, cfg, out_cfg, options, index, units, entries, workers, progress, start):
+    """The heavy part of `convert`, into the locked temporary directory `tmp`; then the rename to DST."""
     store = ArrayStore(tmp / PARAMS_DIR)
     store.create(a for e in entries for a in e.arrays())
     done = set(record.completed)
@@ -1433,6 +1488,22 @@ def _finalize(tmp, dst, src, cfg, options, entries, summary) -> None:
     # record goes last, so a failed swap leaves a temporary directory that --resume can still finish.
     outputs.replace_dir(tmp, dst)
     (dst / PROGRESS_FILE).unlink()
+
+
+def damaged(where: Path, err: Exception, name: str | None = None) -> CheckpointError:
+    """A one-line CheckpointError for an array of a converted checkpoint that cannot be read (Orbax
+    and TensorStore raise long multi-line errors of several types): the array, the first line of
+    the reason, and what to do."""
+    text = str(err)
+    if name is None:
+        found = re.search(rf"{PARAMS_DIR}/([\w.\-]+)", text)
+        name = found.group(1).rstrip(".") if found else None
+    reason = " ".join(text.split())[:300]
+    array = f"array {name}: " if name else ""
+    return CheckpointError(
+        f"{where}: cannot read {array}{type(err).__name__}: {reason}; the checkpoint is damaged or incomplete: "
+        "convert it again"
+    )
 
 
 def read_manifest(path) -> dict:
@@ -1516,6 +1587,8 @@ def verify(src, dst, samples: int = 16, seed: int = 0) -> VerifyReport:
     opts = manifest["options"]
     options = ConvertOptions(**{**opts, "layers": tuple(opts["layers"]) if opts["layers"] else None})
     cfg = ModelConfig.from_hf_config(src)
+    if ModelConfig.from_hf_config(dst) != _output_config(cfg, options):
+        raise ConvertError(f"{dst} was not converted from {src}: their configs differ")
     state = nnx.split(abstract_model(cfg, RuntimeConfig(dtype=options.dtype)))[1]
     index = open_source(src, cfg, release_specs(state))
     entries = [e for u in plan_units(build_entries(state, index, options.keep_quantized), options)
@@ -1527,10 +1600,14 @@ def verify(src, dst, samples: int = 16, seed: int = 0) -> VerifyReport:
     rng = np.random.default_rng(seed)
     picked = [entries[i] for i in sorted(rng.choice(len(entries), min(samples, len(entries)), replace=False))]
     store = ArrayStore(dst / PARAMS_DIR)
-    store.open_existing(a for e in picked for a in e.arrays())
     checked, mismatches = [], []
     for entry in picked:
-        for where, ok in _verify_entry(entry, index, store, weight_block(cfg), rng):
+        try:
+            store.open_existing(entry.arrays())
+            results = list(_verify_entry(entry, index, store, weight_block(cfg), rng))
+        except Exception as err:  # TensorStore's several types: a missing or cut chunk, a bad .zarray
+            raise damaged(dst / PARAMS_DIR, err, entry.name) from err
+        for where, ok in results:
             checked.append(where)
             if not ok:
                 mismatches.append(where)

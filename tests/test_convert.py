@@ -400,3 +400,90 @@ def test_help_states_the_memory_bound(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "2 x the largest unit" in out and "--resume" in out
+
+
+# ------------------------------------------------------------- concurrent runs, damage, links
+
+
+def test_a_second_conversion_to_the_same_destination_is_refused(tmp_path, capsys, flash_ckpt):
+    """While one conversion writes DST.tmp-dsv4-convert (it holds a lock on it), another to the same
+    DST is refused instead of removing or resuming it under the first; once released, it proceeds."""
+    import fcntl
+
+    src, dst = flash_ckpt[0], tmp_path / "dst"
+    tmp = convert.temp_dir(dst)
+    tmp.mkdir()
+    (tmp / convert.PROGRESS_FILE).write_text("{}")
+    fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running conversion holds
+    try:
+        for flags in ([], ["--resume"]):
+            assert main([str(src), str(dst), "--no-progress", *flags]) == 1
+            assert "another dsv4-convert is writing this conversion" in capsys.readouterr().err
+            assert (tmp / convert.PROGRESS_FILE).read_text() == "{}" and not dst.exists()
+    finally:
+        os.close(fd)
+    assert main([str(src), str(dst), "--no-progress"]) == 0  # the unfinished one is replaced
+    assert not tmp.exists() and convert.read_manifest(dst)
+
+
+def test_a_damaged_destination_is_named_on_load_and_verify(tmp_path, capsys, flash_ckpt, converted):
+    """A chunk file deleted or cut short, or an array's directory gone: `load` and `--verify` raise
+    one CheckpointError naming the array (they raised Orbax's and TensorStore's errors, and verify
+    printed a traceback)."""
+    src, dst = flash_ckpt[0], converted["flash", "float32", False]
+    name = "layers.1.attn.wq_b.weight"
+    for damage in ("delete", "truncate", "rmdir"):
+        bad = tmp_path / damage
+        shutil.copytree(dst, bad)
+        array = bad / convert.PARAMS_DIR / name
+        if damage == "delete":
+            (array / "0.0").unlink()
+        elif damage == "truncate":
+            (array / "0.0").write_bytes(b"0123456789")
+        else:
+            shutil.rmtree(array)
+        with pytest.raises(CheckpointError, match=f"cannot read array {name}: .*damaged or incomplete"):
+            load(bad)
+        assert main(["--verify", str(src), str(bad), "--samples", "1000"]) == 1
+        err = capsys.readouterr().err
+        assert f"cannot read array {name}" in err and "Traceback" not in err, err
+
+
+def test_verify_refuses_a_destination_of_another_model(tmp_path, capsys, flash_ckpt, pro_ckpt, converted):
+    assert main(["--verify", str(pro_ckpt[0]), str(converted["flash", "float32", False])]) == 1
+    err = capsys.readouterr().err
+    assert "was not converted from" in err and "Traceback" not in err
+
+
+def test_overwrite_through_a_symbolic_link_replaces_its_target(tmp_path, flash_ckpt):
+    src, target, link = flash_ckpt[0], tmp_path / "target", tmp_path / "link"
+    assert main([str(src), str(target), "--no-progress"]) == 0
+    link.symlink_to(target, target_is_directory=True)
+    assert main([str(src), str(link), "--no-progress", "--dtype", "float32", "--overwrite"]) == 0
+    assert link.is_symlink() and convert.read_manifest(target)["options"]["dtype"] == "float32"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
+
+
+def test_a_disk_error_names_the_destination_and_the_resume(tmp_path, capsys, flash_ckpt, monkeypatch):
+    """An OSError mid-run (a full disk) names DST and keeps the unfinished conversion for --resume."""
+    src, dst = flash_ckpt[0], tmp_path / "dst"
+    real = convert.ArrayStore.create
+
+    def full(self, arrays):
+        real(self, arrays)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(convert.ArrayStore, "create", full)
+    assert main([str(src), str(dst), "--no-progress"]) == 1
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert f"converting to {dst}: [Errno 28] No space left on device" in err
+    assert f"kept in {convert.temp_dir(dst)}: once fixed, rerun with --resume" in err
+    assert main([str(src), str(dst), "--no-progress", "--resume"]) == 0 and convert.read_manifest(dst)
+
+
+def test_dsv4_traceback_shows_the_error(tmp_path, flash_ckpt, monkeypatch):
+    monkeypatch.setenv("DSV4_TRACEBACK", "1")
+    with pytest.raises(convert.ConvertError, match="the model has 5 layers"):
+        main([str(flash_ckpt[0]), str(tmp_path / "a"), "--layers", "3:9", "--no-progress"])
