@@ -487,3 +487,9 @@ def test_dsv4_traceback_shows_the_error(tmp_path, flash_ckpt, monkeypatch):
     monkeypatch.setenv("DSV4_TRACEBACK", "1")
     with pytest.raises(convert.ConvertError, match="the model has 5 layers"):
         main([str(flash_ckpt[0]), str(tmp_path / "a"), "--layers", "3:9", "--no-progress"])
+
+
+def test_a_resume_with_other_options_names_them():
+    new = {"source": "/s", "options": {"dtype": "bfloat16", "unit_bytes": 1, "keep_quantized": False}}
+    old = {"source": "/t", "options": {"dtype": "float32", "unit_bytes": 1, "keep_quantized": False}}
+    assert convert._changed_options(new, old) == ["dtype ('float32' -> 'bfloat16')", "source"]
