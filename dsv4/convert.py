@@ -1160,7 +1160,8 @@ def temp_dir(dst: Path) -> Path:
 
 def _lock_dir(path: Path) -> int:
     """An exclusive flock on the directory `path` (its open descriptor; closing it releases the lock,
-    as does the process's death). ConvertError when another conversion holds it."""
+    as does the process's death). ConvertError when another conversion holds it; on a filesystem
+    that has no flock the descriptor comes back unlocked."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1169,6 +1170,10 @@ def _lock_dir(path: Path) -> int:
         raise ConvertError(
             f"{path}: another dsv4-convert is writing this conversion now; wait for it to finish, or stop it"
         ) from None
+    except OSError as err:  # a filesystem without flock: convert unguarded, as before the lock
+        if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            os.close(fd)
+            raise
     return fd
 
 
@@ -1212,7 +1217,7 @@ def _start_or_resume(tmp: Path, header: dict, resume: bool, log) -> tuple[Progre
         tmp.mkdir(parents=True)
         if lock is not None:  # the removed directory's
             os.close(lock)
-        lock = None
+            lock = None
         lock = _lock_dir(tmp)
         record = ProgressRecord(record_path, header)
         record.save()
