@@ -1495,6 +1495,17 @@ def _finalize(tmp, dst, src, cfg, options, entries, summary) -> None:
     (dst / PROGRESS_FILE).unlink()
 
 
+# What Orbax's and TensorStore's errors say when an array's files are missing, cut or garbled.
+_READ_FAILURES = ("NOT_FOUND", "DATA_LOSS", "FAILED_PRECONDITION", "OUT_OF_RANGE", "not found", "while reading",
+                  "Invalid", "does not exist")  # fmt: skip
+
+
+def unreadable(err: Exception) -> bool:
+    """Whether `err`, raised reading a converted checkpoint's arrays, says their files are damaged
+    (not, say, that device memory ran out)."""
+    return isinstance(err, FileNotFoundError) or any(word in str(err) for word in _READ_FAILURES)
+
+
 def damaged(where: Path, err: Exception, name: str | None = None) -> CheckpointError:
     """A one-line CheckpointError for an array of a converted checkpoint that cannot be read (Orbax
     and TensorStore raise long multi-line errors of several types): the array, the first line of
@@ -1611,6 +1622,8 @@ def verify(src, dst, samples: int = 16, seed: int = 0) -> VerifyReport:
             store.open_existing(entry.arrays())
             results = list(_verify_entry(entry, index, store, weight_block(cfg), rng))
         except Exception as err:  # TensorStore's several types: a missing or cut chunk, a bad .zarray
+            if not unreadable(err):
+                raise
             raise damaged(dst / PARAMS_DIR, err, entry.name) from err
         for where, ok in results:
             checked.append(where)
