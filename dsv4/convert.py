@@ -1409,51 +1409,45 @@ def convert(
     entries = list({e.name: e for u in units for e in u.entries}.values())
     tmp = temp_dir(dst)
     record, lock = _start_or_resume(tmp, _progress_header(src, index, options), resume, log)
-    try:
-        return _convert_into(tmp, record, src, dst, cfg, out_cfg, options, index, units, entries, workers, progress,
-                             start)  # fmt: skip
+    try:  # the heavy part, in the locked temporary directory; then the rename to DST
+        store = ArrayStore(tmp / PARAMS_DIR)
+        store.create(a for e in entries for a in e.arrays())
+        done = set(record.completed)
+        todo = [u for u in units if u.name not in done]
+        bar = _Progress(
+            total_bytes=sum(unit_source_bytes(u, index) for u in units),
+            total_tensors=sum(unit_tensor_count(u, index) for u in units),
+            done_bytes=sum(unit_source_bytes(u, index) for u in units if u.name in done),
+            done_tensors=sum(unit_tensor_count(u, index) for u in units if u.name in done),
+            enabled=progress,
+        )
+        pool = _Pool(workers)
+        # Direct I/O writes wait for the disk without using the CPU: two writer threads per worker.
+        writers = ThreadPoolExecutor(WRITERS_PER_WORKER * workers, thread_name_prefix="dsv4-convert-write")
+        try:
+            reader = SourceReader(index, on_read=bar.add_bytes)
+            store.on_copy = bar.add_bytes
+            builder = UnitBuilder(reader, weight_block(cfg), pool, bar.add_tensors)
+            setup_seconds = time.monotonic() - start
+            _run_units(todo, builder, store, record, writers)
+        finally:
+            writers.shutdown(wait=True, cancel_futures=True)
+            pool.close()
+            bar.close()
+            index.close()
+        largest = max(u.out_bytes() for u in units)
+        summary = ConvertSummary(
+            dst=str(dst), units=len(units), units_resumed=len(units) - len(todo), tensors=bar.tensors,
+            parameters=sum(math.prod(e.shape) for e in entries), bytes_read=bar.bytes_read,
+            bytes_written=_dir_bytes(tmp / PARAMS_DIR), seconds=0.0, setup_seconds=setup_seconds, peak_rss_bytes=0,
+            largest_unit_bytes=largest, memory_bound_bytes=memory_bound(largest, workers),
+        )  # fmt: skip
+        summary.seconds = time.monotonic() - start
+        summary.peak_rss_bytes = peak_rss_bytes()
+        _finalize(tmp, dst, src, out_cfg, options, entries, summary)
+        return summary
     finally:
         os.close(lock)
-
-
-def _convert_into(tmp, record, src, dst, cfg, out_cfg, options, index, units, entries, workers, progress, start):
-    """The heavy part of `convert`, into the locked temporary directory `tmp`; then the rename to DST."""
-    store = ArrayStore(tmp / PARAMS_DIR)
-    store.create(a for e in entries for a in e.arrays())
-    done = set(record.completed)
-    todo = [u for u in units if u.name not in done]
-    bar = _Progress(
-        total_bytes=sum(unit_source_bytes(u, index) for u in units),
-        total_tensors=sum(unit_tensor_count(u, index) for u in units),
-        done_bytes=sum(unit_source_bytes(u, index) for u in units if u.name in done),
-        done_tensors=sum(unit_tensor_count(u, index) for u in units if u.name in done),
-        enabled=progress,
-    )
-    pool = _Pool(workers)
-    # Direct I/O writes wait for the disk without using the CPU: two writer threads per worker.
-    writers = ThreadPoolExecutor(WRITERS_PER_WORKER * workers, thread_name_prefix="dsv4-convert-write")
-    try:
-        reader = SourceReader(index, on_read=bar.add_bytes)
-        store.on_copy = bar.add_bytes
-        builder = UnitBuilder(reader, weight_block(cfg), pool, bar.add_tensors)
-        setup_seconds = time.monotonic() - start
-        _run_units(todo, builder, store, record, writers)
-    finally:
-        writers.shutdown(wait=True, cancel_futures=True)
-        pool.close()
-        bar.close()
-        index.close()
-    largest = max(u.out_bytes() for u in units)
-    summary = ConvertSummary(
-        dst=str(dst), units=len(units), units_resumed=len(units) - len(todo), tensors=bar.tensors,
-        parameters=sum(math.prod(e.shape) for e in entries), bytes_read=bar.bytes_read,
-        bytes_written=_dir_bytes(tmp / PARAMS_DIR), seconds=0.0, setup_seconds=setup_seconds, peak_rss_bytes=0,
-        largest_unit_bytes=largest, memory_bound_bytes=memory_bound(largest, workers),
-    )  # fmt: skip
-    summary.seconds = time.monotonic() - start
-    summary.peak_rss_bytes = peak_rss_bytes()
-    _finalize(tmp, dst, src, out_cfg, options, entries, summary)
-    return summary
 
 
 def _manifest(src: Path, cfg: ModelConfig, options: ConvertOptions, entries: list[Entry]) -> dict:
