@@ -12,6 +12,7 @@ weights) into an Orbax checkpoint that dsv4.load(DST, mesh) restores straight in
 
   dsv4-convert SRC DST [options]        convert
   dsv4-convert --verify SRC DST         re-read a sample of tensors from both sides, compare exactly
+                                        (with the options DST was converted with: it takes no others)
 
 The whole index is validated against config.json before any heavy work (all problems at once).
 DST appears only when complete (assembled in DST.tmp-dsv4-convert, then renamed); an interrupted
@@ -30,9 +31,12 @@ whatever the checkpoint size. With the defaults the largest unit is about 1.07 G
 in bfloat16, Flash in float32) or 1.9 GB (Pro in float32: the MTP block), so expect at most
 about 2.7 GB (4.3 GB for Pro in float32) plus 32 MiB per worker.
 disk: DST needs about 2 bytes (bfloat16) or 4 bytes (float32) per parameter (Flash ~0.58 / 1.2 TB,
-Pro ~3.2 / 6.4 TB), or about the size of SRC with --keep-quantized. Chunks of 1 MiB or more are
-written with direct I/O (O_DIRECT: no copy into the page cache), or buffered where the filesystem
-refuses it (tmpfs, some network filesystems). Each worker has two writer threads.
+Pro ~3.2 / 6.4 TB), or about the size of SRC with --keep-quantized; a conversion that would not fit
+in the free space of DST's filesystem stops before writing (--no-space-check to go on anyway). Each
+unit is flushed to the disk (syncfs) before the progress record counts it, so --resume is safe
+after a crash or power cut. Chunks of 1 MiB or more are written with direct I/O (O_DIRECT: no copy
+into the page cache), or buffered where the filesystem refuses it (tmpfs, some network
+filesystems). Each worker has two writer threads.
 """
 
 
@@ -65,7 +69,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST (a dsv4 checkpoint)")
     p.add_argument("--unit-mb", type=int, default=1024, help="target output size of a unit in MiB (default 1024)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-space-check",
+        action="store_true",
+        help="convert even when DST's filesystem reports less free space than the output needs",
+    )
     return p  # fmt: skip
+
+
+# Options of a conversion, which --verify (it reads the options DST was converted with) does not take.
+_CONVERSION_ONLY = ("dtype", "keep_quantized", "workers", "no_mtp", "layers", "resume", "overwrite", "unit_mb",
+                    "no_progress", "no_space_check")  # fmt: skip
+
+
+def _check_mode(parser: argparse.ArgumentParser, args) -> None:
+    """Exit with a usage error when an option of the other mode (convert / --verify) is given."""
+    if args.verify:
+        given = [name for name in _CONVERSION_ONLY if getattr(args, name) != parser.get_default(name)]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            parser.error(f"--verify compares DST with SRC as DST was converted; it takes no {flags}")
+    elif args.samples != parser.get_default("samples"):
+        parser.error("--samples applies to --verify only")
 
 
 def _run(args) -> int:
@@ -87,6 +112,7 @@ def _run(args) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         unit_bytes=args.unit_mb << 20,
+        space_check=not args.no_space_check,
     )
     print(summary.format())
     return 0
@@ -94,7 +120,9 @@ def _run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 failed, 130 interrupted)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_mode(parser, args)
 
     from dsv4.cli import wants_traceback
     from dsv4.config import ConfigError

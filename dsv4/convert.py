@@ -22,7 +22,10 @@ On-disk layout of DST:
 
 The temporary directory `DST.tmp-dsv4-convert` holds a partial conversion and its progress record;
 it becomes DST by one rename at the end, so an interrupted run leaves no DST and `resume=True`
-continues with the units not yet recorded as complete.
+continues with the units not yet recorded as complete. A unit is recorded only once its chunk files
+are on the disk (`sync_filesystem`), so a resume after a crash or a power cut never skips a unit
+whose writes were still in the page cache. Before any heavy work the converter checks that DST's
+filesystem has room for what is left to write (`check_space`).
 
 Layouts come from the release name table (`dsv4.checkpoint.release_specs`): each parameter's
 `ParamSpec.assemble` is probed once on small arrays to establish which layout it is ("copy",
@@ -32,6 +35,7 @@ keep-quantized model applies it on the fly (`dsv4.quantized.QuantizedWeight`).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
 import fcntl
@@ -1146,6 +1150,39 @@ def _progress_header(src: Path, index: CheckpointIndex, options: ConvertOptions)
     }
 
 
+def _libc_syncfs():
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNCFS = _libc_syncfs()
+
+
+def sync_filesystem(path: Path) -> None:
+    """Put everything written to the filesystem holding `path` on the disk: file data, sizes and
+    renames (syncfs(2); sync(2) where the C library lacks it or refuses). Direct I/O skips the page
+    cache but not the filesystem's journal, so a chunk file's size and name need this too."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _SYNCFS is None or _SYNCFS(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+def check_space(where: Path, needed: int, dst: Path) -> None:
+    """ConvertError naming DST when the filesystem holding `where` has less than `needed` bytes free."""
+    free = shutil.disk_usage(where).free
+    if needed > free:
+        raise ConvertError(
+            f"{dst}: not enough disk space: the conversion has about {needed / 1e9:.2f} GB left to write and "
+            f"the filesystem holding {where} has {free / 1e9:.2f} GB free; free some space, or pass "
+            "--no-space-check (space_check=False) if the filesystem reports less than it can hold"
+        )
+
+
 def destination(dst) -> Path:
     """DST as a conversion writes it: a symbolic link is followed to its target, which is replaced
     (replacing the link itself would leave the target holding the old checkpoint)."""
@@ -1365,6 +1402,7 @@ def _finish(unit: Unit, futures: list, buffers: list, builder: UnitBuilder, reco
     for f in futures:
         f.result()
     builder.buffers.release(buffers)
+    sync_filesystem(record.path.parent)  # the unit's chunks on the disk before the record says so
     record.mark(unit.name)
     if delay:
         time.sleep(delay)
@@ -1387,11 +1425,13 @@ def convert(
     progress: bool = True,
     unit_bytes: int = DEFAULT_UNIT_BYTES,
     log: Callable[[str], None] | None = None,
+    space_check: bool = True,
 ) -> ConvertSummary:
     """Convert the release checkpoint SRC into the Orbax checkpoint DST (see the module docstring).
 
     Everything is validated before any heavy work: the destination, the config, and every tensor
-    of the index against the config (all problems reported at once). Raises ConvertError,
+    of the index against the config (all problems reported at once), then (`space_check`) the free
+    space on DST's filesystem against the output still to write. Raises ConvertError,
     CheckpointError or ConfigError with a message naming the file (and tensor).
     """
     start = time.monotonic()
@@ -1410,10 +1450,12 @@ def convert(
     tmp = temp_dir(dst)
     record, lock = _start_or_resume(tmp, _progress_header(src, index, options), resume, log)
     try:  # the heavy part, in the locked temporary directory; then the rename to DST
-        store = ArrayStore(tmp / PARAMS_DIR)
-        store.create(a for e in entries for a in e.arrays())
         done = set(record.completed)
         todo = [u for u in units if u.name not in done]
+        if space_check:
+            _check_space_or_clean(tmp, dst, sum(u.out_bytes() for u in todo), fresh=not done)
+        store = ArrayStore(tmp / PARAMS_DIR)
+        store.create(a for e in entries for a in e.arrays())
         bar = _Progress(
             total_bytes=sum(unit_source_bytes(u, index) for u in units),
             total_tensors=sum(unit_tensor_count(u, index) for u in units),
@@ -1450,6 +1492,16 @@ def convert(
         os.close(lock)
 
 
+def _check_space_or_clean(tmp: Path, dst: Path, needed: int, fresh: bool) -> None:
+    """`check_space`; a fresh run it stops leaves no temporary directory behind (a resumed one keeps its work)."""
+    try:
+        check_space(tmp, needed, dst)
+    except ConvertError:
+        if fresh:
+            shutil.rmtree(tmp)
+        raise
+
+
 def _manifest(src: Path, cfg: ModelConfig, options: ConvertOptions, entries: list[Entry]) -> dict:
     converted_layers = options.layers or (0, cfg.num_hidden_layers)
     return {
@@ -1483,6 +1535,7 @@ def _finalize(tmp, dst, src, cfg, options, entries, summary) -> None:
     for name in COPIED_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, tmp / name)
+    sync_filesystem(tmp)  # the metadata on the disk before DST names it
     # --overwrite: the old checkpoint is swapped out, and put back should the swap fail. The progress
     # record goes last, so a failed swap leaves a temporary directory that --resume can still finish.
     outputs.replace_dir(tmp, dst)

@@ -493,3 +493,82 @@ def test_a_resume_with_other_options_names_them():
     new = {"source": "/s", "options": {"dtype": "bfloat16", "unit_bytes": 1, "keep_quantized": False}}
     old = {"source": "/t", "options": {"dtype": "float32", "unit_bytes": 1, "keep_quantized": False}}
     assert convert._changed_options(new, old) == ["dtype ('float32' -> 'bfloat16')", "source"]
+
+
+def test_too_little_disk_space_stops_before_writing(tmp_path, capsys, flash_ckpt, monkeypatch):
+    """A conversion that would not fit stops before any chunk is written, naming DST, what is left to
+    write and what is free; it leaves no temporary directory. --no-space-check converts anyway."""
+    src, dst = flash_ckpt[0], tmp_path / "dst"
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(convert.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    assert main([str(src), str(dst), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"dsv4-convert: error: {dst}: not enough disk space" in err and "0.00 GB free" in err
+    assert "--no-space-check" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert main([str(src), str(dst), "--no-progress", "--no-space-check"]) == 0 and convert.read_manifest(dst)
+
+
+def _spy(fn, note):
+    """fn, calling note(*args) before each call."""
+
+    def wrapper(*args):
+        note(*args)
+        return fn(*args)
+
+    return wrapper
+
+
+def test_a_resume_checks_space_for_the_units_left_and_keeps_its_work(tmp_path, flash_ckpt, monkeypatch):
+    src, dst = flash_ckpt[0], tmp_path / "dst"
+    small = {"progress": False, "unit_bytes": 1 << 16, "log": lambda msg: None}
+
+    def stop_after_two(record, unit):
+        if len(record.completed) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert.ProgressRecord, "mark", _spy(convert.ProgressRecord.mark, stop_after_two))
+    with pytest.raises(KeyboardInterrupt):
+        convert.convert(src, dst, **small)
+    monkeypatch.undo()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(convert.shutil, "disk_usage", lambda path: usage._replace(free=1))
+    with pytest.raises(convert.ConvertError, match="not enough disk space"):
+        convert.convert(src, dst, resume=True, **small)
+    assert len(convert.ProgressRecord.load(convert.temp_dir(dst) / convert.PROGRESS_FILE).completed) == 2
+    monkeypatch.undo()
+    needs = []
+    monkeypatch.setattr(convert, "check_space", _spy(convert.check_space, lambda where, n, d: needs.append(n)))
+    assert convert.convert(src, dst, resume=True, **small).units_resumed == 2
+    assert convert.convert(src, tmp_path / "fresh", **small).units > 2
+    assert 0 < needs[0] < needs[1]  # the resume counts only the units left
+
+
+def test_a_unit_is_on_the_disk_before_the_record_counts_it(tmp_path, flash_ckpt, monkeypatch):
+    """Every unit's chunk files are flushed (syncfs) after its writes finish and before it is marked
+    complete, and once more before the rename to DST: a resume after a power cut skips no unit
+    whose writes were still in the page cache."""
+    events = []
+    for owner, name in ((convert, "sync_filesystem"), (convert.ProgressRecord, "mark"),
+                        (convert.ArrayStore, "write_chunk")):  # fmt: skip
+        monkeypatch.setattr(owner, name, _spy(getattr(owner, name), lambda *a, name=name: events.append(name)))
+    summary = convert.convert(flash_ckpt[0], tmp_path / "dst", progress=False, unit_bytes=1 << 16)
+    marks = [i for i, e in enumerate(events) if e == "mark"]
+    assert len(marks) == summary.units > 2
+    assert all(events[i - 1] == "sync_filesystem" for i in marks)  # no write between a flush and its record
+    assert events[marks[-1] + 1 :] == ["sync_filesystem"]  # and the last flush before the rename
+
+
+def test_verify_takes_no_conversion_options(capsys, tmp_path):
+    """--verify reads DST's own conversion options: giving it others (which it used to ignore) is a
+    usage error naming them, as --samples is without --verify."""
+    for extra in (["--dtype", "float32"], ["--resume", "--overwrite"], ["--workers", "2"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--verify", "src", str(tmp_path / "dst"), *extra])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "--verify compares DST with SRC as DST was converted; it takes no" in err
+        assert all(flag in err for flag in extra if flag.startswith("--"))
+    with pytest.raises(SystemExit):
+        main(["src", str(tmp_path / "dst"), "--samples", "3"])
+    assert "--samples applies to --verify only" in capsys.readouterr().err
