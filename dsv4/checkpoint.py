@@ -177,6 +177,15 @@ def _scale_problems(index, present, name: str, shape: tuple[int, ...], weight_dt
     return problems
 
 
+PROBLEMS_SHOWN = 40  # problems listed in an error; a checkpoint of another model has thousands
+
+
+def problem_report(header: str, problems: list[str], limit: int = PROBLEMS_SHOWN) -> str:
+    """`header`, then the first `limit` problems one per line and how many more there are."""
+    more = [f"... and {len(problems) - limit} more"] if len(problems) > limit else []
+    return header + "\n  " + "\n  ".join(problems[:limit] + more)
+
+
 def validate_index(index, specs: list[ParamSpec], block: tuple[int, int]) -> list[str]:
     """Every problem of a checkpoint index against the expected tensors, all at once."""
     problems, used, present = [], set(), set(index.names())

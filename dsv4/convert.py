@@ -58,7 +58,7 @@ import tensorstore as ts
 from flax import nnx
 
 from dsv4 import outputs, quant
-from dsv4.checkpoint import ParamSpec, ReleaseTensor, release_specs, validate_index
+from dsv4.checkpoint import ParamSpec, ReleaseTensor, problem_report, release_specs, validate_index
 from dsv4.config import ModelConfig, RuntimeConfig
 from dsv4.loading import weight_block
 from dsv4.model import abstract_model
@@ -433,8 +433,9 @@ def open_source(src: Path, cfg: ModelConfig, specs: list[ParamSpec]) -> Checkpoi
     index = CheckpointIndex(src)  # validates shard headers: truncation, sizes, duplicates, listing
     problems = validate_index(index, specs, weight_block(cfg))
     if problems:
+        where = src / INDEX_FILE if (src / INDEX_FILE).is_file() else src  # or a single file's directory
         raise CheckpointError(
-            f"{src / INDEX_FILE}: {len(problems)} problem(s) against {src / 'config.json'}:\n  " + "\n  ".join(problems)
+            problem_report(f"{where}: {len(problems)} problem(s) against {src / 'config.json'}:", problems)
         )
     return index
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dsv4.checkpoint import ParamSpec, read_dequantized, release_specs, validate_index
+from dsv4.checkpoint import ParamSpec, problem_report, read_dequantized, release_specs, validate_index
 from dsv4.config import ModelConfig, RuntimeConfig
 from dsv4.model import DeepseekV4, abstract_model
 from dsv4.safetensors_io import CheckpointError, CheckpointIndex
@@ -66,7 +66,7 @@ def load_hf(
     problems = validate_index(index, specs, block)
     if problems:
         raise CheckpointError(
-            f"checkpoint {path} does not match its config.json:\n  " + "\n  ".join(problems)
+            problem_report(f"checkpoint {path} does not match its config.json ({len(problems)} problem(s)):", problems)
         )
     if mesh is not None:
         check_divisible(state, mesh, get_rules(strategy))

@@ -8,6 +8,7 @@ measured 0). Bad inputs fail before any work with a message naming the file and 
 
 import json
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -20,10 +21,17 @@ from flax import nnx
 
 import dsv4
 from dsv4 import convert
+from dsv4.checkpoint import PROBLEMS_SHOWN
 from dsv4.cli_convert import main
 from dsv4.quantized import QuantizedWeight, materialize
 from dsv4.restore import load
-from dsv4.safetensors_io import CheckpointError, CheckpointIndex, write_sharded_checkpoint
+from dsv4.safetensors_io import (
+    INDEX_FILE,
+    CheckpointError,
+    CheckpointIndex,
+    write_safetensors,
+    write_sharded_checkpoint,
+)
 
 SEQ = 64
 
@@ -368,6 +376,23 @@ def test_every_problem_is_reported_at_once(tmp_path, capsys, flash_ckpt):
     src = _rewrite(flash_ckpt[0], tmp_path / "src", mutate)
     words = ["3 problem(s)", "layers.0.attn.wkv.weight", "layers.2.attn.wq_b.weight", "layers.3.extra"]
     _expect_failure(capsys, src, tmp_path / "dst", words)
+
+
+def test_a_single_file_source_with_many_problems(tmp_path, capsys, flash_ckpt):
+    """A source without an index (one model.safetensors) is named as the directory, not as an index
+    it does not have, and thousands of problems are counted past the first PROBLEMS_SHOWN."""
+    src = tmp_path / "src"
+    src.mkdir()
+    index = CheckpointIndex(flash_ckpt[0])
+    names = [n for n in index.names() if not n.startswith("layers.")]
+    dtypes = {n: index.info(n).dtype for n in names if index.info(n).dtype == "F8_E8M0"}
+    write_safetensors(src / "model.safetensors", {n: index.read(n) for n in names}, dtypes)
+    shutil.copy(flash_ckpt[0] / "config.json", src / "config.json")
+    assert main([str(src), str(tmp_path / "dst"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    total = int(re.search(rf"error: {re.escape(str(src))}: (\d+) problem\(s\)", err).group(1))
+    assert total > PROBLEMS_SHOWN and INDEX_FILE not in err
+    assert err.rstrip().endswith(f"... and {total - PROBLEMS_SHOWN} more")
 
 
 def test_existing_destination_is_refused(tmp_path, capsys, flash_ckpt):

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import dsv4
+from dsv4.checkpoint import PROBLEMS_SHOWN
 from dsv4.safetensors_io import INDEX_FILE, SafetensorsFile, read_header, write_safetensors
 
 # Tensors of TINY_FLASH used below (layers 0, 1 sliding + hash-routed; 2, 4 CSA; 3 HCA).
@@ -413,3 +414,21 @@ def test_several_problems_reported_together(ckpt):
     assert re.search(names(str(ckpt.dir), scale_of(FP8), "missing scale"), message)
     assert re.search(names(missing_shard, bogus, "unknown tensor"), message)
     assert len(message.splitlines()) == 1 + 3, message  # a heading, then one line per problem
+
+
+def test_thousands_of_problems_are_counted_not_all_listed(ckpt):
+    """A checkpoint far from its config (here: every main-layer tensor gone) lists the first
+    PROBLEMS_SHOWN problems and counts the rest, instead of a message of thousands of lines."""
+    before = ckpt.weight_map()
+    gone = [name for name in before if name.startswith("layers.")]
+    weight_map = {name: shard for name, shard in before.items() if name not in gone}
+    for shard in set(before.values()):
+        tensors, dtypes = ckpt.read_shard(shard)
+        ckpt.write_shard(shard, {k: v for k, v in tensors.items() if k not in gone}, dtypes)
+    ckpt.set_weight_map(weight_map)
+    with pytest.raises(dsv4.CheckpointError) as err:
+        ckpt.load()
+    lines = str(err.value).splitlines()
+    total = int(re.search(r"\((\d+) problem\(s\)\)", lines[0]).group(1))
+    assert total > PROBLEMS_SHOWN and "missing" in lines[1]
+    assert len(lines) == 1 + PROBLEMS_SHOWN + 1 and lines[-1] == f"  ... and {total - PROBLEMS_SHOWN} more"
