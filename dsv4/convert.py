@@ -1590,17 +1590,21 @@ def read_manifest(path) -> dict:
 
 @dataclasses.dataclass
 class VerifyReport:
-    """Which arrays were compared and which differed."""
+    """Which arrays were compared and which differed: `parameters` sampled (`--samples`), each one
+    array, or two for a quantized weight (data and scale), or one such per expert of two sampled
+    experts of a stacked expert parameter."""
 
     checked: list[str]
     mismatches: list[str]
+    parameters: int = 0
 
     @property
     def ok(self) -> bool:
         return not self.mismatches
 
     def format(self) -> str:
-        lines = [f"verified {len(self.checked)} array(s): {len(self.mismatches)} mismatch(es)"]
+        lines = [f"verified {self.parameters} parameter(s), {len(self.checked)} array(s) or expert slices: "
+                 f"{len(self.mismatches)} mismatch(es)"]  # fmt: skip
         lines += [f"  MISMATCH {m}" for m in self.mismatches]
         return "\n".join(lines)
 
@@ -1677,4 +1681,4 @@ def verify(src, dst, samples: int = 16, seed: int = 0) -> VerifyReport:
             checked.append(where)
             if not ok:
                 mismatches.append(where)
-    return VerifyReport(checked, mismatches)
+    return VerifyReport(checked, mismatches, len(picked))

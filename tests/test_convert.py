@@ -175,6 +175,8 @@ def test_verify_passes_and_catches_a_corrupted_chunk(tmp_path, capsys, flash_ckp
     src, dst = flash_ckpt[0], converted["flash", "float32", False]
     assert main(["--verify", str(src), str(dst), "--samples", "1000"]) == 0
     assert "0 mismatch" in capsys.readouterr().out
+    assert main(["--verify", str(src), str(dst), "--samples", "5"]) == 0
+    assert capsys.readouterr().out.startswith("verified 5 parameter(s), ")  # --samples counts parameters
     bad = tmp_path / "bad"
     shutil.copytree(dst, bad)
     chunk = bad / convert.PARAMS_DIR / "layers.1.attn.wq_b.weight" / "0.0"
