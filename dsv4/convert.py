@@ -35,6 +35,7 @@ keep-quantized model applies it on the fly (`dsv4.quantized.QuantizedWeight`).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -1570,6 +1571,19 @@ def damaged(where: Path, err: Exception, name: str | None = None) -> CheckpointE
     )
 
 
+@contextlib.contextmanager
+def reporting_damage(where: Path, name: str | None = None):
+    """Reading the arrays of a converted checkpoint under `where`: an error that says their files are
+    missing or cut (`unreadable`; Orbax's and TensorStore's several types) becomes `damaged`'s
+    one-line CheckpointError; any other passes unchanged."""
+    try:
+        yield
+    except Exception as err:
+        if not unreadable(err):
+            raise
+        raise damaged(where, err, name) from err
+
+
 def read_manifest(path) -> dict:
     """DST's dsv4_checkpoint.json, checked for format and version."""
     file = Path(path) / MANIFEST_FILE
@@ -1670,13 +1684,9 @@ def verify(src, dst, samples: int = 16, seed: int = 0) -> VerifyReport:
     store = ArrayStore(dst / PARAMS_DIR)
     checked, mismatches = [], []
     for entry in picked:
-        try:
+        with reporting_damage(dst / PARAMS_DIR, entry.name):  # a missing or cut chunk, a bad .zarray
             store.open_existing(entry.arrays())
             results = list(_verify_entry(entry, index, store, weight_block(cfg), rng))
-        except Exception as err:  # TensorStore's several types: a missing or cut chunk, a bad .zarray
-            if not unreadable(err):
-                raise
-            raise damaged(dst / PARAMS_DIR, err, entry.name) from err
         for where, ok in results:
             checked.append(where)
             if not ok:

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from dsv4.config import ModelConfig, RuntimeConfig
-from dsv4.convert import PARAMS_DIR, damaged, read_manifest, unreadable
+from dsv4.convert import PARAMS_DIR, read_manifest, reporting_damage
 from dsv4.model import DeepseekV4, abstract_model
 from dsv4.params import logical_axes
 from dsv4.quantized import QuantizedWeight, quantized_axes
@@ -141,14 +141,10 @@ def load(
     mesh = mesh or single_device_mesh()
     where = path / PARAMS_DIR
     targets = _plan_restore(state, param_shardings(state, mesh, rules), manifest, mesh, rules, where, allow_partial)
-    try:
+    with reporting_damage(where):
         restored = ocp.PyTreeCheckpointer().restore(
             where.resolve(), args=ocp.args.PyTreeRestore(item=targets.item, restore_args=targets.args)
         )
-    except Exception as err:  # Orbax's and TensorStore's several types, for a missing or cut array
-        if not unreadable(err):
-            raise
-        raise damaged(where, err) from err
     _fill_state(state, restored, manifest.get("quantized", {}))
     return nnx.merge(graphdef, state)
 
