@@ -61,6 +61,11 @@ def run_command(prog: str, fn, args) -> int:
     return 0
 
 
+def flag(dest: str) -> str:
+    """The command-line flag of an argparse destination: "max_new_tokens" -> "--max-new-tokens"."""
+    return "--" + dest.replace("_", "-")
+
+
 def wants_traceback() -> bool:
     """DSV4_TRACEBACK=1 (any value but empty or 0): user errors propagate with their traceback."""
     return os.environ.get("DSV4_TRACEBACK", "") not in ("", "0")

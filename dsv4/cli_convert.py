@@ -84,10 +84,12 @@ _CONVERSION_ONLY = ("dtype", "keep_quantized", "workers", "no_mtp", "layers", "r
 
 def _check_mode(parser: argparse.ArgumentParser, args) -> None:
     """Exit with a usage error when an option of the other mode (convert / --verify) is given."""
+    from dsv4.cli import flag
+
     if args.verify:
         given = [name for name in _CONVERSION_ONLY if getattr(args, name) != parser.get_default(name)]
         if given:
-            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            flags = ", ".join(flag(name) for name in given)
             parser.error(f"--verify compares DST with SRC as DST was converted; it takes no {flags}")
     elif args.samples != parser.get_default("samples"):
         parser.error("--samples applies to --verify only")

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dsv4 import corpus, outputs
-from dsv4.cli import CLIError, run_command
+from dsv4.cli import CLIError, flag, run_command
 from dsv4.config import ModelConfig
 from dsv4.outputs import paths_overlap
 from dsv4.xla_flags import program_defaults
@@ -137,7 +137,7 @@ def train_parser() -> argparse.ArgumentParser:
 def _check_args(args, cfg: ModelConfig) -> None:
     for name in ("batch", "seq_len", "steps", "eval_every", "eval_windows", "save_every", "keep"):
         if getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+            raise CLIError(f"{flag(name)} must be positive, got {getattr(args, name)}")
     if args.seq_len > cfg.max_position_embeddings:
         raise CLIError(
             f"--seq-len {args.seq_len} exceeds max_position_embeddings {cfg.max_position_embeddings} of the config"
@@ -161,19 +161,19 @@ def _train_config(args):
     from dsv4 import train
 
     try:
-        return train.TrainConfig(**{field: getattr(args, flag) for field, flag in _TRAIN_FLAGS.items()})
+        return train.TrainConfig(**{field: getattr(args, dest) for field, dest in _TRAIN_FLAGS.items()})
     except ValueError as err:
         field, _, reason = str(err).partition(": ")
-        flag = _TRAIN_FLAGS.get(field)
-        raise CLIError(f"--{flag.replace('_', '-')}: {reason}" if flag else str(err)) from None
+        dest = _TRAIN_FLAGS.get(field)
+        raise CLIError(f"{flag(dest)}: {reason}" if dest else str(err)) from None
 
 
 def _report_changes(changes: dict[str, tuple]) -> None:
     """One stderr line naming the optimisation flags a --resume changed (allowed: e.g. more --steps)."""
     named = []
     for field, (old, new) in changes.items():
-        flag = _TRAIN_FLAGS.get(field)
-        named.append(f"{'--' + flag.replace('_', '-') if flag else 'TrainConfig.' + field} {new} (the run's: {old})")
+        dest = _TRAIN_FLAGS.get(field)
+        named.append(f"{flag(dest) if dest else 'TrainConfig.' + field} {new} (the run's: {old})")
     if named:
         print(f"--resume: continuing with {'; '.join(named)}", file=sys.stderr)
 
@@ -186,14 +186,14 @@ def _has_entries(path: Path) -> bool:
 def _check_paths(args) -> None:
     """Refuse an unusable --out / --export before anything is read, trained or written."""
     out, export = args.out, args.export
-    for flag, path in (("--out", out), ("--export", export)):
+    for option, path in (("--out", out), ("--export", export)):
         if path is not None and path.exists() and not path.is_dir():
-            raise CLIError(f"{flag} {path} exists and is not a directory")
+            raise CLIError(f"{option} {path} exists and is not a directory")
     if export is not None and paths_overlap(out, export):
         raise CLIError(f"--export {export} and --out {out} must be separate directories, neither inside the other")
-    for flag, path in (("--out", out), ("--export", export)):
+    for option, path in (("--out", out), ("--export", export)):
         if path is not None:
-            outputs.check_creatable(path, flag)  # a ValueError: one line, as every user error
+            outputs.check_creatable(path, option)  # a ValueError: one line, as every user error
     if args.resume:
         if not (out / "checkpoints").is_dir():
             raise CLIError(f"--resume: no checkpoints in {out}")
@@ -266,7 +266,7 @@ def _check_resume_data(out: Path, record: dict) -> None:
     except (ValueError, UnicodeDecodeError) as err:
         raise CLIError(f"--resume: {path} is not the JSON record dsv4-train writes ({err})") from None
     changed = [f for f in _DATA_FLAGS if old.get(f, record[f]) != record[f]]
-    diffs = [f"--{f.replace('_', '-')} {record[f]} (the run's: {old[f]})" for f in changed]
+    diffs = [f"{flag(f)} {record[f]} (the run's: {old[f]})" for f in changed]
     if old.get("corpus_sha256", record["corpus_sha256"]) != record["corpus_sha256"]:
         diffs.append(f"--corpus {record['corpus']} (other text than the run's {old.get('corpus')})")
     if diffs:
