@@ -48,17 +48,34 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def run_command(prog: str, fn, args) -> int:
     """`fn(args)` for the console script `prog`: 0, or 2 after one line `prog: error: ...` on a user error.
 
-    With DSV4_TRACEBACK=1 in the environment the error propagates with its traceback instead (a
-    ValueError from deep inside jax reads as a user error too).
+    A closed stdout (`prog ... | head`) ends the command quietly with 0; Ctrl-C with one line and
+    130 (the shell's status for SIGINT). With DSV4_TRACEBACK=1 in the environment the error
+    propagates with its traceback instead (a ValueError from deep inside jax reads as a user error
+    too).
     """
     try:
         fn(args)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as command-line tools do
+        _silence_stdout()
+        return 0
+    except KeyboardInterrupt:
+        if wants_traceback():
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     except _user_errors() as err:
         if wants_traceback():
             raise
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush of a closed pipe raises nothing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def flag(dest: str) -> str:
@@ -108,11 +125,11 @@ def load_model(path: Path, dtype: str, **placement):
 
 
 def parse_ids(text: str) -> list[int]:
-    """'1,2,3' -> [1, 2, 3]; CLIError on anything else."""
+    """'1,2,3' (or '1, 2, 3', or '1 2 3') -> [1, 2, 3]; CLIError on anything else."""
     try:
-        ids = [int(part) for part in text.replace(" ", "").split(",") if part != ""]
+        ids = [int(part) for part in text.replace(",", " ").split()]
     except ValueError:
-        raise CLIError(f"--prompt-ids: expected comma-separated integers like 1,2,3, got {text!r}") from None
+        raise CLIError(f"--prompt-ids: expected integers separated by commas or spaces (1,2,3), got {text!r}") from None
     if not ids:
         raise CLIError("--prompt-ids: no token ids given")
     return ids
@@ -149,11 +166,18 @@ def _prompt_ids(args, path: Path):
     from dsv4.tokenizer import format_chat, load_tokenizer
 
     chat = args.chat or args.thinking
+    if args.system and not chat:
+        raise CLIError("--system is the system turn of --chat or --thinking; add one of them, or leave --system out")
+    if args.no_bos and (chat or args.prompt_ids is not None):
+        raise CLIError("--no-bos applies to a plain text --prompt (--chat lays out its own tokens, --prompt-ids "
+                       "are used as given)")  # fmt: skip
     if args.prompt_ids is not None:
         if chat:
             raise CLIError("--chat/--thinking need a text --prompt, not --prompt-ids")
         tok = optional_tokenizer(path)
         return parse_ids(args.prompt_ids), tok
+    for option, text in (("--prompt", args.prompt), ("--system", args.system)):
+        _check_utf8(option, text)
     tok = load_tokenizer(path)
     if chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -161,6 +185,15 @@ def _prompt_ids(args, path: Path):
         ]
         return tok.encode(format_chat(messages, thinking=args.thinking), add_bos=False), tok
     return tok.encode(args.prompt, add_bos=not args.no_bos), tok
+
+
+def _check_utf8(option: str, text: str) -> None:
+    """CLIError when a command-line text holds bytes that are not UTF-8 (Python keeps them as
+    surrogate escapes, which no tokenizer takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise CLIError(f"{option}: not valid UTF-8 (byte {err.object[err.start]!r} at character {err.start})") from None
 
 
 def optional_tokenizer(path: Path):
@@ -296,6 +329,11 @@ def info_lines(cfg: ModelConfig, context: int, cache_format: str, batch: int = 1
 
     if context < 1 or batch < 1:
         raise CLIError(f"--context and --batch must be >= 1, got {context} and {batch}")
+    if context > cfg.max_position_embeddings:
+        raise CLIError(
+            f"--context {context:,}: the model takes at most {cfg.max_position_embeddings:,} tokens per sequence "
+            "(max_position_embeddings)"
+        )
     counts = parameter_counts(cfg)
     kinds = cfg.layer_kinds
     nbytes = cache_bytes(cfg, batch, context, cache_format)

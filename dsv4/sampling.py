@@ -16,6 +16,7 @@ array, scalar or one value per row [B] (one compiled program serves every value)
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 
 import jax
@@ -43,16 +44,19 @@ class SamplingParams:
                 )
 
 
+_INT32_MAX = 2**31 - 1  # top_k travels as an int32 (any k >= the vocabulary keeps every token)
+
+
 def check_sampling_args(temperature, top_k, top_p) -> None:
     """ValueError for a setting that is neither a number nor an array (a string, None, a bool), or
     a Python number outside its domain; arrays (traced or not) pass."""
     for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
         if not (_is_static(value) or isinstance(value, jax.Array | np.ndarray)):  # a bool is neither
             raise ValueError(f"{name} must be a number or an array, got {value!r}")
-    if _is_static(temperature) and not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if _is_static(top_k) and (not isinstance(top_k, numbers.Integral) or top_k < 0):
-        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if _is_static(temperature) and not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature!r}")
+    if _is_static(top_k) and (not isinstance(top_k, numbers.Integral) or not 0 <= top_k <= _INT32_MAX):
+        raise ValueError(f"top_k must be an integer in [0, {_INT32_MAX}] (0 = off), got {top_k!r}")
     if _is_static(top_p) and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
 

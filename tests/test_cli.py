@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -233,7 +234,12 @@ def test_generate_prompt_ids_without_tokenizer_prints_ids(capsys, flash_ckpt):
     "argv, match",
     [
         (["--prompt", "hi"], "no tokenizer.json"),
-        (["--prompt-ids", "1,x"], "comma-separated integers"),
+        (["--prompt-ids", "1,x"], "separated by commas or spaces"),
+        (["--prompt-ids", "3", "--temperature", "inf"], "temperature must be finite"),  # sampled uniformly
+        (["--prompt-ids", "3", "--temperature", "1", "--top-k", str(2**31)], r"top_k must be an integer in"),
+        (["--prompt-ids", "3", "--no-bos"], "--no-bos applies to a plain text --prompt"),  # was ignored
+        (["--prompt", "hi", "--system", "be terse"], "--system is the system turn of --chat"),  # was ignored
+        (["--prompt", "caf\udce9"], r"--prompt: not valid UTF-8 \(byte '\\udce9' at character 3\)"),
         (["--prompt-ids", "3,9999"], "outside the vocabulary"),
         (["--prompt-ids", "0,-1"], "outside the vocabulary"),  # was an OverflowError echoing the prompt
         (["--prompt-ids", "3,4", "--chat"], "need a text --prompt"),
@@ -251,6 +257,29 @@ def test_generate_user_errors_are_one_line(capsys, flash_ckpt, argv, match):
     assert re.search(match, err), err
     if match == "no tokenizer.json":
         assert str(path) in err
+
+
+def test_prompt_ids_take_commas_or_spaces():
+    assert cli.parse_ids("1 2 3") == cli.parse_ids("1,2,3") == cli.parse_ids(" 1, 2 ,3 ") == [1, 2, 3]
+    assert cli.parse_ids("12, 34 5") == [12, 34, 5]  # was [12, 345]: the spaces were removed first
+
+
+def test_a_closed_pipe_ends_quietly_and_ctrl_c_in_one_line(capsys, monkeypatch, tmp_path):
+    """`dsv4-generate ... | head` ended with "error: [Errno 32] Broken pipe" and status 2; Ctrl-C with a
+    traceback."""
+
+    def closed(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    stdout = (tmp_path / "out").open("w")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert cli.run_command("dsv4-x", closed, None) == 0
+    stdout.close()
+    assert cli.run_command("dsv4-x", interrupted, None) == 130
+    assert capsys.readouterr().err == "dsv4-x: interrupted\n"
 
 
 def test_generate_refuses_a_directory_that_is_no_checkpoint(capsys, tmp_path):
@@ -318,6 +347,9 @@ def test_info_reads_a_config_path_and_refuses_nonsense(capsys, flash_ckpt):
     assert cli.info_main(["--config", "nonexistent-preset", "--context", "10"]) == 2
     assert "--config" in capsys.readouterr().err
     assert cli.info_main(["--config", "flash", "--context", "0"]) == 2
+    capsys.readouterr()
+    assert cli.info_main(["--config", "flash", "--context", str(4 * 2**20)]) == 2  # reported cache bytes before
+    assert "--context 4,194,304: the model takes at most 1,048,576 tokens" in capsys.readouterr().err
 
 
 def test_default_checkpoint_json_files_are_valid():

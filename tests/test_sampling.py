@@ -138,6 +138,9 @@ def test_unfiltered_frequencies_follow_softmax():
         ({"temperature": -1.0}, "temperature"),
         ({"top_k": -1}, "top_k"),
         ({"top_k": 2.5}, "top_k"),
+        ({"top_k": 2**31}, "top_k"),  # an OverflowError inside jit
+        ({"temperature": float("inf")}, "temperature must be finite"),  # sampled uniformly
+        ({"temperature": float("nan")}, "temperature must be finite"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"temperature": "-1"}, "temperature must be a number or an array, got '-1'"),

@@ -105,8 +105,8 @@ def test_text_prompt_without_tokenizer_names_the_checkpoint(run, tmp_path):
     [
         (["--strategy", "bogus"], "--strategy: unknown sharding strategy 'bogus'; known: ['dp_ep', "),
         (["--top-p", "2"], "top_p must be in (0, 1] (1 = off), got 2.0"),
-        (["--temperature", "-1"], "temperature must be >= 0"),
-        (["--top-k", "-3"], "top_k must be an integer >= 0"),
+        (["--temperature", "-1"], "temperature must be finite and >= 0"),
+        (["--top-k", "-3"], "top_k must be an integer in [0, 2147483647] (0 = off), got -3"),
         (["--coordinator", "nohost"], "coordinator must be host:port, got 'nohost'"),
         (["--seed", str(2**64)], "--seed: seed must be an integer in [0, 2**32), got 18446744073709551616"),
     ],
