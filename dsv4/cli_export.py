@@ -22,6 +22,7 @@ or one that is not a checkpoint) print one line `dsv4-export: error: ...` and ex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="training checkpoint step to export (default: the latest)")
     p.add_argument("--tokenizer", type=Path, metavar="DIR", help="copy tokenizer.json (+ config files) from DIR")
     p.add_argument("--no-mtp", action="store_true", help="leave out the MTP block (config gets 0 MTP layers)")
-    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint at OUT (one with a config.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a checkpoint at OUT (a config.json, shards, index and tokenizer files, nothing else)")
     p.add_argument(
         "--max-shard-size",
         default="4GiB",
@@ -154,7 +156,8 @@ def load_training_checkpoint(path: Path, step: int | None = None):
     from dsv4.config import ModelConfig
 
     step = _pick_step(path, step)
-    meta = _read_meta(path, step)
+    with _reporting_damage(path, step):
+        meta = _read_meta(path, step)
     if not isinstance(meta, dict) or "model_config" not in meta:
         raise ExportError(f"{path}/{step}: the checkpoint's meta has no model_config")
     cfg = ModelConfig.from_hf_config(meta["model_config"])
@@ -162,10 +165,32 @@ def load_training_checkpoint(path: Path, step: int | None = None):
     graphdef, like = _abstract_train_state(cfg, tc)
     ckpt = train.Checkpointer(path, cfg, tc)
     try:
-        state = ckpt.restore(like, step)
+        with _reporting_damage(path, step):
+            state = ckpt.restore(like, step)
     finally:
         ckpt.close()
     return nnx.merge(graphdef, state.params, state.frozen), step
+
+
+@contextlib.contextmanager
+def _reporting_damage(path: Path, step: int):
+    """Orbax's errors for a step whose files are missing, cut or garbled (a KeyError for a missing
+    item, a ValueError for bad JSON, TensorStore's several types) as one ExportError naming the step
+    and the other steps to try."""
+    from dsv4.convert import unreadable
+
+    try:
+        yield
+    except Exception as err:
+        if not (isinstance(err, KeyError | ValueError) or unreadable(err)):
+            raise
+        others = [s for s in training_steps(path) if s != step]
+        hint = f"; try --step {others[-1]} (steps: {', '.join(map(str, others))})" if others else ""
+        reason = " ".join(str(err).split())[:200]
+        raise ExportError(
+            f"{path}/{step}: cannot read this training checkpoint step ({type(err).__name__}: {reason}); it is "
+            f"damaged or incomplete{hint}"
+        ) from err
 
 
 def load_any(path: Path, step: int | None = None):
@@ -205,6 +230,19 @@ def check_paths(args) -> Path | None:
     return next((d for d in _tokenizer_candidates(args.ckpt) if (d / "tokenizer.json").is_file()), None)
 
 
+def check_tokenizer(directory: Path, vocab_size: int) -> None:
+    """ExportError unless `directory`'s tokenizer loads and its ids fit the model's vocabulary (a
+    smaller tokenizer is fine: released vocabularies are padded)."""
+    from dsv4.tokenizer import load_tokenizer
+
+    size = load_tokenizer(directory).vocab_size  # TokenizerError naming the file when unreadable
+    if size > vocab_size:
+        raise ExportError(
+            f"{directory / 'tokenizer.json'}: {size} tokens, more than the model's vocab_size {vocab_size}: "
+            "not this model's tokenizer"
+        )
+
+
 def _tokenizer_candidates(ckpt: Path) -> tuple[Path, ...]:
     """Where CKPT's tokenizer may be: CKPT itself, or for a dsv4-train RUN/checkpoints, RUN/tokenizer."""
     return (ckpt, ckpt.parent / "tokenizer") if ckpt.name == "checkpoints" else (ckpt,)
@@ -225,6 +263,8 @@ def run(args) -> Path:
     args.ckpt = run_directory_checkpoints(args.ckpt)
     tokenizer_dir = check_paths(args)
     model, source = load_any(args.ckpt, args.step)
+    if tokenizer_dir is not None:
+        check_tokenizer(tokenizer_dir, model.cfg.vocab_size)
     out = export.export_release(
         model,
         None,

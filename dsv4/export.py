@@ -35,9 +35,11 @@ from flax import nnx
 from dsv4 import checkpoint, outputs, quant
 from dsv4.config import ModelConfig, QuantizationConfig
 from dsv4.model import DeepseekV4
-from dsv4.safetensors_io import write_sharded_checkpoint
+from dsv4.quantized import materialize
+from dsv4.safetensors_io import INDEX_FILE, write_sharded_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+EXPORT_FILES = ("config.json", "generation_config.json", INDEX_FILE, *TOKENIZER_FILES)  # beside the shards
 EXPERT_FORMATS = ("fp4", "fp8")
 SCALE_FORMATS = ("ue8m0", "float")
 DEFAULT_SHARD_BYTES = 4 * 2**30
@@ -181,7 +183,7 @@ def release_tensors(state: nnx.State, fmt: StorageFormat, include_mtp: bool = Tr
     for spec in checkpoint.release_specs(state):
         if not include_mtp and spec.path[0] == "mtp":
             continue
-        value = np.asarray(flat[spec.path].get_value())
+        value = np.asarray(materialize(flat[spec.path].get_value()))  # a --keep-quantized weight: dense
         if np.issubdtype(value.dtype, np.floating) or value.dtype == ml_dtypes.bfloat16:
             value = value.astype(np.float32)
         for t, array in zip(spec.tensors, release_arrays(spec, value), strict=True):
@@ -211,11 +213,21 @@ def copy_tokenizer(src, dst) -> list[str]:
     return copied
 
 
+def _foreign_entries(out_dir: Path) -> list[str]:
+    """Entries of `out_dir` that an export does not write (EXPORT_FILES and *.safetensors shards)."""
+    return sorted(p.name for p in out_dir.iterdir()
+                  if not (p.is_file() and (p.name in EXPORT_FILES or p.suffix == ".safetensors")))  # fmt: skip
+
+
 def check_out_dir(out_dir: Path, overwrite: bool, option: str = "overwrite=True") -> None:
     """FileExistsError unless `out_dir` may be written: absent, empty, or (with `overwrite`) a
-    checkpoint directory (holding a config.json, as an earlier export does). Other contents are
-    never replaced: a mistyped OUT must not delete someone's files. `option`: how the caller
-    asks for `overwrite`, for the message."""
+    checkpoint directory holding only what an export writes (config.json, shards, index, tokenizer
+    files). Other contents are never replaced: a mistyped OUT must not delete someone's files, nor
+    an export over a downloaded release its README or code. A mount point is refused too: the
+    finished export takes OUT's place by a rename, which a mount point does not allow. `option`:
+    how the caller asks for `overwrite`, for the message."""
+    if os.path.ismount(out_dir):
+        raise FileExistsError(f"{out_dir}: a mount point, which an export cannot replace; write into a folder in it")
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return
     if not overwrite:
@@ -223,6 +235,13 @@ def check_out_dir(out_dir: Path, overwrite: bool, option: str = "overwrite=True"
     if not (out_dir / "config.json").is_file():
         raise FileExistsError(
             f"{out_dir}: not empty and not a checkpoint (no config.json); {option} replaces only a checkpoint"
+        )
+    foreign = _foreign_entries(out_dir)
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(
+            f"{out_dir}: holds files an export does not write ({listed}); {option} would delete them with the "
+            "checkpoint: move them away first"
         )
 
 
@@ -266,7 +285,9 @@ def export_release(
         write_sharded_checkpoint(tmp, stored, overrides, max_shard_bytes)
         _write_side_files(tmp, release_config(cfg, fmt, include_mtp), tokenizer_dir)
         outputs.replace_dir(tmp, out_dir)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno is not None:  # a full or read-only disk: name the export
+            raise OSError(err.errno, f"cannot write the export {out_dir}: {err.strerror}") from err
         raise
     return out_dir

@@ -60,7 +60,11 @@ def replace_dir(fresh, dst) -> None:
         return
     attic = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old."))
     old = attic / "old"
-    os.replace(dst, old)
+    try:
+        os.replace(dst, old)
+    except BaseException:  # dst cannot move (a mount point, a busy directory): leave no attic behind
+        attic.rmdir()
+        raise
     try:
         os.replace(fresh, dst)
     except BaseException:

@@ -97,7 +97,8 @@ def _plan_restore(state, shardings, manifest, mesh, rules, where, allow_partial)
     if missing and not allow_partial:
         raise CheckpointError(
             f"{where}: {len(missing)} parameter(s) missing (partial conversion?), e.g. {missing[:3]}; "
-            "pass allow_partial=True to load the rest"
+            "a partial (dsv4-convert --layers) checkpoint loads only from Python, with "
+            "dsv4.load(..., allow_partial=True); convert without --layers for the console scripts"
         )
     return targets
 

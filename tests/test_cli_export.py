@@ -174,8 +174,91 @@ def test_overwrite_replaces_a_checkpoint_at_out(training_ckpt, tmp_path):
     path, models = training_ckpt
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old.txt").write_text("x")
     (out / "config.json").write_text("{}")
+    (out / "model-00009-of-00009.safetensors").write_text("stale shard")
     assert cli_export.main([str(path), str(out), "--overwrite", "--step", "2"]) == 0
-    assert not (out / "old.txt").exists()
+    assert not (out / "model-00009-of-00009.safetensors").exists()
     _assert_loads_back_rounded(out, models[2])
+
+
+def test_overwrite_keeps_files_an_export_does_not_write(training_ckpt, tmp_path, capsys):
+    """--overwrite onto a directory with a config.json beside other files (a project, a downloaded
+    release with its README and code) used to delete them all; now it names them and writes nothing."""
+    path, _ = training_ckpt
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "NOTES.md").write_text("mine")
+    (out / "src").mkdir()
+    err = _error([path, out, "--overwrite"], capsys)
+    assert f"{out}: holds files an export does not write (NOTES.md, src); --overwrite would delete them" in err
+    assert sorted(p.name for p in out.iterdir()) == ["NOTES.md", "config.json", "src"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]
+
+
+def test_a_mount_point_out_is_refused_before_loading(training_ckpt, tmp_path, capsys, monkeypatch):
+    """A mount point cannot be renamed over: the export failed at the end with EBUSY (and left an
+    attic directory beside it)."""
+    import os
+
+    path, _ = training_ckpt
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: str(p) == str(tmp_path / "mnt") or real(p))
+    (tmp_path / "mnt").mkdir()
+    assert "a mount point, which an export cannot replace" in _error([path, tmp_path / "mnt"], capsys)
+
+
+def test_a_keep_quantized_conversion_exports_as_the_dense_one(exported_latest, tmp_path):
+    """A `dsv4-convert --keep-quantized` checkpoint (FP8/FP4 weights kept with their scales) exported
+    with a traceback; it now exports the same values as the float32 conversion."""
+    from dsv4 import convert
+
+    src, _ = exported_latest
+    for keep in (False, True):
+        convert.convert(src, tmp_path / f"conv-{keep}", dtype="float32", keep_quantized=keep, progress=False)
+        assert cli_export.main([str(tmp_path / f"conv-{keep}"), str(tmp_path / f"out-{keep}")]) == 0
+    _assert_same_values(tmp_path / "out-False", tmp_path / "out-True")
+
+
+def test_a_tokenizer_that_does_not_fit_is_refused(training_ckpt, tmp_path, capsys):
+    """An unreadable tokenizer.json, or one with more tokens than the model's vocabulary, was copied
+    into OUT and failed only later, in dsv4-generate."""
+    from release_fixture import write_tiny_tokenizer
+
+    path, _ = training_ckpt
+    big = tmp_path / "big"
+    big.mkdir()
+    write_tiny_tokenizer(big, SMALL.vocab_size + 300)
+    err = _error([path, tmp_path / "o1", "--tokenizer", big], capsys)
+    assert f"{big / 'tokenizer.json'}: {SMALL.vocab_size + 300} tokens, more than the model's vocab_size" in err
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "tokenizer.json").write_text("garbage")
+    assert str(garbage) in _error([path, tmp_path / "o2", "--tokenizer", garbage], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "garbage"]
+
+
+def test_a_damaged_training_step_is_named_with_the_steps_to_try(training_ckpt, tmp_path, capsys):
+    import shutil
+
+    path, _ = training_ckpt
+    broken = tmp_path / "ckpt"
+    shutil.copytree(path, broken)
+    shutil.rmtree(broken / "5" / "state")
+    err = _error([broken, tmp_path / "o1"], capsys)
+    assert f"{broken}/5: cannot read this training checkpoint step" in err and "try --step 2 (steps: 2)" in err
+    (broken / "5" / "meta" / "metadata").write_text("{not json")
+    assert f"{broken}/5: cannot read this training checkpoint step" in _error([broken, tmp_path / "o2"], capsys)
+    assert cli_export.main([str(broken), str(tmp_path / "o3"), "--step", "2"]) == 0
+
+
+def test_a_full_disk_names_the_export(training_ckpt, tmp_path, capsys, monkeypatch):
+    from dsv4 import export
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "write_sharded_checkpoint", full)
+    err = _error([training_ckpt[0], tmp_path / "out"], capsys)
+    assert f"cannot write the export {tmp_path / 'out'}: No space left on device" in err
+    assert list(tmp_path.iterdir()) == []

@@ -149,9 +149,14 @@ def test_refuses_a_non_empty_directory_and_replaces_a_checkpoint_with_overwrite(
     with pytest.raises(FileExistsError, match="not a checkpoint"):  # not someone's other files
         export.export_release(model, None, target, overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
-    (target / "config.json").write_text("{}")  # an (earlier) checkpoint: replaced
+    (target / "config.json").write_text("{}")  # a checkpoint beside other files: they are named, not deleted
+    with pytest.raises(FileExistsError, match=r"holds files an export does not write \(keep.txt\)"):
+        export.export_release(model, None, target, overwrite=True)
+    (target / "keep.txt").unlink()
+    (target / "model-00007-of-00007.safetensors").write_text("stale")  # an (earlier) checkpoint: replaced
     export.export_release(model, None, target, overwrite=True)
-    assert not (target / "keep.txt").exists() and (target / "model.safetensors.index.json").exists()
+    assert not (target / "model-00007-of-00007.safetensors").exists()
+    assert (target / "model.safetensors.index.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temporary directories left
 
 

@@ -89,6 +89,21 @@ def test_replace_dir_puts_the_old_directory_back_when_the_swap_fails(tmp_path, m
     assert _listing(tmp_path) == ["ckpt", "fresh"]
 
 
+def test_replace_dir_leaves_nothing_behind_when_dst_cannot_move(tmp_path, monkeypatch):
+    """DST that refuses to move (a mount point: EBUSY) leaves neither an attic nor a changed DST."""
+    dst = _tree(tmp_path / "ckpt", {"config.json": "old"})
+    fresh = _tree(tmp_path / "fresh", {"config.json": "new"})
+
+    def busy(a, b):
+        raise OSError(16, "Device or resource busy")
+
+    monkeypatch.setattr(os, "replace", busy)
+    with pytest.raises(OSError, match="busy"):
+        outputs.replace_dir(fresh, dst)
+    monkeypatch.undo()
+    assert _listing(tmp_path) == ["ckpt", "fresh"] and (dst / "config.json").read_text() == "old"
+
+
 def test_paths_overlap(tmp_path):
     a = tmp_path / "a"
     assert outputs.paths_overlap(a, a) and outputs.paths_overlap(a, a / "b") and outputs.paths_overlap(a / "b", a)
