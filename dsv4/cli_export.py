@@ -101,7 +101,12 @@ def checkpoint_kind(path: Path) -> str:
         raise ExportError(f"{path}: no such checkpoint directory")
     if path.is_dir() and training_steps(path):
         return "training"
-    return layout_kind(path)  # "converted" | "release", as dsv4-generate reads them
+    try:
+        return layout_kind(path)  # "converted" | "release", as dsv4-generate reads them
+    except CLIError as err:
+        if not path.is_dir():
+            raise
+        raise ExportError(f"{err}, nor a training checkpoint (step folders, or a dsv4-train --out RUN)") from None
 
 
 def _pick_step(path: Path, step: int | None) -> int:

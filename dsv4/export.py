@@ -262,7 +262,8 @@ def export_release(
       model_or_state: a DeepseekV4, or its nnx.State (then `cfg` is required).
       cfg: the architecture; None takes `model.cfg`.
       out_dir: target directory; created, or replaced when `overwrite` and it holds a checkpoint
-        (a config.json); any other non-empty directory is refused (`check_out_dir`).
+        (a config.json); any other non-empty directory is refused (`check_out_dir`). A symbolic
+        link is followed: its target is written (or replaced).
       max_shard_bytes: shard size bound (a larger single tensor gets a shard of its own).
       scale_fmt: FP8 scales as "ue8m0" (F8_E8M0 bytes, as released) or "float" (F32, as Base).
       include_mtp: False drops `mtp.*` and writes num_nextn_predict_layers 0.
@@ -277,6 +278,8 @@ def export_release(
     fmt = StorageFormat(scale_fmt, expert_format, *(() if block is None else (tuple(block),)))
     stored, overrides = release_tensors(state, fmt, include_mtp)
     out_dir = Path(out_dir)
+    if out_dir.is_symlink():  # written through: replacing the link would leave its target as it was
+        out_dir = out_dir.resolve()
     check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp."))

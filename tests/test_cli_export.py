@@ -155,7 +155,8 @@ def test_bad_inputs_are_refused_naming_the_path(training_ckpt, exported_latest, 
     assert f"{missing}: no such checkpoint" in _error([missing, tmp_path / "o1"], capsys)
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "notes.txt").write_text("x")
-    assert f"{tmp_path / 'plain'}: not a checkpoint" in _error([tmp_path / "plain", tmp_path / "o2"], capsys)
+    err = _error([tmp_path / "plain", tmp_path / "o2"], capsys)
+    assert f"{tmp_path / 'plain'}: not a checkpoint" in err and "nor a training checkpoint" in err
     assert "not a directory" in _error([tmp_path / "plain" / "notes.txt", tmp_path / "o3"], capsys)
     assert "no step 7 (steps: 2, 5)" in _error([path, tmp_path / "o4", "--step", "7"], capsys)
     assert "--step applies to training checkpoints" in _error([release, tmp_path / "o5", "--step", "2"], capsys)
@@ -262,3 +263,18 @@ def test_a_full_disk_names_the_export(training_ckpt, tmp_path, capsys, monkeypat
     err = _error([training_ckpt[0], tmp_path / "out"], capsys)
     assert f"cannot write the export {tmp_path / 'out'}: No space left on device" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_symlinked_out_is_written_through(training_ckpt, tmp_path):
+    """OUT a symbolic link: its target gets the export (the link was replaced by a directory, the
+    target left as it was), as dsv4-convert does."""
+    path, models = training_ckpt
+    target, link = tmp_path / "target", tmp_path / "link"
+    assert cli_export.main([str(path), str(target), "--step", "5"]) == 0
+    link.symlink_to(target, target_is_directory=True)
+    assert cli_export.main([str(path), str(link), "--step", "2", "--overwrite"]) == 0
+    assert link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
+    _assert_loads_back_rounded(target, models[2])
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "new", target_is_directory=True)
+    assert cli_export.main([str(path), str(dangling)]) == 0 and (tmp_path / "new" / "config.json").is_file()
