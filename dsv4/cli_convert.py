@@ -77,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p  # fmt: skip
 
 
-# Options of a conversion, which --verify (it reads the options DST was converted with) does not take.
+# Options of a conversion, which --verify (it reads the options DST was converted with) does not take
+# (--no-progress it tolerates: it has no progress bar to hide).
 _CONVERSION_ONLY = ("dtype", "keep_quantized", "workers", "no_mtp", "layers", "resume", "overwrite", "unit_mb",
-                    "no_progress", "no_space_check")  # fmt: skip
+                    "no_space_check")  # fmt: skip
 
 
 def _check_mode(parser: argparse.ArgumentParser, args) -> None:
