@@ -182,7 +182,7 @@ def _reporting_damage(path: Path, step: int):
     """Orbax's errors for a step whose files are missing, cut or garbled (a KeyError for a missing
     item, a ValueError for bad JSON, TensorStore's several types) as one ExportError naming the step
     and the other steps to try."""
-    from dsv4.convert import unreadable
+    from dsv4.convert import root_cause, short_reason, unreadable
 
     try:
         yield
@@ -191,10 +191,10 @@ def _reporting_damage(path: Path, step: int):
             raise
         others = [s for s in training_steps(path) if s != step]
         hint = f"; try --step {others[-1]} (steps: {', '.join(map(str, others))})" if others else ""
-        reason = " ".join(str(err).split())[:200]
+        root = root_cause(err)
         raise ExportError(
-            f"{path}/{step}: cannot read this training checkpoint step ({type(err).__name__}: {reason}); it is "
-            f"damaged or incomplete{hint}"
+            f"{path}/{step}: cannot read this training checkpoint step ({type(root).__name__}: "
+            f"{short_reason(root)[:200]}); it is damaged or incomplete{hint}"
         ) from err
 
 

@@ -1555,18 +1555,34 @@ def unreadable(err: Exception) -> bool:
     return isinstance(err, FileNotFoundError) or any(word in str(err) for word in _READ_FAILURES)
 
 
+_TENSORSTORE_TAIL = re.compile(r"\s*(?:See full TensorStore details|\[source locations|\[tensorstore_spec)")
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost exception `err` was raised from (TensorStore's says which chunk file is wrong;
+    Orbax's wrappers quote a whole TensorStore spec)."""
+    while (inner := err.__cause__ or err.__context__) is not None:
+        err = inner
+    return err
+
+
+def short_reason(err: BaseException) -> str:
+    """`err`'s message on one line, without TensorStore's spec and source locations."""
+    return _TENSORSTORE_TAIL.split(" ".join(str(err).split()))[0]
+
+
 def damaged(where: Path, err: Exception, name: str | None = None) -> CheckpointError:
     """A one-line CheckpointError for an array of a converted checkpoint that cannot be read (Orbax
-    and TensorStore raise long multi-line errors of several types): the array, the first line of
-    the reason, and what to do."""
-    text = str(err)
+    and TensorStore raise long multi-line errors of several types): the array, the innermost
+    reason (without TensorStore's spec and source locations), and what to do."""
+    root = root_cause(err)
     if name is None:
-        found = re.search(rf"{PARAMS_DIR}/([\w.\-]+)", text)
+        found = re.search(rf"{PARAMS_DIR}/([\w.\-]+)", f"{root} {err}")
         name = found.group(1).rstrip(".") if found else None
-    reason = " ".join(text.split())[:300]
+    reason = short_reason(root)
     array = f"array {name}: " if name else ""
     return CheckpointError(
-        f"{where}: cannot read {array}{type(err).__name__}: {reason}; the checkpoint is damaged or incomplete: "
+        f"{where}: cannot read {array}{type(root).__name__}: {reason[:300]}; the checkpoint is damaged or incomplete: "
         "convert it again"
     )
 

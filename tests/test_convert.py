@@ -470,8 +470,11 @@ def test_a_damaged_destination_is_named_on_load_and_verify(tmp_path, capsys, fla
             (array / "0.0").write_bytes(b"0123456789")
         else:
             shutil.rmtree(array)
-        with pytest.raises(CheckpointError, match=f"cannot read array {name}: .*damaged or incomplete"):
+        with pytest.raises(CheckpointError, match=f"cannot read array {name}: .*damaged or incomplete") as err:
             load(bad)
+        assert "TensorStore details" not in str(err.value) and "tensorstore_spec" not in str(err.value)
+        if damage == "delete":  # the innermost reason: which chunk file is missing
+            assert f'{name}/0.0" is missing' in str(err.value), err.value
         assert main(["--verify", str(src), str(bad), "--samples", "1000"]) == 1
         err = capsys.readouterr().err
         assert f"cannot read array {name}" in err and "Traceback" not in err, err
