@@ -1478,7 +1478,6 @@ def convert(
             writers.shutdown(wait=True, cancel_futures=True)
             pool.close()
             bar.close()
-            index.close()
         largest = max(u.out_bytes() for u in units)
         summary = ConvertSummary(
             dst=str(dst), units=len(units), units_resumed=len(units) - len(todo), tensors=bar.tensors,
@@ -1490,7 +1489,8 @@ def convert(
         summary.peak_rss_bytes = peak_rss_bytes()
         _finalize(tmp, dst, src, out_cfg, options, entries, summary)
         return summary
-    finally:
+    finally:  # also when the space check stops the run before the work starts
+        index.close()
         os.close(lock)
 
 
