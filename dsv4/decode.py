@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from dsv4.cache import Cache
-from dsv4.model import DeepseekV4, check_token_shape, check_vocabulary
+from dsv4.model import DeepseekV4, check_integer_ids, check_token_shape, check_vocabulary
 
 
 def extend(model: DeepseekV4, tokens: jax.Array, lengths: jax.Array, cache: Cache, last_only: bool = False):
@@ -88,6 +88,8 @@ def check_tokens(tokens, lengths, cache: Cache, vocab_size: int) -> None:
     """Host-side validation before any device work: clear errors instead of silent garbage."""
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)
     check_token_shape(tokens)
+    check_integer_ids(tokens)
+    check_integer_ids(lengths, "lengths")
     if tokens.shape[0] != cache.lengths.shape[0]:
         raise ValueError(
             f"tokens have batch {tokens.shape[0]} but the cache was made for {cache.lengths.shape[0]}"

@@ -154,8 +154,12 @@ def check_prompt(name: int | str, prompt, vocab: int | float) -> list[int]:
 
 def check_prompts(prompts, vocab: int) -> list[list[int]]:
     """Prompts as lists of ints; ValueError for a non-list, an empty prompt or an out-of-range id."""
-    if isinstance(prompts, str | bytes) or not isinstance(prompts, Sequence | np.ndarray) or not len(prompts):
-        raise ValueError("prompts must be a non-empty list of token-id lists")
+    if isinstance(prompts, jax.Array):
+        prompts = np.asarray(prompts)  # its rows' elements then read as numpy integers
+    if isinstance(prompts, str | bytes) or not isinstance(prompts, Sequence | np.ndarray):
+        raise ValueError(f"prompts must be a non-empty list of token-id lists, got {type(prompts).__name__}")
+    if not len(prompts):
+        raise ValueError("prompts must be a non-empty list of token-id lists, got an empty one")
     return [check_prompt(i, p, vocab) for i, p in enumerate(prompts)]
 
 

@@ -263,10 +263,15 @@ def check_token_shape(tokens) -> None:
 def check_token_ids(tokens, vocab: int, name: str = "tokens") -> None:
     """ValueError for non-integer ids, or, in a host array, an id outside [0, vocab). The ids of device
     arrays and tracers are not read: that would wait for the device (their dtype is known)."""
-    if not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"{name} must be integer token ids, got dtype {tokens.dtype}")
+    check_integer_ids(tokens, name)
     if not isinstance(tokens, jax.Array):
         check_vocabulary(tokens, vocab)
+
+
+def check_integer_ids(tokens, name: str = "tokens") -> None:
+    """ValueError unless `tokens` have an integer dtype (floats and booleans would be cast silently)."""
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"{name} must be integer token ids, got dtype {tokens.dtype}")
 
 
 def check_vocabulary(tokens: np.ndarray, vocab: int, real: np.ndarray | None = None) -> None:
@@ -290,15 +295,18 @@ def check_model(model, name: str = "model") -> None:
 def whole_sequence_tokens(model: DeepseekV4, tokens) -> jax.Array:
     """tokens [B, S] as int32, validated first.
 
-    Raises ValueError for a shape other than [B >= 1, S >= 1] or non-integer ids, and, for host
-    tokens (numpy, lists), an id outside [0, vocab_size) (XLA would clamp it to the last row of the
-    embedding without a word). The ids of device arrays and tracers are not checked: reading them
-    would wait for the device.
+    Raises ValueError for a shape other than [B >= 1, S >= 1], S past the config's
+    max_position_embeddings, non-integer ids, and, for host tokens (numpy, lists), an id outside
+    [0, vocab_size) (XLA would clamp it to the last row of the embedding without a word). The ids of
+    device arrays and tracers are not checked: reading them would wait for the device.
     """
     check_model(model)
     if not isinstance(tokens, jax.Array):  # jax.Array: tracers too
         tokens = np.asarray(tokens)
     check_token_shape(tokens)
+    limit = model.cfg.max_position_embeddings
+    if tokens.shape[1] > limit:
+        raise ValueError(f"tokens have {tokens.shape[1]} positions, past the model's max_position_embeddings {limit}")
     check_token_ids(tokens, model.cfg.vocab_size)
     return jnp.asarray(tokens, jnp.int32)
 

@@ -178,6 +178,15 @@ def test_bad_inputs_raise_clear_errors(setup):
         prefill(model, np.full((2, 3), cfg.vocab_size), cache)
     with pytest.raises(ValueError, match="batch 1"):
         decode_step(model, jnp.asarray([1]), cache)
+    # float and boolean ids were cast to int32 silently (1.7 read as 1)
+    with pytest.raises(ValueError, match="tokens must be integer token ids, got dtype float64"):
+        prefill(model, np.full((2, 3), 1.7), cache)
+    with pytest.raises(ValueError, match="tokens must be integer token ids, got dtype bool"):
+        prefill(model, np.ones((2, 3), bool), cache)
+    with pytest.raises(ValueError, match="tokens must be integer token ids, got dtype float32"):
+        decode_step(model, jnp.asarray([2.9, 1.0]), cache)
+    with pytest.raises(ValueError, match="lengths must be integer token ids, got dtype float64"):
+        prefill(model, tokens[:, :3], cache, lengths=np.array([2.5, 3.0]))
 
 
 @pytest.mark.parametrize("fmt", ["bfloat16", "compact"])

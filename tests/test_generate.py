@@ -7,6 +7,7 @@ settings) compiles a prefill and a decode program), so the tests share shapes wh
 import importlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -165,8 +166,10 @@ def no_device_work(monkeypatch):
     "prompts, kwargs, match",
     [
         ([[3, 4], []], {}, "prompt 1 is empty"),
-        ([], {}, "non-empty list"),
+        ([], {}, "non-empty list of token-id lists, got an empty one"),
         ("hello", {}, "non-empty list"),
+        ({3: 4}, {}, "non-empty list of token-id lists, got dict"),
+        (np.array([[3, 4.5]]), {}, "must be integers"),
         ([[3, 512]], {}, r"token id 512 is outside the vocabulary \[0, 512\)"),
         ([[3, -1]], {}, "token id -1"),
         ([[3, 4.0]], {}, "must be integers"),
@@ -208,6 +211,14 @@ def test_context_beyond_max_position_embeddings_is_refused(no_device_work):
         gen.generate(model, [[3] * 70], 0)
     with pytest.raises(ValueError, match="cache max length 128 exceeds the model's max_position_embeddings 64"):
         gen.generate(model, [[3] * 6], 2, max_len=128)
+
+
+def test_prompts_may_be_a_jax_array(no_device_work):
+    """A [B, S] jax.Array of ids is read like the numpy array it holds (it was refused as 'not a list')."""
+    model = dsv4.abstract_model(SMALL)
+    assert gen.check_prompts(jnp.array([[3, 4, 5]]), SMALL.vocab_size) == [[3, 4, 5]]
+    with pytest.raises(ValueError, match=r"prompt 0, position 1: token id 600 is outside"):
+        gen.generate(model, jnp.array([[3, 600]]), 2)
 
 
 def test_loop_state_is_a_pytree():

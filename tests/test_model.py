@@ -140,6 +140,17 @@ def test_host_tokens_are_checked_before_the_forward(tokens, message):
     assert dsv4.forward(model, [[0, 511]]).shape == (1, 2, 512)  # lists are host tokens too
 
 
+def test_sequences_past_max_position_embeddings_are_refused():
+    """The whole-sequence entry points refuse positions the config does not have, as generate does
+    (they ran past them without a word)."""
+    model = init_model(ModelConfig.tiny(max_position_embeddings=16, rope_scaling=None), RuntimeConfig(dtype="float32"))
+    message = "tokens have 17 positions, past the model's max_position_embeddings 16"
+    for entry in (dsv4.forward, dsv4.forward_with_mtp, dsv4.probe):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            entry(model, np.zeros((1, 17), np.int32))
+    assert dsv4.forward(model, np.zeros((1, 16), np.int32)).shape == (1, 16, 512)
+
+
 @pytest.mark.parametrize(
     "tokens, message",
     [
