@@ -283,6 +283,9 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, fmt: str = "bfloat16"
         raise ValueError(f"cache format {fmt!r} is not one of {FORMATS}")
     if batch < 1 or max_len < 1:
         raise ValueError(f"cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
+    limit = cfg.max_position_embeddings  # prefill and decode_step check only the cache's length
+    if max_len > limit:
+        raise ValueError(f"cache max_len {max_len} exceeds the model's max_position_embeddings {limit}")
     layers = tuple(
         layer_cache(cfg, cfg.compress_ratios[i], batch, max_len, fmt) for i in range(cfg.num_hidden_layers)
     )

@@ -283,7 +283,7 @@ def validate(cfg, mesh: Mesh, strategy: str | Strategy | None = None, batch: int
                 f"over mesh axes {axes} of sizes {[mesh.shape[a] for a in axes]})"
             )
     if problems:
-        raise ValueError("the mesh cannot shard this model:\n  " + "\n  ".join(problems))
+        raise ValueError("the mesh cannot shard this model: " + "; ".join(problems))  # one line for the CLIs
 
 
 def check_divisible(state: nnx.State, mesh: Mesh, rules) -> None:

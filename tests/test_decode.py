@@ -187,6 +187,9 @@ def test_bad_inputs_raise_clear_errors(setup):
         decode_step(model, jnp.asarray([2.9, 1.0]), cache)
     with pytest.raises(ValueError, match="lengths must be integer token ids, got dtype float64"):
         prefill(model, tokens[:, :3], cache, lengths=np.array([2.5, 3.0]))
+    limit = cfg.max_position_embeddings  # the cache checks only its own length in prefill and decode_step
+    with pytest.raises(ValueError, match=f"cache max_len {limit + 1} exceeds the model's max_position_embeddings"):
+        init_cache(cfg, 1, limit + 1, "float32")
 
 
 @pytest.mark.parametrize("fmt", ["bfloat16", "compact"])
