@@ -45,13 +45,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (CLIError, ValueError, ConfigError, CheckpointError, TokenizerError, OSError)
 
 
-def run_command(prog: str, fn, args) -> int:
+def run_command(prog: str, fn, args, exit_on_interrupt: bool = False) -> int:
     """`fn(args)` for the console script `prog`: 0, or 2 after one line `prog: error: ...` on a user error.
 
     A closed stdout (`prog ... | head`) ends the command quietly with 0; Ctrl-C with one line and
     130 (the shell's status for SIGINT). With DSV4_TRACEBACK=1 in the environment the error
     propagates with its traceback instead (a ValueError from deep inside jax reads as a user error
-    too).
+    too). `exit_on_interrupt` (the entry points of programs that run JAX) ends the process with 130
+    right after that line, once `fn`'s own `finally` blocks have run: a Ctrl-C that stops JAX in the
+    middle of a compilation left objects whose release, as the interrupt unwound, crashed the
+    interpreter (SIGSEGV, exit 139, after "interrupted").
     """
     try:
         fn(args)
@@ -62,6 +65,8 @@ def run_command(prog: str, fn, args) -> int:
         if wants_traceback():
             raise
         print(f"{prog}: interrupted", file=sys.stderr)
+        if exit_on_interrupt:
+            _exit_now(130)
         return 130
     except _user_errors() as err:
         if wants_traceback():
@@ -69,6 +74,16 @@ def run_command(prog: str, fn, args) -> int:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _exit_now(code: int) -> None:
+    """Flush the standard streams and end the process with `code`, releasing nothing (os._exit)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+            pass
+    os._exit(code)
 
 
 def _silence_stdout() -> None:
@@ -258,7 +273,7 @@ def _generate(args) -> None:
 def generate_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `dsv4-generate`."""
     program_defaults()
-    return run_command("dsv4-generate", _generate, generate_parser().parse_args(argv))
+    return run_command("dsv4-generate", _generate, generate_parser().parse_args(argv), exit_on_interrupt=True)
 
 
 # ---------------------------------------------------------------------------------------- dsv4-info

@@ -240,11 +240,11 @@ def check_tokenizer(directory: Path, vocab_size: int) -> None:
     smaller tokenizer is fine: released vocabularies are padded)."""
     from dsv4.tokenizer import load_tokenizer
 
-    size = load_tokenizer(directory).vocab_size  # TokenizerError naming the file when unreadable
-    if size > vocab_size:
+    tokenizer = load_tokenizer(directory)  # TokenizerError naming the file when unreadable
+    if tokenizer.id_limit > vocab_size:  # the largest id, not the count: ids may have gaps
         raise ExportError(
-            f"{directory / 'tokenizer.json'}: {size} tokens, more than the model's vocab_size {vocab_size}: "
-            "not this model's tokenizer"
+            f"{directory / 'tokenizer.json'}: {tokenizer.vocab_size} tokens with ids up to {tokenizer.id_limit - 1}, "
+            f"past the model's vocab_size {vocab_size}: not this model's tokenizer"
         )
 
 

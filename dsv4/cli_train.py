@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -146,6 +147,8 @@ def _check_args(args, cfg: ModelConfig) -> None:
         args.warmup = min(50, args.steps // 10)
     if not 0 <= args.warmup <= args.steps:
         raise CLIError(f"--warmup must be in [0, --steps {args.steps}], got {args.warmup}")
+    if not 0 <= args.heldout_fraction <= 0.5:  # every k-th block held out, k >= 2 (corpus.split_stream)
+        raise CLIError(f"--heldout-fraction must be in [0, 0.5], got {args.heldout_fraction}")
 
 
 # TrainConfig's fields and the flags that set them
@@ -183,8 +186,14 @@ def _has_entries(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
+RUN_ENTRIES = ("tokenizer", "run.json", "checkpoints", "metrics.jsonl", "loss.png")  # what a run writes in OUT
+
+
 def _check_paths(args) -> None:
     """Refuse an unusable --out / --export before anything is read, trained or written."""
+    for dest in ("out", "export"):  # absolute: "." gets a name and a parent for the staging sibling
+        if getattr(args, dest) is not None:
+            setattr(args, dest, Path(os.path.abspath(getattr(args, dest))))
     out, export = args.out, args.export
     for option, path in (("--out", out), ("--export", export)):
         if path is not None and path.exists() and not path.is_dir():
@@ -197,8 +206,10 @@ def _check_paths(args) -> None:
     if args.resume:
         if not (out / "checkpoints").is_dir():
             raise CLIError(f"--resume: no checkpoints in {out}")
-    elif _has_entries(out) and not args.overwrite:
-        raise CLIError(f"--out {out} exists and is not empty (use --resume to continue or --overwrite)")
+    elif _has_entries(out):
+        if not args.overwrite:
+            raise CLIError(f"--out {out} exists and is not empty (use --resume to continue or --overwrite)")
+        _check_replaceable_run(out)
     if export is not None:  # the exporter's own rule, checked before training rather than after
         from dsv4.export import check_out_dir
 
@@ -206,6 +217,22 @@ def _check_paths(args) -> None:
             check_out_dir(export, args.overwrite, option="--overwrite")
         except FileExistsError as err:
             raise CLIError(f"--export {err}") from None
+
+
+def _check_replaceable_run(out: Path) -> None:
+    """CLIError unless --overwrite may delete `out`: a dsv4-train run directory (run.json or
+    checkpoints/) holding nothing a run does not write, and not the directory this command runs in."""
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES)
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise CLIError(
+            f"--overwrite: --out {out} holds files a dsv4-train run does not write ({listed}); it replaces "
+            "only a run directory: move them away or choose another --out"
+        )
+    if not ((out / RUN_RECORD).is_file() or (out / "checkpoints").is_dir()):
+        raise CLIError(f"--overwrite: --out {out} is not a dsv4-train run directory (no run.json, no checkpoints/)")
+    if outputs.holds_cwd(out):
+        raise CLIError(f"--overwrite: --out {out} holds the current directory, which it cannot replace: run elsewhere")
 
 
 def _mesh(args):
@@ -330,11 +357,13 @@ def _prepare(args, cfg: ModelConfig):
 
 
 def _check_vocab(tokenizer, cfg: ModelConfig, tok_dir: Path) -> None:
-    if tokenizer.vocab_size > cfg.vocab_size:
+    """CLIError when a tokenizer id (the largest, not only the count: ids may have gaps) falls outside
+    the config's vocabulary."""
+    if tokenizer.id_limit > cfg.vocab_size:
         raise CLIError(
-            f"tokenizer {tok_dir / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the config's "
-            f"vocab_size is {cfg.vocab_size}: ids would fall outside the embedding (use --vocab-size or a "
-            "matching tokenizer)"
+            f"tokenizer {tok_dir / 'tokenizer.json'} has {tokenizer.vocab_size} tokens with ids up to "
+            f"{tokenizer.id_limit - 1}, but the config's vocab_size is {cfg.vocab_size}: ids would fall outside "
+            "the embedding (use --vocab-size or a matching tokenizer)"
         )
 
 
@@ -497,41 +526,59 @@ def _train(args) -> None:
     graphdef, state = train.init_train_state(model, tc)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     ckpt = train.Checkpointer(args.out / "checkpoints", cfg, tc, every=args.save_every, keep=args.keep)
-    if args.resume:
-        state = ckpt.restore(state)
-        _report_changes(ckpt.train_config_changes)
-    start = int(state.step)
-    if start >= args.steps:
-        raise CLIError(f"--resume: the checkpoint is at step {start}, not below --steps {args.steps}")
+    try:  # closed however the run ends (a save in flight completes): Ctrl-C leaves no half-written step
+        if args.resume and ckpt.latest_step() is not None:
+            state = ckpt.restore(state)
+            _report_changes(ckpt.train_config_changes)
+        elif args.resume:  # stopped before its first save: nothing to continue, so the run starts over
+            print(f"--resume: no checkpoint in {args.out / 'checkpoints'} yet; starting at step 0", file=sys.stderr)
+        start = int(state.step)
+        if start >= args.steps:
+            raise CLIError(f"--resume: the checkpoint is at step {start}, not below --steps {args.steps}")
+        print(f"model: {n_params:,} trainable parameters; training steps {start} -> {args.steps}", file=sys.stderr)
+        state = _run_steps(args, graphdef, tc, state, data, ckpt)
+    finally:
+        ckpt.close()
+    if args.export is not None:
+        from dsv4.export import export_release
+
+        model = nnx.merge(graphdef, state.params, state.frozen)
+        export_release(model, None, args.export, tokenizer_dir=tok_dir, overwrite=args.overwrite)
+        print(f"exported the release layout to {args.export}", file=sys.stderr)
+
+
+def _run_steps(args, graphdef, tc, state, data: Data, ckpt):
+    """Steps from `state`'s to --steps (or --time-limit) with evaluations and saves; returns the last state."""
+    from dsv4 import train
+
+    start = step = int(state.step)
     log = MetricsLog(args.out / "metrics.jsonl", start)
     step_fn = train.make_train_step(graphdef, tc)
     heldout_loss_sum = _eval_fn(graphdef)
-    print(f"model: {n_params:,} trainable parameters; training steps {start} -> {args.steps}", file=sys.stderr)
-
     tokens_per_step = args.batch * args.seq_len
     began, bar, stopped_early, heldout = time.perf_counter(), _progress(args, start), False, None
-    step = start
-    while step < args.steps:
-        tick = time.perf_counter()
-        batch = corpus.sample_batch(data.train, args.batch, args.seq_len, args.seed, step)
-        state, metrics = step_fn(state, {"tokens": batch})
-        metrics = {k: float(v) for k, v in metrics.items()}
-        step += 1
-        rate = tokens_per_step / (time.perf_counter() - tick)
-        log.add({"step": step, **metrics, "tokens_per_s": rate})
+    try:
+        while step < args.steps:
+            tick = time.perf_counter()
+            batch = corpus.sample_batch(data.train, args.batch, args.seq_len, args.seed, step)
+            state, metrics = step_fn(state, {"tokens": batch})
+            metrics = {k: float(v) for k, v in metrics.items()}
+            step += 1
+            rate = tokens_per_step / (time.perf_counter() - tick)
+            log.add({"step": step, **metrics, "tokens_per_s": rate})
+            if bar is not None:
+                bar.set_postfix(loss=f"{metrics['lm_loss']:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+                bar.update(1)
+            late = args.time_limit is not None and time.perf_counter() - began > 60 * args.time_limit
+            if step % args.eval_every == 0 or step == args.steps or late:
+                heldout = _record_eval(log, step, heldout_loss_sum, state, data, args, bar)
+            ckpt.save(state, force=step == args.steps or late)
+            if late:
+                stopped_early = True
+                break
+    finally:
         if bar is not None:
-            bar.set_postfix(loss=f"{metrics['lm_loss']:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
-            bar.update(1)
-        late = args.time_limit is not None and time.perf_counter() - began > 60 * args.time_limit
-        if step % args.eval_every == 0 or step == args.steps or late:
-            heldout = _record_eval(log, step, heldout_loss_sum, state, data, args, bar)
-        ckpt.save(state, force=step == args.steps or late)
-        if late:
-            stopped_early = True
-            break
-    if bar is not None:
-        bar.close()
-    ckpt.close()
+            bar.close()
     seconds = time.perf_counter() - began
     done = step - start
     print(
@@ -542,12 +589,7 @@ def _train(args) -> None:
     )
     if heldout is not None:
         print(f"held-out loss {heldout:.4f}, perplexity {math.exp(heldout):.2f}", file=sys.stderr)
-    if args.export is not None:
-        from dsv4.export import export_release
-
-        model = nnx.merge(graphdef, state.params, state.frozen)
-        export_release(model, None, args.export, tokenizer_dir=tok_dir, overwrite=args.overwrite)
-        print(f"exported the release layout to {args.export}", file=sys.stderr)
+    return state
 
 
 def _record_eval(log: MetricsLog, step: int, loss_sum, state, data: Data, args, bar) -> float | None:
@@ -567,7 +609,7 @@ def _record_eval(log: MetricsLog, step: int, loss_sum, state, data: Data, args, 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `dsv4-train`; returns the exit status (2 on a user error)."""
     program_defaults()
-    return run_command("dsv4-train", _train, train_parser().parse_args(argv))
+    return run_command("dsv4-train", _train, train_parser().parse_args(argv), exit_on_interrupt=True)
 
 
 if __name__ == "__main__":

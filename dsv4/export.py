@@ -232,6 +232,8 @@ def check_out_dir(out_dir: Path, overwrite: bool, option: str = "overwrite=True"
         return
     if not overwrite:
         raise FileExistsError(f"{out_dir}: exists and is not empty; pass {option} to replace it")
+    if outputs.holds_cwd(out_dir):
+        raise FileExistsError(f"{out_dir}: holds the current directory, which {option} cannot replace: run elsewhere")
     if not (out_dir / "config.json").is_file():
         raise FileExistsError(
             f"{out_dir}: not empty and not a checkpoint (no config.json); {option} replaces only a checkpoint"
@@ -277,7 +279,7 @@ def export_release(
     block = cfg.quantization_config.weight_block_size if cfg.quantization_config else None
     fmt = StorageFormat(scale_fmt, expert_format, *(() if block is None else (tuple(block),)))
     stored, overrides = release_tensors(state, fmt, include_mtp)
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.abspath(out_dir))  # "." gets a name and a parent for the temporary sibling
     if out_dir.is_symlink():  # written through: replacing the link would leave its target as it was
         out_dir = out_dir.resolve()
     check_out_dir(out_dir, overwrite)

@@ -48,15 +48,34 @@ def write_json(path, doc, indent: int | None = 1) -> None:
     write_text(path, json.dumps(doc, indent=indent) + "\n")
 
 
+def holds_cwd(path) -> bool:
+    """Whether the current directory is `path` or lies inside it: renaming `path` away would pull the
+    directory out from under the process (its later relative paths would fail)."""
+    try:
+        cwd, target = Path.cwd().resolve(), Path(path).resolve()
+    except OSError:  # the current directory is already gone
+        return False
+    return cwd == target or target in cwd.parents
+
+
 def replace_dir(fresh, dst) -> None:
     """Rename the finished directory `fresh` onto `dst`.
 
     An existing `dst` is first renamed to a new hidden sibling, put back if the second rename
     fails, and deleted only once `fresh` is in place. Both paths must be on one file system.
+    An empty `dst` holding the current directory (`--out .`) is filled in place instead, entry by
+    entry; a non-empty one is refused (the callers refuse it before any work: `holds_cwd`).
     """
-    fresh, dst = Path(fresh), Path(dst)
+    fresh, dst = Path(os.path.abspath(fresh)), Path(os.path.abspath(dst))
     if not dst.exists():
         os.replace(fresh, dst)
+        return
+    if holds_cwd(dst):
+        if any(dst.iterdir()):
+            raise FileExistsError(f"{dst}: holds the current directory, so it cannot be replaced")
+        for entry in sorted(fresh.iterdir()):
+            os.replace(entry, dst / entry.name)
+        fresh.rmdir()
         return
     attic = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old."))
     old = attic / "old"

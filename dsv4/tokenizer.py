@@ -58,6 +58,12 @@ class Tokenizer:
         """Number of ids, added tokens included."""
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def id_limit(self) -> int:
+        """One past the largest id, added tokens included: the vocabulary a model needs for this
+        tokenizer (above `vocab_size` when the ids have gaps)."""
+        return 1 + max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
+
     def token_id(self, token: str) -> int:
         """Id of one token string (special tokens included); TokenizerError if absent."""
         i = self._tok.token_to_id(token)

@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     from dsv4.xla_flags import program_defaults
 
     program_defaults()
-    return run_command("dsv4-multihost", _serve, args)
+    return run_command("dsv4-multihost", _serve, args, exit_on_interrupt=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -280,6 +281,29 @@ def test_a_closed_pipe_ends_quietly_and_ctrl_c_in_one_line(capsys, monkeypatch, 
     stdout.close()
     assert cli.run_command("dsv4-x", interrupted, None) == 130
     assert capsys.readouterr().err == "dsv4-x: interrupted\n"
+
+
+_INTERRUPTED = """
+import sys
+from dsv4.cli import run_command
+
+def fn(args):
+    try:
+        raise KeyboardInterrupt
+    finally:
+        print("cleaned up", flush=True)
+
+sys.exit(run_command("dsv4-x", fn, None, exit_on_interrupt=True))
+"""
+
+
+def test_exit_on_interrupt_ends_the_process_after_the_cleanup():
+    """The JAX programs' entry points end at once after "interrupted" (releasing what a Ctrl-C
+    left mid-compilation crashed the interpreter with SIGSEGV); fn's finally blocks run first."""
+    proc = subprocess.run([sys.executable, "-c", _INTERRUPTED], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert proc.returncode == 130
+    assert proc.stdout == "cleaned up\n" and proc.stderr == "dsv4-x: interrupted\n"
 
 
 def test_generate_refuses_a_directory_that_is_no_checkpoint(capsys, tmp_path):

@@ -231,7 +231,8 @@ def test_a_tokenizer_that_does_not_fit_is_refused(training_ckpt, tmp_path, capsy
     big.mkdir()
     write_tiny_tokenizer(big, SMALL.vocab_size + 300)
     err = _error([path, tmp_path / "o1", "--tokenizer", big], capsys)
-    assert f"{big / 'tokenizer.json'}: {SMALL.vocab_size + 300} tokens, more than the model's vocab_size" in err
+    v = SMALL.vocab_size
+    assert f"{big / 'tokenizer.json'}: {v + 300} tokens with ids up to {v + 299}, past the model's vocab_size" in err
     garbage = tmp_path / "garbage"
     garbage.mkdir()
     (garbage / "tokenizer.json").write_text("garbage")

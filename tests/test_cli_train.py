@@ -2,13 +2,15 @@
 
 import argparse
 import json
+import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 import dsv4
-from dsv4 import cli_export, cli_train, corpus
+from dsv4 import cli, cli_export, cli_train, corpus
 from dsv4.cli import CLIError
 from dsv4.config import ModelConfig
 from dsv4.tokenizer import load_tokenizer
@@ -117,6 +119,35 @@ def test_resume_continues_exactly(full_run, tmp_path, small_config, text_corpus,
     assert losses == [(r["step"], r["loss"], r["grad_norm"]) for r in uninterrupted if "loss" in r]
 
 
+def test_a_run_stopped_before_its_first_save_resumes_from_the_start(
+    full_run, tmp_path, small_config, text_corpus, capsys, monkeypatch
+):
+    """Ctrl-C before the first checkpoint left a run that --resume refused ("no checkpoint") and a
+    plain rerun refused ("not empty"); --resume now starts it over, and the steps equal a whole run's."""
+    from dsv4 import train as train_module
+
+    run, _ = full_run
+    out = tmp_path / "r"
+    args = ["--config", small_config, "--corpus", text_corpus, "--out", out, *RUN, "--steps", 4, "--save-every", 2]
+    real_save = train_module.Checkpointer.save
+
+    def interrupted(self, state, force=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module.Checkpointer, "save", interrupted)
+    monkeypatch.setattr(cli, "_exit_now", lambda code: None)  # dsv4-train's os._exit would end pytest
+    assert train(args) == 130
+    assert (out / "run.json").is_file() and not any((out / "checkpoints").iterdir())
+    monkeypatch.setattr(train_module.Checkpointer, "save", real_save)
+    capsys.readouterr()
+    assert train([*args, "--resume"]) == 0
+    assert f"no checkpoint in {out / 'checkpoints'} yet; starting at step 0" in capsys.readouterr().err
+    resumed = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    uninterrupted = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["loss"]) for r in resumed if "loss" in r]
+    assert losses == [(r["step"], r["loss"]) for r in uninterrupted if "loss" in r]
+
+
 # --------------------------------------------------------------------------------------- bad input
 
 
@@ -148,7 +179,23 @@ def test_vocab_mismatch_is_refused(tmp_path, capsys, small_config, text_corpus):
     corpus.train_bpe_tokenizer(corpus.read_corpus(text_corpus), SMALL.vocab_size + 88, tmp_path / "tok")
     argv = ["--config", small_config, "--corpus", text_corpus, "--tokenizer", tmp_path / "tok", "--out", tmp_path / "o"]
     err = _error(capsys, argv)
-    assert f"has {SMALL.vocab_size + 88} tokens but the config's vocab_size is {SMALL.vocab_size}" in err
+    v = SMALL.vocab_size
+    assert f"has {v + 88} tokens with ids up to {v + 87}, but the config's vocab_size is {v}" in err
+
+
+def test_a_tokenizer_id_past_the_vocabulary_is_refused(tmp_path, small_tokenizer):
+    """The largest id counts, not the number of tokens: a 512-token tokenizer whose eos has id 900
+    passed the check and failed at the first batch holding it (after --out was written)."""
+    sparse = tmp_path / "sparse"
+    shutil.copytree(small_tokenizer, sparse)
+    doc = json.loads((sparse / "tokenizer.json").read_text())
+    moved = next(t for t in doc["added_tokens"] if t["id"] == 1)  # the eos token, id 1 -> 900
+    moved["id"] = doc["model"]["vocab"][moved["content"]] = 900
+    (sparse / "tokenizer.json").write_text(json.dumps(doc))
+    tok = load_tokenizer(sparse)
+    assert tok.vocab_size <= SMALL.vocab_size and tok.id_limit == 901
+    with pytest.raises(CLIError, match=f"ids up to 900, but the config's vocab_size is {SMALL.vocab_size}"):
+        cli_train._check_vocab(tok, SMALL, sparse)
 
 
 def test_too_long_sequence_is_refused(tmp_path, capsys, small_config):
@@ -244,9 +291,9 @@ def _old_run(run) -> None:
 # Each fails after a check that used to run once --out was created (or, with --overwrite, deleted):
 # options changed from _late_failure's base (None drops one; TINY is a corpus of a few words), the error.
 LATE_FAILURES = {
-    "heldout-fraction": ({"--heldout-fraction": 1}, "held-out fraction must be in [0, 1), got 1.0"),
+    "heldout-fraction": ({"--heldout-fraction": 0.7}, "--heldout-fraction must be in [0, 0.5], got 0.7"),
     "window-length": ({"--corpus": "TINY", "--heldout-fraction": 0}, "fewer than one window of 33"),
-    "vocab": ({"--vocab-size": 300}, f"has {SMALL.vocab_size} tokens but the config's vocab_size is 300"),
+    "vocab": ({"--vocab-size": 300}, f"ids up to {SMALL.vocab_size - 1}, but the config's vocab_size is 300"),
     "bpe": ({"--corpus": "TINY", "--tokenizer": None}, "the corpus is too small for a 512-token vocabulary"),
     "lr": ({"--lr": -1}, "--lr: must be a finite number > 0, got -1.0"),
     "weight-decay": ({"--weight-decay": "nan"}, "--weight-decay: must be a finite number >= 0, got nan"),
@@ -315,6 +362,46 @@ def test_export_onto_other_files_is_refused_before_training(tmp_path, capsys, mo
     err = _error(capsys, [*argv, "--export", tmp_path / "docs", "--overwrite"])
     assert f"--export {tmp_path / 'docs'}: not empty and not a checkpoint" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs"]
+
+
+def _paths_args(out, overwrite=True, resume=False):
+    return argparse.Namespace(out=Path(out), export=None, resume=resume, overwrite=overwrite)
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path):
+    """--overwrite deleted whatever --out named (a user's files, the corpus being trained on)."""
+    mine = tmp_path / "mine"
+    (mine / "thesis").mkdir(parents=True)
+    (mine / "thesis" / "chapter1.tex").write_text("my only copy")
+    (mine / "notes.txt").write_text("the corpus")
+    (mine / "checkpoints").mkdir()
+    with pytest.raises(CLIError, match="holds files a dsv4-train run does not write \\(notes.txt, thesis\\)"):
+        cli_train._check_paths(_paths_args(mine))
+    only_metrics = tmp_path / "metrics-only"
+    only_metrics.mkdir()
+    (only_metrics / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(CLIError, match="is not a dsv4-train run directory"):
+        cli_train._check_paths(_paths_args(only_metrics))
+    _old_run(tmp_path / "run")
+    cli_train._check_paths(_paths_args(tmp_path / "run"))  # a run's own entries only: replaceable
+
+
+def test_out_may_be_the_current_directory_when_empty(tmp_path, monkeypatch, small_tokenizer):
+    """`--out .` in an empty directory: OUT was renamed away (EBUSY, or the process lost its
+    current directory). It is filled in place now; replacing a run there is refused."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    args = _paths_args(".", overwrite=False)
+    cli_train._check_paths(args)
+    assert args.out == here
+    cli_train._install_out(args, small_tokenizer, {"batch": 2})
+    assert Path.cwd() == here and sorted(p.name for p in here.iterdir()) == ["run.json", "tokenizer"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]  # no staging directory left
+    with pytest.raises(CLIError, match="holds the current directory, which it cannot replace"):
+        cli_train._check_paths(_paths_args(".", overwrite=True))
+    monkeypatch.chdir(tmp_path)
+    cli_train._check_paths(_paths_args("here", overwrite=True))  # from elsewhere it may
 
 
 def test_overwrite_replaces_the_old_run_whole(tmp_path, small_tokenizer):
