@@ -89,7 +89,8 @@ def check_tokens(tokens, lengths, cache: Cache, vocab_size: int) -> None:
     tokens, lengths = np.asarray(tokens), np.asarray(lengths)
     check_token_shape(tokens)
     check_integer_ids(tokens)
-    check_integer_ids(lengths, "lengths")
+    if not np.issubdtype(lengths.dtype, np.integer):
+        raise ValueError(f"lengths must be integers, got dtype {lengths.dtype}")
     if tokens.shape[0] != cache.lengths.shape[0]:
         raise ValueError(
             f"tokens have batch {tokens.shape[0]} but the cache was made for {cache.lengths.shape[0]}"

@@ -185,7 +185,7 @@ def test_bad_inputs_raise_clear_errors(setup):
         prefill(model, np.ones((2, 3), bool), cache)
     with pytest.raises(ValueError, match="tokens must be integer token ids, got dtype float32"):
         decode_step(model, jnp.asarray([2.9, 1.0]), cache)
-    with pytest.raises(ValueError, match="lengths must be integer token ids, got dtype float64"):
+    with pytest.raises(ValueError, match="lengths must be integers, got dtype float64"):
         prefill(model, tokens[:, :3], cache, lengths=np.array([2.5, 3.0]))
     limit = cfg.max_position_embeddings  # the cache checks only its own length in prefill and decode_step
     with pytest.raises(ValueError, match=f"cache max_len {limit + 1} exceeds the model's max_position_embeddings"):
