@@ -205,13 +205,26 @@ def read_dequantized(index, t: ReleaseTensor, block: tuple[int, int]) -> np.ndar
 
     info = index.info(t.name)
     w = index.read(t.name)
-    if info.dtype == "F8_E4M3":
-        return quant.dequantize_fp8(w, _read_scale(index, t.scale_name), block)
-    if info.dtype == "I8":
-        return quant.dequantize_fp4(w, index.read(t.scale_name))
+    if info.dtype in ("F8_E4M3", "I8"):
+        scale = _read_scale(index, t.scale_name) if info.dtype == "F8_E4M3" else index.read(t.scale_name)
+        check_values(index, t, info.dtype, w, scale)
+        if info.dtype == "F8_E4M3":
+            return quant.dequantize_fp8(w, scale, block)
+        return quant.dequantize_fp4(w, scale)
     if t.kind == "int":
         return w.astype(np.int32)
     return w.astype(np.float32)
+
+
+def check_values(index, t: ReleaseTensor, code: str, raw: np.ndarray, scale: np.ndarray | None) -> None:
+    """CheckpointError naming the shard and tensor when its quantized data is damaged (`quant.damage`)."""
+    from dsv4 import quant
+    from dsv4.safetensors_io import CheckpointError
+
+    problem = quant.damage(code, raw, scale)
+    if problem is not None:
+        what = t.scale_name if "scale" in problem else t.name
+        raise CheckpointError(f"{index.shard_of(what)}: tensor {what!r}: {problem}; the file is damaged")
 
 
 def _read_scale(index, name: str) -> np.ndarray:

@@ -59,7 +59,7 @@ import tensorstore as ts
 from flax import nnx
 
 from dsv4 import outputs, quant
-from dsv4.checkpoint import ParamSpec, ReleaseTensor, problem_report, release_specs, validate_index
+from dsv4.checkpoint import ParamSpec, ReleaseTensor, check_values, problem_report, release_specs, validate_index
 from dsv4.config import ModelConfig, RuntimeConfig
 from dsv4.loading import weight_block
 from dsv4.model import abstract_model
@@ -621,12 +621,14 @@ def _decode_transposed(reader: SourceReader, t: ReleaseTensor, code: str, r0: in
     bytes_t = _transposed(raw.view(np.uint8), _SCRATCH.get("bytes_t", (width, m), np.uint8))
     if code == "F8_E4M3":
         scale = reader.rows(t.scale_name, r0 // block[0], -(-r1 // block[0]))
+        check_values(reader.index, t, code, raw, scale)
         if scale.dtype == np.uint8:
             rows = (np.arange(r0, r1) // block[0]) - r0 // block[0]
             return _lookup_scaled(code, bytes_t, scale[rows].T, block[1], dtype)
         values_t = np.take(_FP8_VALUES, bytes_t, out=_SCRATCH.get("values_t", (width, m), np.float32))
         return _scale_columns(values_t, scale, r0, block)
     scale = reader.rows(t.scale_name, r0, r1).view(np.uint8)  # E8M0 or U8 bytes
+    check_values(reader.index, t, code, raw, scale)
     # byte row j holds elements 2j and 2j + 1: one scale per 16 byte rows
     return _lookup_scaled(code, bytes_t, scale.T, quant.FP4_GROUP // 2, dtype)
 
@@ -661,9 +663,12 @@ def _decode_rows(reader: SourceReader, t: ReleaseTensor, code: str, r0: int, r1:
         if r0 % block[0]:
             raise AssertionError(f"{t.name}: FP8 rows must start on a scale tile (row {r0})")
         scale = reader.rows(t.scale_name, r0 // block[0], -(-r1 // block[0]))
+        check_values(reader.index, t, code, raw, scale)
         return quant.dequantize_fp8(raw, scale, block)
     if code == "I8":
-        return quant.dequantize_fp4(raw, reader.rows(t.scale_name, r0, r1))
+        scale = reader.rows(t.scale_name, r0, r1)
+        check_values(reader.index, t, code, raw, scale)
+        return quant.dequantize_fp4(raw, scale)
     return raw
 
 

@@ -22,8 +22,14 @@ def weight_block(cfg: ModelConfig) -> tuple[int, int]:
     return tuple(qc.weight_block_size) if qc is not None else (128, 128)
 
 
-def _assemble(index, spec: ParamSpec, block, shape, dtype) -> np.ndarray:
+def _assemble(index, spec: ParamSpec, block, shape, dtype, n_experts: int) -> np.ndarray:
     arrays = [read_dequantized(index, t, block) for t in spec.tensors]
+    for t, array in zip(spec.tensors, arrays, strict=True):
+        if t.kind == "int" and array.size and not (0 <= array.min() and array.max() < n_experts):  # tid2eid
+            raise CheckpointError(
+                f"{index.shard_of(t.name)}: tensor {t.name!r} names experts {array.min()}..{array.max()}, "
+                f"outside [0, n_routed_experts {n_experts}): the file is damaged or of another model"
+            )
     value = spec.assemble(arrays)
     if tuple(value.shape) != tuple(shape):  # the table and the model disagree: a bug, not bad input
         raise AssertionError(f"{spec.tensors[0].name}: assembled {value.shape}, parameter is {shape}")
@@ -77,11 +83,11 @@ def load_hf(
         var = flat[spec.path]
         abstract = var.get_value()
         sharding = _leaf(flat_shardings[spec.path])
-        var.set_value(_sharded_param(index, spec, block, abstract, sharding))
+        var.set_value(_sharded_param(index, spec, block, abstract, sharding, cfg.n_routed_experts))
     return nnx.merge(graphdef, state)
 
 
-def _sharded_param(index, spec: ParamSpec, block, abstract, sharding) -> jax.Array:
+def _sharded_param(index, spec: ParamSpec, block, abstract, sharding, n_experts: int) -> jax.Array:
     """One parameter as a global array in `sharding`, each process filling only its own shards.
 
     An expert stack (one release tensor per expert) is read only for the experts of the slice a
@@ -96,7 +102,7 @@ def _sharded_param(index, spec: ParamSpec, block, abstract, sharding) -> jax.Arr
             if experts is not None:
                 sub = dataclasses.replace(spec, tensors=spec.tensors[experts[0] : experts[1]])
                 rows = (experts[1] - experts[0],) + shape[1:]
-            read[experts] = _assemble(index, sub, block, rows, abstract.dtype)
+            read[experts] = _assemble(index, sub, block, rows, abstract.dtype, n_experts)
         return read[experts]
 
     def shard(idx):

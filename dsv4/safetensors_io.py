@@ -80,6 +80,11 @@ class TensorInfo:
 # ------------------------------------------------------------------------------------ reading
 
 
+def _is_count(x) -> bool:
+    """A JSON integer >= 0 (true and false are Python ints, but not sizes)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def _parse_entry(path: Path, name: str, entry, data_bytes: int) -> TensorInfo:
     """Validate one header entry against the dtype table and the file size."""
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
@@ -89,8 +94,8 @@ def _parse_entry(path: Path, name: str, entry, data_bytes: int) -> TensorInfo:
         raise CheckpointError(
             f"{path}: tensor {name!r} has unsupported dtype {dtype!r} (supported: {sorted(DTYPES)})"
         )
-    ok_shape = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
-    ok_offsets = isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+    ok_shape = isinstance(shape, list) and all(_is_count(d) for d in shape)
+    ok_offsets = isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
     if not ok_shape or not ok_offsets or not 0 <= offsets[0] <= offsets[1]:
         raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape/data_offsets {entry!r}")
     info = TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
@@ -118,9 +123,11 @@ def _read_header_json(path: Path) -> tuple[dict, int, int]:
             raise CheckpointError(f"{path}: header length {n} exceeds the file size ({size} bytes)")
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys(path))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: header is not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise CheckpointError(f"{path}: header is not a safetensors header (JSON nested too deeply)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
     return header, 8 + n, size
@@ -143,7 +150,16 @@ def read_header(path) -> tuple[dict[str, TensorInfo], int]:
         for name, entry in header.items()
         if name != "__metadata__"
     }
+    _check_disjoint(path, infos)
     return infos, data_offset
+
+
+def _check_disjoint(path: Path, infos: dict[str, TensorInfo]) -> None:
+    """CheckpointError naming two tensors whose byte ranges overlap (one would read the other's bytes)."""
+    spans = sorted((info.start, info.end, name) for name, info in infos.items() if info.end > info.start)
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            raise CheckpointError(f"{path}: tensors {first!r} and {second!r} overlap in the file's data bytes")
 
 
 def _read_metadata(path: Path) -> dict[str, str]:
@@ -334,6 +350,9 @@ def _load_weight_map(path: Path) -> dict[str, str]:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{path}: missing or malformed 'weight_map'")
+    for name, shard in weight_map.items():  # shards lie beside the index: no path may lead elsewhere
+        if shard in ("", ".", "..") or "/" in shard or "\\" in shard:
+            raise CheckpointError(f"{path}: tensor {name!r} names shard {shard!r}, not a file name beside the index")
     return weight_map
 
 

@@ -456,7 +456,7 @@ def _gpu_call(plan, q, kv, win_pos, sink, pos, entries, entry_idx, rope):
     )(*args.values())
     if ns > 1:
         acc, m, den = out
-        out = _combine_splits(acc, m, den, args["sink"][None, None, :, :])
+        out = _combine_splits(acc, m, den, args["sink"][None, None, :, :])[:, :s]  # the rope tables have S rows
         if rope is not None:
             c, sn = _rope_tables(*rope, k, kp)
             out = out * c[:, :, None] + xor_partner_reshape(out, 1) * sn[:, :, None]
@@ -654,10 +654,10 @@ def sparse_attention(
     check_shape("kv", kv, (b, s, k), "[B, S, K]")
     check_positive("window", window)
     check_shape("prev", prev, (b, window - 1, k), "[B, W-1, K]")
-    check_dtype("prev", prev, (q.dtype,))
     check_shape("start", start, (b,), "[B]")
     check_dtype("start", start, INT_DTYPES)
     _check_common(q, kv, sink, window, entries, entry_idx, ratio, (b, s), rope, (b, s))
+    check_dtype("prev", prev, (q.dtype,))  # after q's own dtype check: an integer q is named as q
     backend = resolve_backend(backend, interpret)
     blocks = blocks or SparseAttentionBlocks.for_backend(backend)
     _check_blocks(blocks, backend)

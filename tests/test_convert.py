@@ -368,6 +368,37 @@ def test_bad_tensors_fail_before_any_work(tmp_path, capsys, flash_ckpt, case):
     _expect_failure(capsys, src, tmp_path / "dst", words)
 
 
+def _nan_code(w):
+    w = w.copy()
+    w.view(np.uint8)[0, 0] = 0xFF  # E4M3FN's negative NaN
+    return w
+
+
+DAMAGED_VALUES = {  # quantized bytes no release holds: they dequantized to NaN without a word
+    "FP8 NaN code": (_replace("layers.2.attn.wq_b.weight", _nan_code), "'layers.2.attn.wq_b.weight': an FP8 weight"),
+    "E8M0 NaN scale": (
+        _replace("layers.2.attn.wq_b.scale", lambda s: np.full(s.shape, 255, np.uint8), "F8_E8M0"),
+        "'layers.2.attn.wq_b.scale': a scale byte is 255",
+    ),
+    "FP4 NaN scale": (
+        _replace("layers.3.ffn.experts.5.w2.scale", lambda s: np.full(s.shape, 255, np.uint8), "F8_E8M0"),
+        "'layers.3.ffn.experts.5.w2.scale': a scale byte is 255",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_VALUES))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_damaged_quantized_values_are_named(tmp_path, capsys, flash_ckpt, case, dtype):
+    """Found while converting (the values are read only then): one error naming the tensor, no DST."""
+    mutate, reason = DAMAGED_VALUES[case]
+    src = _rewrite(flash_ckpt[0], tmp_path / "src", mutate)
+    assert main([str(src), str(tmp_path / "dst"), "--no-progress", "--dtype", dtype]) == 1
+    err = capsys.readouterr().err
+    assert reason in err and "the file is damaged" in err and "Traceback" not in err, err
+    assert not (tmp_path / "dst").exists()
+
+
 def test_every_problem_is_reported_at_once(tmp_path, capsys, flash_ckpt):
     def mutate(tensors, dtypes):
         _replace("layers.0.attn.wkv.weight", lambda w: w[:-1])(tensors, dtypes)

@@ -206,6 +206,92 @@ def test_header_with_unknown_dtype(ckpt):
         ckpt.load()
 
 
+def test_overlapping_header_ranges(ckpt):
+    """Two tensors given the same bytes: one silently read the other's values."""
+    other = "layers.1.attn_norm.weight"  # BF16 [64], the same shard as NORM
+    shard = ckpt.shard_of(NORM)
+    ckpt.patch_header(shard, lambda header: header[other].update(data_offsets=header[NORM]["data_offsets"]))
+    with pytest.raises(dsv4.CheckpointError, match=names(shard, NORM, other, "overlap")):
+        ckpt.load()
+
+
+def _write_raw_header(path: Path, text: str) -> None:
+    """Replace a shard's header by `text` as it is (JSON that `json.dumps` would not write)."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    body = text.encode() + b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n :])
+
+
+def test_tensor_named_twice_in_one_header(ckpt):
+    """A name twice in one shard's header: the last entry won, silently."""
+    shard = ckpt.shard_of(NORM)
+    header, _ = read_header(ckpt.dir / shard)
+    text = (ckpt.dir / shard).read_bytes()
+    (n,) = struct.unpack("<Q", text[:8])
+    body = text[8 : 8 + n].decode().strip()
+    other = header["layers.1.attn_norm.weight"]
+    entry = json.dumps({"dtype": "BF16", "shape": [64], "data_offsets": [other.start, other.end]})
+    _write_raw_header(ckpt.dir / shard, "{" + f"{json.dumps(NORM)}: {entry}, " + body[1:])
+    with pytest.raises(dsv4.CheckpointError, match=names(shard, NORM, "appears twice")):
+        ckpt.load()
+
+
+def test_header_nested_too_deeply(ckpt):
+    shard = ckpt.shard_of(NORM)
+    _write_raw_header(ckpt.dir / shard, '{"__metadata__": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(dsv4.CheckpointError, match=names(shard, "nested too deeply")):
+        ckpt.load()  # was a RecursionError
+
+
+def test_header_shape_of_booleans(ckpt):
+    shard = ckpt.shard_of(NORM)
+    ckpt.patch_header(shard, lambda header: header[NORM].update(shape=[True], data_offsets=[0, 2]))
+    with pytest.raises(dsv4.CheckpointError, match=names(shard, NORM, "malformed shape")):
+        ckpt.load()  # was a TypeError from the read
+
+
+def test_index_naming_a_shard_outside_the_directory(ckpt):
+    (ckpt.dir.parent / "elsewhere.safetensors").write_bytes((ckpt.dir / ckpt.shard_of(NORM)).read_bytes())
+    ckpt.set_weight_map({**ckpt.weight_map(), NORM: "../elsewhere.safetensors"})
+    with pytest.raises(dsv4.CheckpointError, match=names(INDEX_FILE, NORM, "'../elsewhere.safetensors'")):
+        ckpt.load()
+
+
+def _nan_fp8_code(value: np.ndarray) -> np.ndarray:
+    value = value.copy()
+    value.view(np.uint8)[0, 0] = 0x7F
+    return value
+
+
+@pytest.mark.parametrize(
+    "name, damage, dtype, message",
+    [
+        (FP8, _nan_fp8_code, None, "an FP8 weight byte is a NaN code"),
+        (scale_of(FP8), lambda v: np.full(v.shape, 255, np.uint8), "F8_E8M0", "scale byte is 255"),
+        (scale_of(FP4), lambda v: np.full(v.shape, 255, np.uint8), "F8_E8M0", "scale byte is 255"),
+        (scale_of(FP8), lambda v: np.full(v.shape, np.nan, np.float32), "F32", "not a finite number"),
+        (scale_of(FP8), lambda v: np.full(v.shape, np.inf, np.float32), "F32", "not a finite number"),
+    ],
+)
+def test_quantized_values_that_decode_to_nan(ckpt, name, damage, dtype, message):
+    """Bytes no release holds (NaN codes, E8M0's NaN scale, a non-finite float scale) loaded as NaN
+    weights without a word; each names its shard and tensor now."""
+    shard = ckpt.replace(name, damage(ckpt.read(name)), dtype)
+    with pytest.raises(dsv4.CheckpointError, match=names(shard, name, message)):
+        ckpt.load()
+
+
+def test_hash_router_table_naming_missing_experts(ckpt):
+    """tid2eid ids outside [0, n_routed_experts) loaded as they were, and the forward gave NaN logits."""
+    name = "layers.0.ffn.gate.tid2eid"
+    table = ckpt.read(name)
+    table[3, 1] = 8  # n_routed_experts is 8
+    shard = ckpt.replace(name, table, "I64")
+    with pytest.raises(dsv4.CheckpointError, match=names(shard, name, "outside [0, n_routed_experts 8)")):
+        ckpt.load()
+
+
 # -------------------------------------------------------------------- missing, unknown, duplicated
 
 

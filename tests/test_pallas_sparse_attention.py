@@ -123,6 +123,9 @@ CHUNK_CASES = {
     "hca_splits": Case(
         "hca", 1, 3, 2, 32, 2, t=7, ratio=1, start=(4,), rope=8, blocks=SparseAttentionBlocks(block_n=2, num_splits=3)
     ),
+    "hca_splits_rows_past_s": Case(  # S = 3 in blocks of 2 query rows: the rope undone on S rows, not 4
+        "hca", 1, 3, 2, 8, 4, t=6, ratio=1, rope=4, blocks=SparseAttentionBlocks(block_q=2, block_n=2, num_splits=2)
+    ),
     "tpu_csa_f32_rope": Case("csa", 2, 5, 4, 32, 4, t=7, n=3, start=(0, 5), rope=8, backend="tpu"),
     "tpu_hca_bf16": Case("hca", 1, 6, 2, 32, 3, t=5, dtype="bfloat16", start=(2,), backend="tpu"),
 }
@@ -337,6 +340,7 @@ ERRORS = {
     "entries_width": (lambda a: _bad(entries=a["entries"][..., :8]), "entries: expected shape"),
     "rope_width": (lambda a: _bad(rope=(a["rope"][0], a["rope"][1][..., :2])), "rope sin: expected shape"),
     "window": (lambda a: _bad(window=0), "window: expected an integer >= 1"),
+    "q_integer": (lambda a: _bad(q=a["q"].astype(jnp.int32)), "q: expected dtype"),  # was blamed on prev
 }
 
 
