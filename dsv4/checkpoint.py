@@ -221,10 +221,11 @@ def check_values(index, t: ReleaseTensor, code: str, raw: np.ndarray, scale: np.
     from dsv4 import quant
     from dsv4.safetensors_io import CheckpointError
 
-    problem = quant.damage(code, raw, scale)
-    if problem is not None:
-        what = t.scale_name if "scale" in problem else t.name
-        raise CheckpointError(f"{index.shard_of(what)}: tensor {what!r}: {problem}; the file is damaged")
+    found = quant.damage(code, raw, scale)
+    if found is not None:
+        part, reason = found
+        name = t.scale_name if part == "scale" else t.name
+        raise CheckpointError(f"{index.shard_of(name)}: tensor {name!r}: {reason}; the file is damaged")
 
 
 def _read_scale(index, name: str) -> np.ndarray:

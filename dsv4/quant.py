@@ -78,8 +78,8 @@ def encode_e8m0(scale) -> np.ndarray:
     return biased.astype(np.uint8)
 
 
-def damage(code: str, raw: np.ndarray, scale: np.ndarray | None = None) -> str | None:
-    """Why quantized release data cannot be what a release holds, or None.
+def damage(code: str, raw: np.ndarray, scale: np.ndarray | None = None) -> tuple[str, str] | None:
+    """Why quantized release data cannot be what a release holds: ("weight" | "scale", reason), or None.
 
     raw: the stored weight (`code` "F8_E4M3", "I8" or another dtype string), scale: its scale
     tensor or rows of it. Refused: an FP8 (E4M3FN) byte that is a NaN code (0x7F, 0xFF), an E8M0
@@ -87,15 +87,15 @@ def damage(code: str, raw: np.ndarray, scale: np.ndarray | None = None) -> str |
     infinity without a word; FP4 (E2M1) has no such codes.
     """
     if code == "F8_E4M3" and np.any((np.asarray(raw).view(np.uint8) & 0x7F) == 0x7F):
-        return "an FP8 weight byte is a NaN code (0x7F or 0xFF)"
+        return "weight", "an FP8 weight byte is a NaN code (0x7F or 0xFF)"
     if scale is None:
         return None
     scale = np.asarray(scale)
     if scale.dtype.itemsize == 1:  # E8M0 or U8 bytes
         if np.any(scale.view(np.uint8) == E8M0_NAN):
-            return "a scale byte is 255, E8M0's NaN"
+            return "scale", "a scale byte is 255, E8M0's NaN"
     elif not np.all(np.isfinite(scale.astype(np.float32))):
-        return "a scale is not a finite number"
+        return "scale", "a scale is not a finite number"
     return None
 
 
