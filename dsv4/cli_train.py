@@ -190,7 +190,8 @@ RUN_ENTRIES = ("tokenizer", "run.json", "checkpoints", "metrics.jsonl", "loss.pn
 
 
 def _check_paths(args) -> None:
-    """Refuse an unusable --out / --export before anything is read, trained or written."""
+    """Refuse an unusable --out / --export before anything is read, trained or written (both made
+    absolute in `args` first)."""
     for dest in ("out", "export"):  # absolute: "." gets a name and a parent for the staging sibling
         if getattr(args, dest) is not None:
             setattr(args, dest, Path(os.path.abspath(getattr(args, dest))))
@@ -224,10 +225,9 @@ def _check_replaceable_run(out: Path) -> None:
     checkpoints/) holding nothing a run does not write, and not the directory this command runs in."""
     foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES)
     if foreign:
-        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise CLIError(
-            f"--overwrite: --out {out} holds files a dsv4-train run does not write ({listed}); it replaces "
-            "only a run directory: move them away or choose another --out"
+            f"--overwrite: --out {out} holds files a dsv4-train run does not write ({outputs.some_names(foreign)}); "
+            "it replaces only a run directory: move them away or choose another --out"
         )
     if not ((out / RUN_RECORD).is_file() or (out / "checkpoints").is_dir()):
         raise CLIError(f"--overwrite: --out {out} is not a dsv4-train run directory (no run.json, no checkpoints/)")

@@ -240,10 +240,9 @@ def check_out_dir(out_dir: Path, overwrite: bool, option: str = "overwrite=True"
         )
     foreign = _foreign_entries(out_dir)
     if foreign:
-        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise FileExistsError(
-            f"{out_dir}: holds files an export does not write ({listed}); {option} would delete them with the "
-            "checkpoint: move them away first"
+            f"{out_dir}: holds files an export does not write ({outputs.some_names(foreign)}); {option} would "
+            "delete them with the checkpoint: move them away first"
         )
 
 

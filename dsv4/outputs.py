@@ -48,6 +48,12 @@ def write_json(path, doc, indent: int | None = 1) -> None:
     write_text(path, json.dumps(doc, indent=indent) + "\n")
 
 
+def some_names(names: list[str], shown: int = 5) -> str:
+    """The first `shown` names, comma-separated, then how many more there are (for one-line errors)."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def holds_cwd(path) -> bool:
     """Whether the current directory is `path` or lies inside it: renaming `path` away would pull the
     directory out from under the process (its later relative paths would fail)."""
