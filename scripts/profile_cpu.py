@@ -10,10 +10,11 @@ event per thunk it executes (a fusion, a dot, a copy, a loop); their durations a
 instruction, leaving out loops, conditionals and calls (their events contain their bodies'
 thunks). Each instruction is charged to the innermost dsv4 (or sharding, pallas_kernels) source
 line of its metadata, read from the stack-frame tables of the optimized HLO text; a fusion
-without metadata takes the line of its dot, else of its first instruction that has one. A custom
-VJP's backward is charged to the line that called the function. Both cores' events count, so the
-total exceeds the wall time when the cores work at once; time outside thunks (dispatch, page
-faults, waiting) is not in it.
+without metadata takes the line of its dot, else of its first instruction that has one. YNNPACK's
+dot fusions have no metadata anywhere: each is charged to "LINE (read by a dot)", LINE being that
+of its first operand that has one. A custom VJP's backward is charged to the line that called the
+function. Both cores' events count, so the total exceeds the wall time when the cores work at
+once; time outside thunks (dispatch, waiting) is not in it.
 
 Prints the wall time of the timed runs, then the table: milliseconds per source line, the thunks
 behind it, and their share of the total. `--by-thunk` lists thunks instead of lines.
@@ -45,7 +46,7 @@ def containers(hlo_text: str) -> set[str]:
 def source_lines(hlo_text: str) -> dict[str, str]:
     """Instruction name -> "file:line function" of the innermost frame in this repository."""
     tables = {name: {} for name in _TABLES}
-    frame_of, comp_frame, calls = {}, {}, {}
+    frame_of, comp_frame, calls, operands = {}, {}, {}, {}
     table, comp = None, None
     for line in hlo_text.splitlines():
         if line in _TABLES:
@@ -67,9 +68,18 @@ def source_lines(hlo_text: str) -> dict[str, str]:
         fused = re.match(r"\s+(?:ROOT )?%([\w.\-]+) = .*calls=%([\w.\-]+)", line)
         if fused:
             calls[fused.group(1)] = fused.group(2)
+        operation = re.match(r"\s+(?:ROOT )?%([\w.\-]+) = .*? [\w\-]+\((%[^)]*)\)", line)
+        if operation:
+            operands[operation.group(1)] = re.findall(r"%([\w.\-]+)", operation.group(2))
     for name, callee in calls.items():
         if name not in frame_of and callee in comp_frame:
             frame_of[name] = comp_frame[callee]
+    # YNNPACK's dot fusions carry no metadata, nor do their computations: the first operand's line
+    readers = {}
+    for name, args in operands.items():
+        known = [arg for arg in args if arg in frame_of]
+        if name not in frame_of and known:
+            readers[name] = frame_of[known[0]]
 
     def field(text: str, key: str) -> int:
         return int(re.search(rf"{key}=(\d+)", text).group(1))
@@ -88,7 +98,8 @@ def source_lines(hlo_text: str) -> dict[str, str]:
             frame = field(text, "parent_frame_id")
         return "(outside dsv4)"
 
-    return {name: where(frame) for name, frame in frame_of.items()}
+    lines = {name: where(frame) for name, frame in frame_of.items()}
+    return lines | {name: f"{where(frame)} (read by a dot)" for name, frame in readers.items()}
 
 
 def thunk_times(run) -> dict[str, tuple[float, int]]:
