@@ -5,6 +5,7 @@ Sequences of 300 tokens span two HCA windows (128), nine sliding windows (32) an
 with index_topk 16 (Flash-like) or 8 (Pro-like), so the indexer really selects.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -64,10 +65,23 @@ def test_odd_lengths_and_batch_one(flash_ckpt):
 
 
 def _broken_parity(monkeypatch, reference_logits, module, attr, broken):
+    """The forward's error against transformers with one part patched.
+
+    The jitted forward reuses a program compiled for the same shapes and graphdef, patched or not
+    (`test_model.py::test_a_class_patch_reaches_the_forward_after_clear_caches`), so the caches are
+    cleared on both sides of the patch; the intact forward is then checked to be back within TOL.
+    """
     path, tokens, expected = reference_logits["flash"]
     model = dsv4.load_hf(path, dtype="float32")
+    jax.clear_caches()
     monkeypatch.setattr(module, attr, broken)
-    return rel_err(dsv4.forward(model, tokens), expected)
+    try:
+        err = rel_err(dsv4.forward(model, tokens), expected)
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
+    assert rel_err(dsv4.forward(model, tokens), expected) <= TOL
+    return err
 
 
 def test_negative_control_comb_not_transposed(monkeypatch, reference_logits):
