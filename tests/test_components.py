@@ -13,7 +13,7 @@ from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf
 from dsv4.attention import entry_visible, pool_windows, window_mask
 from dsv4.config import ModelConfig
 from dsv4.layers import apply_rope, rope_angles, rope_inv_freq
-from dsv4.mhc import HyperConnection, collapse
+from dsv4.mhc import HyperConnection, HyperHead, collapse
 from dsv4.moe import SharedExpert, clamped_swiglu, grouped_matmul, route
 from dsv4.params import KeyChain
 
@@ -92,6 +92,30 @@ def test_mhc_matches_transformers_with_distinct_epsilons():
     assert rel_err(swapped.weights(jnp.asarray(x))[2], rcomb.detach().numpy()) > 1e-3
 
 
+def _head_pair(hc_eps, rms_eps, seed=0):
+    cfg = ModelConfig.tiny(hc_eps=hc_eps, rms_norm_eps=rms_eps)
+    ours = HyperHead(cfg, KeyChain(seed))
+    rng = np.random.default_rng(seed)
+    for var, std in ((ours.fn, 0.5), (ours.base, 1.0), (ours.scale, 1.0)):
+        var.set_value(jnp.asarray(rng.standard_normal(var.get_value().shape) * std, jnp.float32))
+    ref = hf.DeepseekV4HyperHead(hf_config(cfg.to_hf_dict()))
+    with torch.no_grad():
+        for name, var in (("hc_fn", ours.fn), ("hc_base", ours.base), ("hc_scale", ours.scale)):
+            getattr(ref, name).copy_(torch.tensor(np.asarray(var.get_value())))
+    return cfg, ours, ref
+
+
+def test_hc_head_matches_transformers_with_distinct_epsilons():
+    """The final collapse (`hc_head`) also keeps hc_eps (added to pre) apart from rms_norm_eps (its
+    input norm): with either swapped for the other, the output moves."""
+    cfg, ours, ref = _head_pair(hc_eps=0.05, rms_eps=1e-6)
+    x = np.random.default_rng(7).standard_normal((2, 5, cfg.hc_mult, cfg.hidden_size)).astype(np.float32)
+    want = ref(torch.tensor(x)).detach().numpy()
+    assert rel_err(ours(jnp.asarray(x)), want) < 1e-6
+    for hc_eps, rms_eps in ((1e-6, 1e-6), (0.05, 0.05)):
+        assert rel_err(_head_pair(hc_eps, rms_eps)[1](jnp.asarray(x)), want) > 1e-3, (hc_eps, rms_eps)
+
+
 def test_mhc_comb_is_applied_transposed():
     cfg, ours, ref = _hc_pair(hc_eps=1e-6, rms_eps=1e-6, seed=3)
     rng = np.random.default_rng(2)
@@ -108,14 +132,38 @@ def test_mhc_comb_is_applied_transposed():
 
 
 def test_mhc_runs_in_float32_for_bfloat16_streams():
+    """bfloat16 streams: the mixing weights are computed in float32 from the streams' values, and
+    expand and collapse mix in float32 with those weights, rounding only their results."""
     cfg, ours, _ = _hc_pair(hc_eps=1e-6, rms_eps=1e-6, seed=4)
-    x = np.random.default_rng(5).standard_normal((1, 3, cfg.hc_mult, cfg.hidden_size)).astype(np.float32)
-    xb = jnp.asarray(x, jnp.bfloat16)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 3, cfg.hc_mult, cfg.hidden_size)).astype(np.float32)
+    xb, out = jnp.asarray(x, jnp.bfloat16), jnp.asarray(rng.standard_normal((1, 3, cfg.hidden_size)), jnp.bfloat16)
     pre, post, comb = ours.weights(xb)
     assert pre.dtype == post.dtype == comb.dtype == jnp.float32
-    pre32, _, comb32 = ours.weights(xb.astype(jnp.float32))
-    np.testing.assert_array_equal(np.asarray(comb), np.asarray(comb32))
+    for got, want in zip((pre, post, comb), ours.weights(xb.astype(jnp.float32)), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert ours.fn.get_value().dtype == jnp.float32
+
+    x32, out32 = np.asarray(xb, np.float32), np.asarray(out, np.float32)
+
+    def mismatches(got, want32):  # share of elements that differ from the float32 result rounded once
+        return np.mean(np.asarray(got, np.float32) != np.asarray(jnp.asarray(want32).astype(jnp.bfloat16), np.float32))
+
+    def expand_want(p, c):
+        return np.asarray(p)[..., None] * out32[:, :, None, :] + np.einsum("bsjk,bsjd->bskd", np.asarray(c), x32)
+
+    def in_bf16(w):  # the weights rounded to the streams' dtype: what a bfloat16 mix would use
+        return w.astype(jnp.bfloat16).astype(jnp.float32)
+
+    new = HyperConnection.expand(out, xb, post, comb)
+    assert new.dtype == jnp.bfloat16
+    collapsed = collapse(xb, pre)
+    assert collapsed.dtype == jnp.bfloat16
+    # measured: 0 of 1,536 / 384 elements differ; with bfloat16 weights 26% / 28% do
+    assert mismatches(new, expand_want(post, comb)) <= 0.02
+    assert mismatches(collapsed, np.einsum("bsn,bsnd->bsd", np.asarray(pre), x32)) <= 0.02
+    assert mismatches(HyperConnection.expand(out, xb, in_bf16(post), in_bf16(comb)), expand_want(post, comb)) > 0.1
+    assert mismatches(collapse(xb, in_bf16(pre)), np.einsum("bsn,bsnd->bsd", np.asarray(pre), x32)) > 0.1
 
 
 # ------------------------------------------------------------------------------------------------ MoE
@@ -143,8 +191,9 @@ def test_shared_expert_clamps_like_transformers():
             getattr(ours, name).weight.set_value(jnp.asarray(w.T))
     x = rng.standard_normal((9, cfg.hidden_size)).astype(np.float32) * 3  # pre-activations beyond +-10
     with torch.no_grad():
-        gate = ref.gate_proj(torch.tensor(x)).numpy()
-    assert np.abs(gate).max() > cfg.swiglu_limit, "inputs must exercise the clamp"
+        gate, up = (proj(torch.tensor(x)).numpy() for proj in (ref.gate_proj, ref.up_proj))
+    # the gate is clamped from above only, the up projection on both sides: each must bind
+    assert gate.max() > cfg.swiglu_limit and np.abs(up).max() > cfg.swiglu_limit, "inputs must exercise the clamps"
     expected = ref(torch.tensor(x)).detach().numpy()
     assert rel_err(ours(jnp.asarray(x)), expected) < 1e-5
     w1, w2, w3 = (np.asarray(getattr(ours, n).weight.get_value()) for n in ("w1", "w2", "w3"))

@@ -130,7 +130,7 @@ def test_pro_attention_kinds():
 def test_layer_index_out_of_range():
     cfg = ModelConfig.tiny()
     for i in (-1, 6):
-        with pytest.raises(IndexError):
+        with pytest.raises(IndexError, match=f"block {i} out of range: config has 6 compress_ratios"):
             cfg.compress_ratio(i)
 
 

@@ -106,6 +106,18 @@ def test_negative_control_half_split_rope(monkeypatch, reference_logits):
     assert _broken_parity(monkeypatch, reference_logits, attention, "apply_rope", half_split) > 100 * TOL
 
 
+@pytest.mark.parametrize("everywhere", [False, True], ids=["no_yarn", "yarn_everywhere"])
+def test_negative_control_yarn_on_the_wrong_layers(monkeypatch, reference_logits, everywhere):
+    """YaRN (the compressed table) belongs to CSA and HCA layers only: the table of the other kind
+    on every layer must fail parity, whichever way round."""
+    table = attention.rope_inv_freq
+
+    def one_table(cfg, compressed):
+        return table(cfg, compressed=everywhere)
+
+    assert _broken_parity(monkeypatch, reference_logits, attention, "rope_inv_freq", one_table) > 100 * TOL
+
+
 def test_negative_control_future_compressed_entries_visible(monkeypatch, reference_logits):
     def leaky(positions, num_entries, ratio):  # off by one window: sees the window still filling
         return jnp.arange(num_entries) < ((positions + 1) // ratio + 1)[..., None]

@@ -32,7 +32,7 @@ def test_encode_e8m0_round_trip_all_finite_bytes():
 
 @pytest.mark.parametrize("bad", [3.0, 0.0, -2.0, np.nan, np.inf, 2.0**128])
 def test_encode_e8m0_rejects_non_powers_of_two(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="E8M0 can only encode .*powers of two"):
         quant.encode_e8m0(np.array([1.0, bad]))
 
 
@@ -164,5 +164,5 @@ def test_fp4_quantize_error_bounded():
 
 
 def test_quantize_fp4_rejects_odd_k():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"even K, got shape \(2, 3\)"):
         quant.quantize_fp4(np.zeros((2, 3), np.float32))
