@@ -65,18 +65,20 @@ def test_interleaved_rope_matches_transformers_and_half_split_does_not():
 # ----------------------------------------------------------------------------------------------- mHC
 
 
-def _hc_pair(hc_eps, rms_eps, seed=0):
+def _mhc_pair(ours_cls, ref_cls, ref_names, hc_eps, rms_eps, seed):
+    """Our mHC module and transformers' with the same random fn / base / scale (ref_names in order)."""
     cfg = ModelConfig.tiny(hc_eps=hc_eps, rms_norm_eps=rms_eps)
-    ours = HyperConnection(cfg, KeyChain(seed))
+    ours, ref = ours_cls(cfg, KeyChain(seed)), ref_cls(hf_config(cfg.to_hf_dict()))
     rng = np.random.default_rng(seed)
-    for var, std in ((ours.fn, 0.5), (ours.base, 1.0), (ours.scale, 1.0)):
-        var.set_value(jnp.asarray(rng.standard_normal(var.get_value().shape) * std, jnp.float32))
-    ref = hf.DeepseekV4HyperConnection(hf_config(cfg.to_hf_dict()))
     with torch.no_grad():
-        ref.fn.copy_(torch.tensor(np.asarray(ours.fn.get_value())))
-        ref.base.copy_(torch.tensor(np.asarray(ours.base.get_value())))
-        ref.scale.copy_(torch.tensor(np.asarray(ours.scale.get_value())))
+        for var, std, name in zip((ours.fn, ours.base, ours.scale), (0.5, 1.0, 1.0), ref_names, strict=True):
+            var.set_value(jnp.asarray(rng.standard_normal(var.get_value().shape) * std, jnp.float32))
+            getattr(ref, name).copy_(torch.tensor(np.asarray(var.get_value())))
     return cfg, ours, ref
+
+
+def _hc_pair(hc_eps, rms_eps, seed=0):
+    return _mhc_pair(HyperConnection, hf.DeepseekV4HyperConnection, ("fn", "base", "scale"), hc_eps, rms_eps, seed)
 
 
 def test_mhc_matches_transformers_with_distinct_epsilons():
@@ -93,16 +95,7 @@ def test_mhc_matches_transformers_with_distinct_epsilons():
 
 
 def _head_pair(hc_eps, rms_eps, seed=0):
-    cfg = ModelConfig.tiny(hc_eps=hc_eps, rms_norm_eps=rms_eps)
-    ours = HyperHead(cfg, KeyChain(seed))
-    rng = np.random.default_rng(seed)
-    for var, std in ((ours.fn, 0.5), (ours.base, 1.0), (ours.scale, 1.0)):
-        var.set_value(jnp.asarray(rng.standard_normal(var.get_value().shape) * std, jnp.float32))
-    ref = hf.DeepseekV4HyperHead(hf_config(cfg.to_hf_dict()))
-    with torch.no_grad():
-        for name, var in (("hc_fn", ours.fn), ("hc_base", ours.base), ("hc_scale", ours.scale)):
-            getattr(ref, name).copy_(torch.tensor(np.asarray(var.get_value())))
-    return cfg, ours, ref
+    return _mhc_pair(HyperHead, hf.DeepseekV4HyperHead, ("hc_fn", "hc_base", "hc_scale"), hc_eps, rms_eps, seed)
 
 
 def test_hc_head_matches_transformers_with_distinct_epsilons():
