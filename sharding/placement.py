@@ -70,11 +70,15 @@ def _spec_tree(state, shardings):
     where the state has a variable holding a `QuantizedWeight`: a tree that is no prefix of the state.
     Leaf for leaf (data then scale, in both) the two agree.
     """
-    specs = [s.spec for s in jax.tree.leaves(shardings)]
+    return _like_state(state, [s.spec for s in jax.tree.leaves(shardings)])
+
+
+def _like_state(state, leaves: list):
+    """`leaves` (one per array of `state`, in its leaf order) in the exact tree structure of `state`."""
     structure = jax.tree.structure(state)
-    if len(specs) != structure.num_leaves:
-        raise ValueError(f"{len(specs)} shardings for a state of {structure.num_leaves} arrays")
-    return jax.tree.unflatten(structure, specs)
+    if len(leaves) != structure.num_leaves:
+        raise ValueError(f"{len(leaves)} shardings for a state of {structure.num_leaves} arrays")
+    return jax.tree.unflatten(structure, leaves)
 
 
 def per_device(fn, rt, state):
@@ -140,7 +144,8 @@ def shard_model(model, mesh: Mesh, strategy: str | Strategy | None = None):
     validate(model.cfg, mesh, strategy)
     state = nnx.state(model)
     check_divisible(state, mesh, get_strategy(strategy).rules)
-    placed = jax.device_put(state, param_shardings(state, mesh, strategy))
+    shardings = jax.tree.leaves(param_shardings(state, mesh, strategy))  # QuantizedWeights: see _spec_tree
+    placed = jax.device_put(state, _like_state(state, shardings))
     return with_mesh(model, mesh, strategy, placed)  # new variables: `model` itself stays as it was
 
 

@@ -306,9 +306,11 @@ def test_sharded_forward_of_any_batch_shape():
 
 def test_a_keep_quantized_checkpoint_generates_data_parallel():
     """dp_ep's per-device program took its in_specs from a sharding tree that was no prefix of a
-    state holding QuantizedWeights: prefill and generate failed (the forward did not)."""
+    state holding QuantizedWeights: prefill and generate failed (the forward did not). Placing
+    such a model after loading (`shard_model`, `generate(..., mesh=)`) failed the same way."""
     result = run_worker("quantized")
     assert result["sharded"] == result["plain"] and len(result["plain"][0]) == 4
+    assert result["placed"] == result["plain"]
 
 
 # -------------------------------------------------------------------------------------- workers
@@ -606,7 +608,9 @@ def worker_quantized() -> dict:
         plain = dsv4.load(dst, dtype="float32")
         sharded = dsv4.load(dst, dtype="float32", mesh=make_mesh(2, 4, 1), strategy="dp_ep")
         prompts = [[0, 5, 6], [0, 7]]
-        return {"plain": dsv4.generate(plain, prompts, 4), "sharded": dsv4.generate(sharded, prompts, 4)}
+        out = {"plain": dsv4.generate(plain, prompts, 4), "sharded": dsv4.generate(sharded, prompts, 4)}
+        out["placed"] = dsv4.generate(plain, prompts, 4, mesh=make_mesh(2, 4, 1), strategy="dp_ep")  # shard_model
+        return out
 
 
 if __name__ == "__main__":
