@@ -633,6 +633,25 @@ def _decode_transposed(reader: SourceReader, t: ReleaseTensor, code: str, r0: in
     return _lookup_scaled(code, bytes_t, scale.T, quant.FP4_GROUP // 2, dtype)
 
 
+_CHECK_BYTES = 16 << 20  # bytes of FP8 weight read at a time by _check_kept
+
+
+def _check_kept(reader: SourceReader, t: ReleaseTensor) -> None:
+    """CheckpointError if a tensor kept quantized holds a value no release holds (`quant.damage`).
+
+    Its bytes are copied file to file, never decoded, so its scales, and an FP8 weight's bytes, are
+    read here for the check (FP4 has no invalid codes): a second read of a small share of the source.
+    """
+    info = reader.index.info(t.name)
+    check_values(reader.index, t, info.dtype, np.zeros(0, np.uint8), reader.tensor(t.scale_name))
+    if info.dtype != "F8_E4M3":
+        return
+    rows = info.shape[0]
+    step = max(1, _CHECK_BYTES // max(1, info.nbytes // max(rows, 1)))
+    for r0 in range(0, rows, step):
+        check_values(reader.index, t, info.dtype, _read_rows(reader, t.name, r0, min(r0 + step, rows)), None)
+
+
 def _lookup_scaled(code: str, bytes_t: np.ndarray, scale_t: np.ndarray, rows_per_scale: int, dtype) -> np.ndarray:
     """Dequantize transposed element bytes [W, m] with E8M0 scales [ceil(W / rows_per_scale), m]
     (byte row j scaled by scale row j // rows_per_scale) into scratch of `dtype`: [W, m] for FP8,
@@ -1052,6 +1071,7 @@ class UnitBuilder:
         (t,) = entry.spec.tensors
         arrays = entry.arrays()
         if entry.quant is not None:
+            _check_kept(self.reader, t)
             self._on_tensor(2)
             return [WriteOp(arrays[0], None, self.reader.range(t.name)),
                     WriteOp(arrays[1], None, self.reader.range(t.scale_name))]  # fmt: skip
@@ -1086,6 +1106,7 @@ class UnitBuilder:
             if entry.quant is not None:
                 for e in range(e0, e1):
                     t = entry.spec.tensors[e]
+                    _check_kept(self.reader, t)
                     for a, name in zip(entry.arrays(), (t.name, t.scale_name), strict=True):
                         ops.append(WriteOp(a, (slice(e, e + 1),), self.reader.range(name).as_one_row()))
                 self._on_tensor(2 * (e1 - e0))
