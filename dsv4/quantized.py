@@ -64,10 +64,7 @@ class QuantizedWeight:
     @property
     def shape(self) -> tuple[int, ...]:
         """Shape of the dense parameter this weight stands for."""
-        *lead, n, k = self.data.shape
-        if self.fmt == "fp4":
-            k *= 2
-        return tuple(lead) + _layout_shape((n, k), self.layout, self.groups)
+        return implied_shapes(self.data.shape, self.fmt, self.layout, self.groups, self.block)[0]
 
     def dense(self) -> jax.Array:
         """The dequantized weight in the parameter's layout and dtype."""
@@ -128,6 +125,17 @@ def dequantize_fp4(data: jax.Array, scale: jax.Array) -> jax.Array:
     values = unpack_fp4(data)
     n, k = values.shape[-2:]
     return values * _expand(scale_values(scale), (n, k), (1, FP4_GROUP))
+
+
+def implied_shapes(data_shape, fmt: str, layout: str, groups: int, block) -> tuple[tuple, tuple]:
+    """(dense parameter shape, scale shape) that quantized data of `data_shape` stands for."""
+    *lead, n, k = data_shape
+    if fmt == "fp4":
+        k *= 2
+        scale = (n, -(-k // FP4_GROUP))
+    else:
+        scale = (-(-n // block[0]), -(-k // block[1]))
+    return tuple(lead) + _layout_shape((n, k), layout, groups), tuple(lead) + scale
 
 
 def _layout_shape(nk: tuple[int, int], layout: str, groups: int) -> tuple[int, ...]:

@@ -21,7 +21,7 @@ from dsv4.config import ModelConfig, RuntimeConfig
 from dsv4.convert import PARAMS_DIR, read_manifest, reporting_damage
 from dsv4.model import DeepseekV4, abstract_model
 from dsv4.params import logical_axes
-from dsv4.quantized import QuantizedWeight, quantized_axes
+from dsv4.quantized import QuantizedWeight, implied_shapes, quantized_axes
 from dsv4.safetensors_io import CheckpointError
 from sharding.rules import (
     check_divisible,
@@ -72,6 +72,17 @@ def _get(tree: dict, key: tuple[str, ...]):
     return tree
 
 
+def _check_quantized(name: str, q: dict, data_shape, scale_shape, wanted, where: Path) -> None:
+    """CheckpointError unless a kept-quantized weight stands for the parameter's shape, with its scales."""
+    dense, scale = implied_shapes(data_shape, q["fmt"], q["layout"], q["groups"], q["block"])
+    if dense != wanted:
+        raise CheckpointError(f"{where}: quantized array {name!r} ({q['fmt']} data {list(data_shape)}) stands "
+                              f"for shape {list(dense)}, the model wants {list(wanted)}")  # fmt: skip
+    if tuple(scale_shape) != scale:
+        raise CheckpointError(f"{where}: array '{name}.scale' has shape {list(scale_shape)}, its data "
+                              f"{list(data_shape)} needs {list(scale)}")  # fmt: skip
+
+
 def _plan_restore(state, shardings, manifest, mesh, rules, where, allow_partial):
     """Orbax targets for every parameter DST holds (dense, or data + scale); missing ones are refused
     unless `allow_partial`."""
@@ -82,9 +93,12 @@ def _plan_restore(state, shardings, manifest, mesh, rules, where, allow_partial)
         name = ".".join(key)
         abstract = var.get_value()
         if name in quantized:
-            data_axes, scale_axes = quantized_axes(logical_axes(var), quantized[name]["layout"])
+            q = quantized[name]
+            data_axes, scale_axes = quantized_axes(logical_axes(var), q["layout"])
+            parts = {part: _array_info(manifest, f"{name}.{part}", where) for part in ("data", "scale")}
+            _check_quantized(name, q, parts["data"][0], parts["scale"][0], tuple(abstract.shape), where)
             for part, axes in (("data", data_axes), ("scale", scale_axes)):
-                shape, dtype = _array_info(manifest, f"{name}.{part}", where)
+                shape, dtype = parts[part]
                 targets.add(key + (part,), shape, dtype, _named(mesh, axes, rules))
         elif name in manifest["arrays"]:
             shape, _ = _array_info(manifest, name, where)

@@ -513,6 +513,21 @@ def test_a_damaged_destination_is_named_on_load_and_verify(tmp_path, capsys, fla
         assert f"cannot read array {name}" in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["dense", "keep_quantized"])
+def test_a_config_that_does_not_fit_the_arrays_is_refused_on_load(tmp_path, converted, keep):
+    """DST's config.json edited (wider experts): each array is checked against the model, a kept-
+    quantized one through the shape its data stands for (it loaded, then computed with the wrong
+    config)."""
+    dst = tmp_path / "dst"
+    shutil.copytree(converted["flash", "float32", keep], dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["moe_intermediate_size"] *= 2
+    (dst / "config.json").write_text(json.dumps(config))
+    wants = "stands for shape" if keep else "has shape"
+    with pytest.raises(CheckpointError, match=rf"'layers\.0\.ffn\.experts\.w1'.* {wants} .*the model wants"):
+        load(dst)
+
+
 def test_verify_refuses_a_destination_of_another_model(tmp_path, capsys, flash_ckpt, pro_ckpt, converted):
     assert main(["--verify", str(pro_ckpt[0]), str(converted["flash", "float32", False])]) == 1
     err = capsys.readouterr().err
