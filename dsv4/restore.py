@@ -9,6 +9,7 @@ scales are sharded like the parameter they stand for.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from dsv4.config import ModelConfig, RuntimeConfig
-from dsv4.convert import PARAMS_DIR, read_manifest, reporting_damage
+from dsv4.convert import MANIFEST_FILE, PARAMS_DIR, read_manifest, reporting_damage
 from dsv4.model import DeepseekV4, abstract_model
 from dsv4.params import logical_axes
 from dsv4.quantized import QuantizedWeight, implied_shapes, quantized_axes
@@ -117,6 +118,24 @@ def _plan_restore(state, shardings, manifest, mesh, rules, where, allow_partial)
     return targets
 
 
+def _check_stored_shapes(where: Path, item: dict) -> None:
+    """CheckpointError naming the arrays whose stored shape (their zarr `.zarray`) differs from the
+    manifest's. Orbax would refuse them too, naming none, after starting the restore; an array
+    whose metadata cannot be read is left to the restore's own error."""
+    found = []
+    for path, want in jax.tree_util.tree_leaves_with_path(item):
+        name = ".".join(p.key for p in path)
+        try:
+            shape = tuple(json.loads((where / name / ".zarray").read_text())["shape"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if shape != tuple(want.shape):
+            found.append(f"{name} holds {list(shape)}, {MANIFEST_FILE} says {list(want.shape)}")
+    if found:
+        listed = "; ".join(found[:3]) + (f"; {len(found) - 3} more" if len(found) > 3 else "")
+        raise CheckpointError(f"{where}: {listed}; the checkpoint is damaged or was changed after conversion")
+
+
 def load(
     path: str | os.PathLike,
     mesh: Mesh | None = None,
@@ -156,6 +175,7 @@ def load(
     mesh = mesh or single_device_mesh()
     where = path / PARAMS_DIR
     targets = _plan_restore(state, param_shardings(state, mesh, rules), manifest, mesh, rules, where, allow_partial)
+    _check_stored_shapes(where, targets.item)
     with reporting_damage(where):
         restored = ocp.PyTreeCheckpointer().restore(
             where.resolve(), args=ocp.args.PyTreeRestore(item=targets.item, restore_args=targets.args)

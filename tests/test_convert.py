@@ -528,6 +528,20 @@ def test_a_config_that_does_not_fit_the_arrays_is_refused_on_load(tmp_path, conv
         load(dst)
 
 
+def test_an_array_stored_with_another_shape_is_named_on_load(tmp_path, converted):
+    """Orbax refused it with a long ValueError naming no array and advising strict=False."""
+    dst = tmp_path / "dst"
+    shutil.copytree(converted["flash", "float32", False], dst)
+    meta = dst / "params" / "norm.weight" / ".zarray"
+    zarray = json.loads(meta.read_text())
+    wanted = zarray["shape"][0]
+    zarray["shape"] = zarray["chunks"] = [wanted // 2]
+    meta.write_text(json.dumps(zarray))
+    said = rf"norm\.weight holds \[{wanted // 2}\], dsv4_checkpoint\.json says \[{wanted}\]"
+    with pytest.raises(CheckpointError, match=said):
+        load(dst)
+
+
 def test_verify_refuses_a_destination_of_another_model(tmp_path, capsys, flash_ckpt, pro_ckpt, converted):
     assert main(["--verify", str(pro_ckpt[0]), str(converted["flash", "float32", False])]) == 1
     err = capsys.readouterr().err
