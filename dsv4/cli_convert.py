@@ -147,13 +147,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _error_text(args, err: Exception, tmp) -> str:
-    """The one-line message: an OSError (a path; the disk full, read-only or gone) names DST, and the
-    unfinished conversion --resume can continue."""
-    if not isinstance(err, OSError):
-        return str(err)
+    """The one-line message: an OSError (a path; the disk full, read-only or gone) names DST; it and
+    a damaged source tensor found mid-conversion name the unfinished conversion --resume can continue."""
+    from dsv4.safetensors_io import CheckpointError
+
     hint = ""
-    if not args.verify and os.path.isdir(tmp):
+    if not args.verify and os.path.isdir(tmp) and isinstance(err, (OSError, CheckpointError)):
         hint = f"; the unfinished conversion is kept in {tmp}: once fixed, rerun with --resume (or remove it)"
+    if not isinstance(err, OSError):
+        return f"{err}{hint}"
     return f"{'verifying' if args.verify else 'converting to'} {args.dst}: {err}{hint}"
 
 
