@@ -1633,11 +1633,17 @@ def read_manifest(path) -> dict:
         manifest = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{file}: not a dsv4 Orbax checkpoint ({err})") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        found = manifest if isinstance(manifest, dict) else {}
         raise CheckpointError(
-            f"{file}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
+            f"{file}: format {found.get('format')!r} version {found.get('version')!r}, "
             f"expected {FORMAT!r} version {FORMAT_VERSION}"
         )
+    for key in ("arrays", "options"):
+        if not isinstance(manifest.get(key), dict):
+            raise CheckpointError(f"{file}: no {key!r} record; the checkpoint is damaged: convert it again")
+    if "dtype" not in manifest["options"]:
+        raise CheckpointError(f"{file}: its options name no dtype; the checkpoint is damaged: convert it again")
     return manifest
 
 

@@ -544,6 +544,18 @@ def test_an_array_stored_with_another_shape_is_named_on_load(tmp_path, converted
         load(dst)
 
 
+@pytest.mark.parametrize("drop", ["arrays", "options"])
+def test_a_manifest_missing_a_record_is_named(tmp_path, converted, drop):
+    """A bare KeyError before."""
+    dst = tmp_path / "dst"
+    shutil.copytree(converted["flash", "float32", False], dst)
+    manifest = json.loads((dst / convert.MANIFEST_FILE).read_text())
+    del manifest[drop]
+    (dst / convert.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=rf"dsv4_checkpoint\.json: no '{drop}' record"):
+        load(dst)
+
+
 def test_verify_refuses_a_destination_of_another_model(tmp_path, capsys, flash_ckpt, pro_ckpt, converted):
     assert main(["--verify", str(pro_ckpt[0]), str(converted["flash", "float32", False])]) == 1
     err = capsys.readouterr().err
