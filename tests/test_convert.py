@@ -399,8 +399,9 @@ def test_damaged_quantized_values_are_named(tmp_path, capsys, flash_ckpt, case, 
     err = capsys.readouterr().err
     assert reason in err and "the file is damaged" in err and "Traceback" not in err, err
     assert not (tmp_path / "dst").exists()
-    if (tmp_path / "dst.tmp-dsv4-convert").exists():  # stopped mid-conversion: the message says so
-        assert "the unfinished conversion is kept in" in err and "--resume" in err, err
+    # stopped mid-conversion: the unfinished one is kept, and the message says where and how to resume
+    assert (tmp_path / "dst.tmp-dsv4-convert").is_dir()
+    assert f"the unfinished conversion is kept in {tmp_path / 'dst.tmp-dsv4-convert'}" in err and "--resume" in err, err
 
 
 def test_every_problem_is_reported_at_once(tmp_path, capsys, flash_ckpt):
