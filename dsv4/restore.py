@@ -109,6 +109,12 @@ def _plan_restore(state, shardings, manifest, mesh, rules, where, allow_partial)
             targets.add(key, shape, abstract.dtype, _leaf(flat_shardings[tuple(path)]))
         else:
             missing.append(name)
+    extra = sorted(set(manifest["arrays"]) - set(_names(targets.item)))
+    if extra:
+        raise CheckpointError(
+            f"{where}: {len(extra)} array(s) the model of its config.json has no parameter for, e.g. "
+            f"{extra[:3]}; was config.json changed after conversion?"
+        )
     if missing and not allow_partial:
         raise CheckpointError(
             f"{where}: {len(missing)} parameter(s) missing (partial conversion?), e.g. {missing[:3]}; "
@@ -118,13 +124,17 @@ def _plan_restore(state, shardings, manifest, mesh, rules, where, allow_partial)
     return targets
 
 
+def _names(item: dict) -> list[str]:
+    """The array names (dotted keys) of an Orbax item tree."""
+    return [".".join(p.key for p in path) for path, _ in jax.tree_util.tree_leaves_with_path(item)]
+
+
 def _check_stored_shapes(where: Path, item: dict) -> None:
     """CheckpointError naming the arrays whose stored shape (their zarr `.zarray`) differs from the
     manifest's. Orbax would refuse them too, naming none, after starting the restore; an array
     whose metadata cannot be read is left to the restore's own error."""
     found = []
-    for path, want in jax.tree_util.tree_leaves_with_path(item):
-        name = ".".join(p.key for p in path)
+    for name, want in zip(_names(item), jax.tree.leaves(item), strict=True):
         try:
             shape = tuple(json.loads((where / name / ".zarray").read_text())["shape"])
         except (OSError, ValueError, KeyError, TypeError):

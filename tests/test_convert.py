@@ -531,6 +531,20 @@ def test_a_config_that_does_not_fit_the_arrays_is_refused_on_load(tmp_path, conv
         load(dst)
 
 
+def test_arrays_of_layers_the_config_no_longer_has_are_named_on_load(tmp_path, converted):
+    """Orbax refused them with a long 'tree structures do not match' error."""
+    dst = tmp_path / "dst"
+    shutil.copytree(converted["flash", "float32", False], dst)
+    config = json.loads((dst / "config.json").read_text())
+    last = config["num_hidden_layers"] - 1
+    config["num_hidden_layers"] = last
+    del config["compress_ratios"][last]
+    (dst / "config.json").write_text(json.dumps(config))
+    said = rf"array\(s\) the model of its config\.json has no parameter for, e\.g\. \['layers\.{last}\."
+    with pytest.raises(CheckpointError, match=said):
+        load(dst)
+
+
 def test_an_array_stored_with_another_shape_is_named_on_load(tmp_path, converted):
     """Orbax refused it with a long ValueError naming no array and advising strict=False."""
     dst = tmp_path / "dst"
