@@ -1626,13 +1626,23 @@ def reporting_damage(where: Path, name: str | None = None):
         raise damaged(where, err, name) from err
 
 
+def _unfinished_hint(path: Path) -> str:
+    """What to say when `path` is, or has beside it, a conversion that did not finish."""
+    if path.name.endswith(TEMP_SUFFIX):
+        dst = path.parent / path.name[: -len(TEMP_SUFFIX)]
+        return f"; {path} is an unfinished conversion: `dsv4-convert SRC {dst} --resume` finishes it"
+    if temp_dir(path).is_dir():
+        return f"; {temp_dir(path)} holds an unfinished conversion: `dsv4-convert SRC {path} --resume` finishes it"
+    return ""
+
+
 def read_manifest(path) -> dict:
     """DST's dsv4_checkpoint.json, checked for format and version."""
     file = Path(path) / MANIFEST_FILE
     try:
         manifest = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{file}: not a dsv4 Orbax checkpoint ({err})") from None
+        raise CheckpointError(f"{file}: not a dsv4 Orbax checkpoint ({err}){_unfinished_hint(Path(path))}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
         found = manifest if isinstance(manifest, dict) else {}
         raise CheckpointError(

@@ -14,6 +14,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -26,6 +27,7 @@ import pytest
 import dsv4
 from dsv4 import convert
 from dsv4.cli_convert import main
+from dsv4.safetensors_io import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "convert_hf.py"
@@ -149,6 +151,10 @@ def test_interrupted_conversion_leaves_no_destination_and_resumes(tmp_path, flas
     proc.wait()
     assert not dst.exists()
     assert convert.temp_dir(dst).exists()
+    finish = re.escape(f"unfinished conversion: `dsv4-convert SRC {dst} --resume` finishes it")
+    for path in (dst, convert.temp_dir(dst)):  # loading either says how to finish it
+        with pytest.raises(CheckpointError, match=finish):
+            dsv4.load(path)
     assert main([str(src), str(dst), "--dtype", "float32", "--no-progress", "--resume"]) == 0
     summary = convert.read_manifest(dst)["summary"]
     assert summary["units_resumed"] >= 3
