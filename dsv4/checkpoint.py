@@ -228,6 +228,18 @@ def check_values(index, t: ReleaseTensor, code: str, raw: np.ndarray, scale: np.
         raise CheckpointError(f"{index.shard_of(name)}: tensor {name!r}: {reason}; the file is damaged")
 
 
+def check_expert_ids(index, t: ReleaseTensor, ids: np.ndarray, n_experts: int) -> None:
+    """CheckpointError naming the shard and tensor when a hash router's `tid2eid` names an expert
+    outside [0, n_experts): the model would route tokens to experts that do not exist."""
+    from dsv4.safetensors_io import CheckpointError
+
+    if ids.size and not (0 <= ids.min() and ids.max() < n_experts):
+        raise CheckpointError(
+            f"{index.shard_of(t.name)}: tensor {t.name!r} names experts {ids.min()}..{ids.max()}, "
+            f"outside [0, n_routed_experts {n_experts}): the file is damaged or of another model"
+        )
+
+
 def _read_scale(index, name: str) -> np.ndarray:
     scale = index.read(name)
     return scale.view(np.uint8) if scale.dtype.itemsize == 1 else scale.astype(np.float32)

@@ -59,7 +59,15 @@ import tensorstore as ts
 from flax import nnx
 
 from dsv4 import outputs, quant
-from dsv4.checkpoint import ParamSpec, ReleaseTensor, check_values, problem_report, release_specs, validate_index
+from dsv4.checkpoint import (
+    ParamSpec,
+    ReleaseTensor,
+    check_expert_ids,
+    check_values,
+    problem_report,
+    release_specs,
+    validate_index,
+)
 from dsv4.config import ModelConfig, RuntimeConfig
 from dsv4.loading import weight_block
 from dsv4.model import abstract_model
@@ -438,6 +446,8 @@ def open_source(src: Path, cfg: ModelConfig, specs: list[ParamSpec]) -> Checkpoi
         raise CheckpointError(
             problem_report(f"{where}: {len(problems)} problem(s) against {src / 'config.json'}:", problems)
         )
+    for t in (t for spec in specs for t in spec.tensors if t.kind == "int"):  # tid2eid: a few MB each
+        check_expert_ids(index, t, index.read(t.name), cfg.n_routed_experts)
     return index
 
 

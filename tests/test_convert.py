@@ -338,6 +338,10 @@ REWRITES = {  # tensors rewritten -> (mutation, words the message must contain)
         _add("layers.0.attn.bogus.weight", np.zeros(3, np.float32)),
         ["unknown tensor 'layers.0.attn.bogus.weight'", "model-"],
     ),
+    "hash router naming an expert the model lacks": (
+        _replace("layers.0.ffn.gate.tid2eid", lambda t: np.where(np.arange(t.size).reshape(t.shape) == 7, 8, t), "I64"),
+        ["layers.0.ffn.gate.tid2eid", "model-", "outside [0, n_routed_experts 8)"],
+    ),
     "scale grid of the wrong shape": (
         _replace("layers.0.attn.wq_a.scale", lambda s: np.concatenate([s, s[:, :1]], axis=1), "F8_E8M0"),
         ["layers.0.attn.wq_a.scale", "model-", "scale grid"],
