@@ -235,16 +235,22 @@ def _check_replaceable_run(out: Path) -> None:
         raise CLIError(f"--overwrite: --out {out} holds the current directory, which it cannot replace: run elsewhere")
 
 
-def _mesh(args):
-    """The --mesh device mesh (None: one device), refused when --batch does not split over its data axis."""
+def _mesh(args, cfg: ModelConfig):
+    """The --mesh device mesh (None: one device), refused when --batch does not split over its data
+    axis or the mesh cannot shard the model (the default strategy, as the train step uses)."""
     from sharding.placement import check_batch
+    from sharding.rules import validate
 
     mesh = parse_mesh(args.mesh)
     if mesh is not None:
         try:
-            check_batch(args.batch, mesh)  # the default strategy, as the train step uses
+            check_batch(args.batch, mesh)
         except ValueError as err:
             raise CLIError(f"--batch: {err}") from None
+        try:
+            validate(cfg, mesh)
+        except ValueError as err:
+            raise CLIError(f"--mesh {args.mesh}: {err}") from None
     return mesh
 
 
@@ -347,7 +353,7 @@ def _prepare(args, cfg: ModelConfig):
     record = _run_record(args, docs)
     if args.resume:
         _check_resume_data(args.out, record)
-    mesh = _mesh(args)
+    mesh = _mesh(args, cfg)
     with tempfile.TemporaryDirectory(prefix="dsv4-train-tokenizer.") as scratch:
         source = _tokenizer_source(args, cfg, docs, Path(scratch))
         tokenizer = load_tokenizer(source)

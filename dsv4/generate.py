@@ -323,12 +323,21 @@ class _Clock:
         return out
 
 
-def _prefill(cfg: ModelConfig, graphdef, state, req: _Request, key, clock: _Clock) -> LoopState:
+def _empty_cache(cfg: ModelConfig, batch: int, req: _Request, rt):
+    """The KV cache, created in its shards on a mesh (no device holds the whole of it)."""
+    if rt.mesh is None:
+        return kv_cache.init_cache(cfg, batch, req.max_len, req.cache_format)
+    from sharding.placement import init_sharded_cache
+
+    return init_sharded_cache(cfg, batch, req.max_len, req.cache_format, rt.mesh, rt.strategy)
+
+
+def _prefill(cfg: ModelConfig, rt, graphdef, state, req: _Request, key, clock: _Clock) -> LoopState:
     """Prefill every prompt (in chunks of req.prefill_chunk) and sample token 0."""
     tokens, lengths = _padded(req.prompts, req.prefill_chunk)
     batch, width = tokens.shape
     chunk = req.prefill_chunk or width
-    cache = kv_cache.init_cache(cfg, batch, req.max_len, req.cache_format)
+    cache = _empty_cache(cfg, batch, req, rt)
     last = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
     exe = None
     for offset in range(0, width, chunk):
@@ -398,7 +407,7 @@ def generate_with_stats(
     graphdef, state = nnx.split(model)
     key, clock = jax.random.key(seed), _Clock()
     stream = _Streamer(on_token, batch, req.stop_ids)
-    loop = _prefill(model.cfg, graphdef, state, req, key, clock)
+    loop = _prefill(model.cfg, model.rt, graphdef, state, req, key, clock)
     stream(loop)
     interval = stream_interval if on_token is not None else req.max_new
     loop = _decode(graphdef, state, loop, req, key, clock, stream, interval)

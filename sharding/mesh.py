@@ -122,15 +122,24 @@ def initialize_distributed(
 ) -> None:
     """Join the multi-process JAX cluster (call once per process, before any device work).
 
-    A single process (num_processes == 1, or nothing given and no cluster detected) is left alone.
+    A single process (num_processes == 1, or nothing given and no cluster detected) is left alone;
+    a process count or id without a coordinator, where no cluster is detected, raises ValueError
+    (such a process would otherwise run alone as process 0 of 1).
     On CPU the cross-process collectives go through gloo. After joining, the process count JAX
     reports must equal `num_processes`; a mismatch raises RuntimeError before anything is compiled.
     """
     args = distributed_args(coordinator, num_processes, process_id)
     if args["num_processes"] == 1:
         return
-    if args["coordinator_address"] is None and args["num_processes"] is None and not _cluster_detected():
-        return
+    if args["coordinator_address"] is None and not _cluster_detected():
+        given = [f"{k} {args[k]}" for k in ("num_processes", "process_id") if args[k] is not None]
+        if not given:  # a single process
+            return
+        raise ValueError(
+            f"{' and '.join(given)} given (--num-processes / {ENV_NUM_PROCESSES}, --process-id / "
+            f"{ENV_PROCESS_ID}) without a coordinator (--coordinator / {ENV_COORDINATOR}), and no cluster "
+            "was detected to find one: the processes cannot join"
+        )
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**args, initialization_timeout=timeout_s)
     check_processes(args["num_processes"], args["process_id"])

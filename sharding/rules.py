@@ -260,9 +260,12 @@ def validate(cfg, mesh: Mesh, strategy: str | Strategy | None = None, batch: int
 
     Raises ValueError listing every problem: a mesh axis the mesh lacks, or a mesh size that does
     not divide the batch, the routed experts, the query heads, the output groups or the indexer heads.
+    Warns when a mesh axis of size > 1 goes unused by the strategy (`warn_unused_axes`).
     Warns once per process on a mesh of several CPU devices when XLA_FLAGS turns YNNPACK's dots off
     (`warn_cpu_multidevice`).
     """
+    if not isinstance(mesh, Mesh | AbstractMesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     warn_cpu_multidevice(mesh)
     strat = get_strategy(strategy)
     check_mesh_axes(strat.rules, mesh, f"strategy {strat.name!r}")
@@ -284,6 +287,35 @@ def validate(cfg, mesh: Mesh, strategy: str | Strategy | None = None, batch: int
             )
     if problems:
         raise ValueError("the mesh cannot shard this model: " + "; ".join(problems))  # one line for the CLIs
+    warn_unused_axes(strat, mesh)
+
+
+def unused_axes(strategy: str | Strategy | None, mesh: Mesh) -> list[str]:
+    """Mesh axes of size > 1 that no logical axis of `strategy` is split over (none for a strategy
+    that splits nothing, such as "replicated", which copies everything by design)."""
+    strat = get_strategy(strategy)
+    used = {a for _, target in strat.table for a in _targets(target, mesh)}
+    return [a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in used] if used else []
+
+
+def warn_unused_axes(strategy: str | Strategy | None, mesh: Mesh) -> bool:
+    """Warn when `mesh` has an axis `strategy` never splits over: every array is copied across it,
+    and its devices repeat one another's work (e.g. dp_ep on a mesh with tensor > 1). Returns
+    whether it warned."""
+    strat, unused = get_strategy(strategy), unused_axes(strategy, mesh)
+    for a in unused:
+        warnings.warn(
+            f"strategy {strat.name!r} splits nothing over mesh axis {a!r} of size {mesh.shape[a]}: every "
+            f"array is copied across it and its devices repeat one another's work; give it size 1 or use a "
+            f"strategy that splits over it ({', '.join(_strategies_using(a)) or 'none'})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return bool(unused)
+
+
+def _strategies_using(axis: str) -> list[str]:
+    return [name for name, st in STRATEGIES.items() if any(axis in _targets(t, None) for _, t in st.table)]
 
 
 def check_divisible(state: nnx.State, mesh: Mesh, rules) -> None:

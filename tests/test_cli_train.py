@@ -203,6 +203,20 @@ def test_too_long_sequence_is_refused(tmp_path, capsys, small_config):
     assert f"--seq-len {2**21} exceeds max_position_embeddings {SMALL.max_position_embeddings}" in err
 
 
+def test_a_mesh_that_cannot_shard_the_model_is_refused_before_out(
+    tmp_path, capsys, small_config, text_corpus, monkeypatch
+):
+    """--mesh expert=3 against 8 experts failed inside JAX's sharding after --out was written
+    (tokenizer, run.json), naming neither --mesh nor n_routed_experts; a rerun then found --out taken."""
+    from jax.sharding import AbstractMesh
+
+    monkeypatch.setattr(cli_train, "parse_mesh", lambda text: AbstractMesh((1, 3, 1), ("data", "expert", "tensor")))
+    argv = ["--config", small_config, "--corpus", text_corpus, "--out", tmp_path / "o", "--mesh", "expert=3"]
+    err = _error(capsys, [*argv, *RUN])
+    assert "--mesh expert=3: the mesh cannot shard this model: n_routed_experts = 8 is not divisible by 3" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_resume_with_another_config_is_refused(full_run, capsys, text_corpus, tmp_path):
     run, _ = full_run
     other = SMALL.__class__.tiny(num_hidden_layers=2, compress_ratios=(0, 4, 0), num_hash_layers=1, index_topk=4)

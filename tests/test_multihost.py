@@ -122,7 +122,7 @@ def test_load_hf_creates_parameters_in_their_shards(checkpoint):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["mismatched_shardings"] == [] and result["mismatched_values"] == []
     assert result["expert_spec"][0] == "expert" and result["expert_spec"][1:] in ([], [None, None])
-    assert result["expert_reads"] == result["experts"]  # every expert read once, not once per device
+    assert result["expert_reads"] == result["experts"] > 0  # every expert read once, not once per device
 
 
 def _load_worker(path: str) -> dict:

@@ -133,6 +133,30 @@ def test_validate_names_every_indivisible_size():
     assert "\n" not in str(err.value)  # dsv4-multihost prints it as its one error line
     with pytest.raises(ValueError, match="which the mesh"):
         validate(cfg, AbstractMesh((2, 4), ("data", "expert")), "tp_ep")
+    with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh, got NoneType"):
+        validate(cfg, None, "dp_ep")  # e.g. shard_model(model, None): was an AttributeError inside a warning check
+
+
+def test_a_mesh_axis_the_strategy_never_splits_over_is_named():
+    """dp_ep on a mesh with tensor = 2 passed validation without a word: every weight was copied
+    across `tensor`, half the devices repeating the others' work (146 GiB per device for Flash)."""
+    import warnings
+
+    from jax.sharding import AbstractMesh
+
+    from dsv4.config import ModelConfig
+    from sharding.rules import unused_axes, validate
+
+    cfg = ModelConfig.tiny()
+    mesh = AbstractMesh((1, 4, 2), ("data", "expert", "tensor"))
+    with pytest.warns(RuntimeWarning, match="strategy 'dp_ep' splits nothing over mesh axis 'tensor' of size 2.*tp_ep"):
+        validate(cfg, mesh, "dp_ep")
+    assert unused_axes("tp_ep", mesh) == [] and unused_axes("replicated", mesh) == []  # replicated: by design
+    assert unused_axes("tp_ep", AbstractMesh((2, 4, 1), ("data", "expert", "tensor"))) == ["data"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate(cfg, mesh, "tp_ep")
+        validate(cfg, AbstractMesh((2, 4, 1), ("data", "expert", "tensor")), "dp_ep", batch=2)
 
 
 def test_exchange_is_chosen_by_backend():
@@ -157,6 +181,21 @@ def test_distributed_args_validation(monkeypatch):
     monkeypatch.setenv(ENV_NUM_PROCESSES, "two")
     with pytest.raises(ValueError, match="is not an integer"):
         distributed_args()
+
+
+@pytest.mark.parametrize("given", [dict(process_id=3), dict(num_processes=4), dict(num_processes=4, process_id=1)])
+def test_a_process_id_or_count_without_a_coordinator_is_refused(monkeypatch, given):
+    """`--process-id 3` alone (no coordinator, no detected cluster) was ignored: each host ran alone
+    as process 0 of 1 and wrote its own output."""
+    import sharding.mesh as mesh_module
+
+    for var in (mesh_module.ENV_COORDINATOR, mesh_module.ENV_NUM_PROCESSES, mesh_module.ENV_PROCESS_ID):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(mesh_module, "_cluster_detected", lambda: False)
+    with pytest.raises(ValueError, match="without a coordinator \\(--coordinator / DSV4_COORDINATOR\\)"):
+        mesh_module.initialize_distributed(**given)
+    assert mesh_module.initialize_distributed() is None  # nothing given: one process, left alone
+    assert mesh_module.initialize_distributed(num_processes=1, process_id=0) is None
 
 
 def test_every_logical_axis_has_a_rule_and_is_documented():
@@ -243,6 +282,7 @@ def test_sharded_logits_equal_single_device(matrix, strategy, mesh):
     assert case["greedy_equal"], case
     if (strategy, mesh) in GENERATE_CASES:  # dsv4.generate's on-device loop on the sharded model
         assert case["generated_equal"], case
+        assert case["generate_caches"] == 1 and case["generate_cache_mismatches"] == [], case
 
 
 @pytest.mark.parametrize("strategy,mesh", CASES, ids=[f"{s}-{'x'.join(map(str, m))}" for s, m in CASES])
@@ -295,6 +335,7 @@ def test_bad_inputs_fail_before_compiling():
     for name in ("batch", "generate_batch", "decode_batch"):
         assert "batch 2 is not divisible by 4" in result[name][0], (name, result[name])
     assert "mesh axis 'model'" in result["axis"][0]
+    assert "n_routed_experts = 12 is not divisible by 8" in result["init_model"][0]
 
 
 def test_sharded_forward_of_any_batch_shape():
@@ -359,7 +400,7 @@ def _cache_mismatches(cache, mesh, strategy) -> list[str]:
     want = jax.tree.leaves(cache_shardings(cache, mesh, strategy))
     got = jax.tree_util.tree_leaves_with_path(cache)
     return [
-        f"{jax.tree_util.keystr(p)}: {x.sharding.spec} != {w.spec}"
+        f"{jax.tree_util.keystr(p)}: {getattr(x.sharding, 'spec', x.sharding)} != {w.spec}"
         for (p, x), w in zip(got, want, strict=True)
         if not x.sharding.is_equivalent_to(w, x.ndim)
     ]
@@ -367,6 +408,8 @@ def _cache_mismatches(cache, mesh, strategy) -> list[str]:
 
 def _run_case(model, cfg, strategy, shape, tokens, ref, ref_greedy, ref_generated) -> dict:
     """Shard `model`, run forward / prefill / decode, compare with the single-device `ref` logits."""
+    import importlib
+
     import jax
     import numpy as np
 
@@ -400,8 +443,17 @@ def _run_case(model, cfg, strategy, shape, tokens, ref, ref_greedy, ref_generate
 
         # tp_ep: the unsharded model with mesh=/strategy= (generate places it); otherwise the sharded model
         placement = {"mesh": mesh, "strategy": strategy} if strategy == "tp_ep" else {}
-        generated = generate(model if placement else m, PROMPTS[:b], 5, stop_tokens=(), **placement)
+        made = []  # the caches generate makes: created in their shards (it had built them on one device)
+        module = importlib.import_module("dsv4.generate")  # `dsv4.generate` is the function
+        empty_cache = module._empty_cache
+        module._empty_cache = lambda *a: made.append(empty_cache(*a)) or made[-1]
+        try:
+            generated = generate(model if placement else m, PROMPTS[:b], 5, stop_tokens=(), **placement)
+        finally:
+            module._empty_cache = empty_cache
         out["generated_equal"] = generated == ref_generated[:b]
+        out["generate_cache_mismatches"] = [x for c in made for x in _cache_mismatches(c, mesh, strategy)]
+        out["generate_caches"] = len(made)
     out["param_mismatches"] = _param_mismatches(m, mesh, strategy)
     out["cache_mismatches"] = _cache_mismatches(cache, mesh, strategy)
     layer = m.layers[0]
@@ -569,6 +621,8 @@ def worker_errors() -> dict:
         "generate_batch": attempt(lambda: generate(sharded, [[1, 2], [3]], 2)),  # was shard_map's error
         "decode_batch": attempt(lambda: decode_step(sharded, [1, 2], cache)),  # was an IndivisibleError
         "axis": attempt(lambda: shard_model(model, make_mesh(2, 4, 1), bad_axis)),
+        # init_model under a mesh it cannot use: built, then the first forward failed inside shard_map
+        "init_model": attempt(lambda: init_model(odd.cfg, RuntimeConfig(dtype="float32", mesh=make_mesh(1, 8, 1)))),
     }
     return {"errors": errors, "source_model_left_alone": left_alone}  # shard_model had moved its variables
 
