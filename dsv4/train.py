@@ -142,17 +142,46 @@ def split_model(model: DeepseekV4):
     return nnx.split(model, TRAINABLE, ...)
 
 
-def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping; the learning rate warms up linearly, then decays by a cosine."""
+def lr_schedule(tc: TrainConfig) -> optax.Schedule:
+    """Learning rate of optimiser step n = 1 .. total_steps, as a function of optax's update count n - 1.
+
+    Warms up linearly to `lr` at step `warmup_steps` (lr * n / warmup_steps), then decays by a
+    cosine to `lr * end_lr_ratio` at step `total_steps`. (optax's schedules take the count of
+    updates already applied: read at it directly, step 1 had a learning rate of 0 and the last step
+    never reached the end value.)
+    """
     if tc.warmup_steps == tc.total_steps:  # all warmup: optax's cosine refuses a decay of 0 steps
-        schedule = optax.linear_schedule(0.0, tc.lr, tc.warmup_steps)
+        base = optax.linear_schedule(0.0, tc.lr, tc.warmup_steps)
     else:
-        schedule = optax.warmup_cosine_decay_schedule(
+        base = optax.warmup_cosine_decay_schedule(
             0.0, tc.lr, tc.warmup_steps, tc.total_steps, end_value=tc.lr * tc.end_lr_ratio
         )
+    return lambda count: base(count + 1)
+
+
+def decays(tc: TrainConfig, params: nnx.State):
+    """Which parameters weight decay shrinks: matrices that some loss trains.
+
+    Vectors (norm weights, mHC biases and scales, attention sinks) are left alone, and so are the MTP
+    block when `mtp_weight` is 0 and the indexers when `indexer_weight` is 0: no gradient reaches
+    them then, and decoupled decay alone would shrink them every step.
+    """
+
+    def trained_matrix(path, x) -> bool:
+        names = [str(getattr(k, "key", k)) for k in path]
+        off = (tc.mtp_weight == 0 and names[0] == "mtp") or (tc.indexer_weight == 0 and "indexer" in names)
+        return x.ndim >= 2 and not off
+
+    return jax.tree_util.tree_map_with_path(trained_matrix, params)
+
+
+def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping (`lr_schedule`; weight decay on `decays`)."""
     return optax.chain(
         optax.clip_by_global_norm(tc.clip_norm),
-        optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay),
+        optax.adamw(
+            lr_schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=lambda p: decays(tc, p)
+        ),
     )
 
 

@@ -279,6 +279,51 @@ def test_all_warmup_schedule():
     assert np.all(np.isfinite(np.asarray(updates["w"])))
 
 
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_schedule_by_optimiser_step(warmup):
+    """Step n of T uses lr * n / W in the warmup, the peak at step W, lr * end_lr_ratio at step T. optax
+    reads a schedule at the count of updates already applied: step 1 had lr 0 (a wasted step) and the
+    last step ended at 1.6x the end value."""
+    tc = train.TrainConfig(lr=1.0, warmup_steps=warmup, total_steps=10, end_lr_ratio=0.1)
+    at_step = [float(train.lr_schedule(tc)(n - 1)) for n in range(1, 11)]  # optax's count = n - 1
+    if warmup:
+        np.testing.assert_allclose(at_step[:4], [0.25, 0.5, 0.75, 1.0], rtol=1e-6)
+    else:
+        assert 0.9 < at_step[0] < 1.0  # one step into the cosine
+    assert at_step[-1] == pytest.approx(0.1, rel=1e-6)
+    assert np.all(np.diff(at_step[max(warmup - 1, 0) :]) < 0)  # decays from the peak on
+    # the whole optimiser: the first step of a warmup of 4 moves the weights by a quarter of lr (Adam: ~lr * sign)
+    tc = dataclasses.replace(tc, weight_decay=0.0)
+    params = {"w": jnp.ones(3)}
+    opt = train.optimizer(tc)
+    updates, _ = opt.update({"w": jnp.full(3, 0.5)}, opt.init(params), params)
+    np.testing.assert_allclose(np.asarray(updates["w"]), -at_step[0], rtol=1e-4)
+
+
+@pytest.mark.parametrize("off", ["mtp", "indexer", "neither"])
+def test_weight_decay_leaves_untrained_groups_and_vectors_alone(off):
+    """With mtp_weight (or indexer_weight) 0 no gradient reaches the MTP block (or the indexers), yet
+    AdamW's decoupled decay shrank them by (1 - lr * wd) every step; norm weights and other vectors were
+    pulled toward 0 too. Zero gradients: whatever moves, moves by decay alone."""
+    model = train.training_model(dsv4.init_model(SMALL, RT, seed=0))
+    tc = dataclasses.replace(TC, warmup_steps=0, weight_decay=0.1,
+                             mtp_weight=0.0 if off == "mtp" else 0.3, indexer_weight=0.0 if off == "indexer" else 1.0)
+    _, params, _ = train.split_model(model)
+    opt = train.optimizer(tc)
+    updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+    moved = {}
+    for path, u in nnx.to_flat_state(updates):
+        names = [str(p) for p in path]
+        group = "mtp" if names[0] == "mtp" else "indexer" if "indexer" in names else "other"
+        kind = "matrix" if u.get_value().ndim >= 2 else "vector"
+        moved.setdefault((group, kind), []).append(bool(jnp.any(u.get_value() != 0)))
+    assert not any(moved[("other", "vector")]) and not any(moved[("mtp", "vector")])
+    assert all(moved[("other", "matrix")])
+    assert all(moved[("mtp", "matrix")]) == (off != "mtp") and any(moved[("mtp", "matrix")]) == (off != "mtp")
+    assert all(moved[("indexer", "matrix")]) == (off != "indexer")
+    assert any(moved[("indexer", "matrix")]) == (off != "indexer")
+
+
 def test_a_short_row_trains_and_the_source_model_survives_the_donation(small_step):
     """S = 2, under the CSA ratio: no compressed entry yet, indexer loss 0 (was an IndexError). The
     step donates its state; `init_train_state` copies, so the model it came from still runs (its
