@@ -16,6 +16,7 @@ Keys that carry no architecture are accepted and ignored; any other key is refus
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -194,6 +195,7 @@ _ONLY = {
     "topk_method": ("noaux_tc", "the only top-k routing the model implements"),
     "hidden_act": ("silu", "the experts are SwiGLU"),
     "tie_word_embeddings": (False, "tied embeddings are unsupported: embed and head are separate weights"),
+    "norm_topk_prob": (True, "the router always renormalises its top-k weights, as the release and transformers do"),
 }
 
 
@@ -277,8 +279,13 @@ class ModelConfig:
 
     @property
     def mtp_compress_ratio(self) -> int:
-        """Compression ratio of the MTP block(s): the last `compress_ratios` entry."""
-        return self.compress_ratios[-1]
+        """Compression ratio of the (first) MTP block: `mtp_ratio(0)`."""
+        return self.mtp_ratio(0)
+
+    def mtp_ratio(self, i: int) -> int:
+        """Compression ratio of MTP block `i`: its own `compress_ratios` entry when the list has one per
+        block (num_hidden_layers + num_nextn_predict_layers entries), else the one last entry they share."""
+        return self.compress_ratios[min(self.num_hidden_layers + i, len(self.compress_ratios) - 1)]
 
     @property
     def num_mtp_layers(self) -> int:
@@ -558,13 +565,26 @@ def _release_kwargs(raw: dict[str, Any]) -> dict[str, Any]:
     for key, fold in _DERIVED.items():
         value = d.pop(key, None)
         if value is not None:
-            fold(d, value)
+            with _malformed(key, value):
+                fold(d, value)
     for key in _ABSENT_IS_NONE:
         d.setdefault(key, None)
     missing = sorted(_REQUIRED - set(d))
     if missing:
         raise ConfigError(f"missing config keys {missing}")
     return d
+
+
+@contextlib.contextmanager
+def _malformed(key: str, value: Any):
+    """ConfigError naming `key` for a value of the wrong form (a number where a mapping belongs, a
+    missing sub-key), instead of the TypeError or KeyError its use would raise."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (TypeError, KeyError, ValueError, AttributeError) as err:
+        raise ConfigError(f"{key}: malformed value {value!r} ({type(err).__name__}: {err})") from None
 
 
 def _put(d: dict[str, Any], key: str, value: Any, origin: str) -> None:
@@ -630,6 +650,8 @@ def _fold_rope_parameters(d: dict[str, Any], params: Mapping[str, Any]) -> None:
 def _fold_partial_rotary_factor(d: dict[str, Any], factor: float | None) -> None:
     if factor is None or "head_dim" not in d:
         return
+    if not isinstance(factor, int | float) or isinstance(factor, bool):
+        raise ConfigError(f"partial_rotary_factor: must be a number, got {factor!r}")
     rope = factor * d["head_dim"]
     if rope != int(rope):
         raise ConfigError(f"partial_rotary_factor: {factor} x head_dim {d['head_dim']} is not an integer")
@@ -688,6 +710,9 @@ def _native_to_release(raw: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"unknown native config keys {unknown}: dsv4 refuses keys it does not understand")
     native = {**_NATIVE_DEFAULTS, **raw}
+    for key in ("original_seq_len", "rope_factor", "beta_fast", "beta_slow", "max_seq_len"):
+        if key in native and (not isinstance(native[key], int | float) or isinstance(native[key], bool)):
+            raise ConfigError(f"{key}: must be a number, got {native[key]!r}")
     out = {_NATIVE_RENAMES.get(k, k): v for k, v in native.items() if k not in _NATIVE_SPECIAL}
     out["rope_scaling"] = _native_rope(native)
     if out["rope_scaling"] is not None:
@@ -699,6 +724,10 @@ def _native_to_release(raw: dict[str, Any]) -> dict[str, Any]:
     elif native["dtype"] != "bf16":
         raise ConfigError(f"dtype: native weight format must be 'fp8' or 'bf16', got {native['dtype']!r}")
     out["norm_topk_prob"] = True  # the official gate always renormalises its sqrtsoftplus top-k weights
+    missing = sorted(_REQUIRED - set(out) - set(_ABSENT_IS_NONE))
+    if missing:  # named as the native file names them
+        native_name = {release: name for name, release in _NATIVE_RENAMES.items()}
+        raise ConfigError(f"missing native config keys {[native_name.get(k, k) for k in missing]}")
     return out
 
 

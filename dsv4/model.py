@@ -62,15 +62,16 @@ class Block(nnx.Module):
 
 
 class MTPBlock(nnx.Module):
-    """Multi-token prediction block `mtp.0`: predicts token t+2 from the streams at t and token t+1."""
+    """Multi-token prediction block `mtp.i` of compression ratio `ratio`: `mtp.0` predicts token t+2
+    from the streams at t and token t+1."""
 
-    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, keys: KeyChain):
+    def __init__(self, cfg: ModelConfig, rt: RuntimeConfig, ratio: int, keys: KeyChain):
         d, dtype = cfg.hidden_size, rt.jnp_dtype
         self.enorm = RMSNorm(d, cfg.rms_norm_eps, keys)
         self.hnorm = RMSNorm(d, cfg.rms_norm_eps, keys)
         self.e_proj = Linear(d, d, ("embed", None), dtype, keys)
         self.h_proj = Linear(d, d, ("embed", None), dtype, keys)
-        self.block = Block(cfg, rt, cfg.mtp_compress_ratio, False, keys)
+        self.block = Block(cfg, rt, ratio, False, keys)
         self.hc_head = HyperHead(cfg, keys)
         self.norm = RMSNorm(d, cfg.rms_norm_eps, keys)
 
@@ -147,7 +148,7 @@ class DeepseekV4(nnx.Module):
         self.hc_head = HyperHead(cfg, keys)
         self.norm = RMSNorm(d, cfg.rms_norm_eps, keys)
         self.head = Table(v, d, dtype, keys, std=0.02)
-        self.mtp = nnx.List([MTPBlock(cfg, rt, keys) for _ in range(cfg.num_mtp_layers)])
+        self.mtp = nnx.List([MTPBlock(cfg, rt, cfg.mtp_ratio(i), keys) for i in range(cfg.num_mtp_layers)])
 
     @property
     def rt(self) -> RuntimeConfig:

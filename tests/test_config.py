@@ -360,6 +360,32 @@ def test_native_unknown_and_missing_keys():
         ModelConfig.from_hf_config(no_swiglu)
     with pytest.raises(ConfigError, match="dtype"):
         ModelConfig.from_hf_config(NATIVE_FLASH | {"dtype": "fp16"})
+    no_hash = {k: v for k, v in NATIVE_FLASH.items() if k != "n_hash_layers"}  # named as the file names it
+    with pytest.raises(ConfigError, match=r"missing native config keys \['n_hash_layers'\]"):
+        ModelConfig.from_hf_config(no_hash)
+    with pytest.raises(ConfigError, match="original_seq_len: must be a number, got '65536'"):  # was a TypeError
+        ModelConfig.from_hf_config(NATIVE_FLASH | {"original_seq_len": "65536"})
+
+
+MAIN_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rope_parameters": {"main": 10000.0, "compress": MAIN_ROPE}}, "rope_parameters: malformed value"),
+        ({"rope_parameters": {"main": MAIN_ROPE, "compress": {"rope_type": "default"}}},
+         "rope_parameters: malformed value .*KeyError: 'rope_theta'"),
+        ({"compress_rates": 4}, "compress_rates: malformed value 4"),
+        ({"mlp_layer_types": 3}, "mlp_layer_types: malformed value 3"),
+        ({"layer_types": 5}, "layer_types: malformed value 5"),
+        ({"partial_rotary_factor": "0.25"}, "partial_rotary_factor: must be a number, got '0.25'"),
+    ],
+)  # fmt: skip
+def test_malformed_transformers_keys_are_named(change, message):
+    """Each raised a bare TypeError, KeyError or ValueError naming neither the key nor the file."""
+    with pytest.raises(ConfigError, match=f"config dict: {message}"):
+        ModelConfig.from_hf_config(ModelConfig.tiny().to_hf_dict() | change)
 
 
 # ------------------------------------------------------------------------------ validation rules
@@ -417,12 +443,25 @@ def test_scoring_func_message_says_why():
         ModelConfig.tiny(scoring_func="sigmoid")
     with pytest.raises(ConfigError, match="unsupported"):
         ModelConfig.tiny(tie_word_embeddings=True)
+    with pytest.raises(ConfigError, match="norm_topk_prob.*always renormalises"):  # was accepted, then ignored
+        ModelConfig.tiny(norm_topk_prob=False)
 
 
 def test_compress_ratios_may_have_one_entry_per_mtp_block():
     cfg = ModelConfig.tiny(num_nextn_predict_layers=2, compress_ratios=(0, 0, 4, 128, 4, 0, 0))
     assert cfg.num_mtp_layers == 2 and cfg.mtp_compress_ratio == 0
     assert ModelConfig.tiny(num_nextn_predict_layers=0).num_mtp_layers == 0
+
+
+@pytest.mark.parametrize("ratios,expected", [((0, 0, 4, 128, 4, 4, 0), [4, 0]), ((0, 0, 4, 128, 4, 128), [128, 128])])
+def test_each_mtp_block_is_built_with_its_own_ratio(ratios, expected):
+    """With one entry per MTP block, every block was built with the last entry (mtp.0 of ratio 4 got 0)."""
+    import dsv4
+
+    cfg = ModelConfig.tiny(num_nextn_predict_layers=2, compress_ratios=ratios)
+    assert [cfg.mtp_ratio(i) for i in range(2)] == expected
+    model = dsv4.init_model(cfg)
+    assert [block.block.attn.ratio for block in model.mtp] == expected
 
 
 def test_dicts_and_lists_are_normalised():
