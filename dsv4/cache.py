@@ -292,6 +292,44 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, fmt: str = "bfloat16"
     return Cache(jnp.zeros((batch,), jnp.int32), layers, max_len)
 
 
+@functools.lru_cache(maxsize=16)
+def _layouts(cfg: ModelConfig, batch: int, max_len: int) -> dict:
+    """{format: (tree structure, leaf shapes and dtypes)} of `init_cache(cfg, batch, max_len, format)`."""
+    out = {}
+    for fmt in FORMATS:
+        leaves, tree = jax.tree_util.tree_flatten(jax.eval_shape(lambda fmt=fmt: init_cache(cfg, batch, max_len, fmt)))
+        out[fmt] = tree, [(tuple(x.shape), np.dtype(x.dtype)) for x in leaves]
+    return out
+
+
+def check_cache(cache: Cache, cfg: ModelConfig) -> None:
+    """ValueError when `cache` is not one `init_cache(cfg, ...)` makes (a cache of another config: its
+    window, compressed stores or layers would be read with the wrong shapes, giving wrong logits)."""
+    if not isinstance(cache, Cache):
+        raise ValueError(f"cache must be a dsv4.cache.Cache (init_cache), got {type(cache).__name__}")
+    if len(cache.layers) != cfg.num_hidden_layers:
+        raise ValueError(f"the cache has {len(cache.layers)} layers, the model {cfg.num_hidden_layers}: "
+                         "it was made for another config")  # fmt: skip
+    batch = int(cache.lengths.shape[0])
+    got_leaves, got_tree = jax.tree_util.tree_flatten_with_path(cache)
+    got = [(tuple(x.shape), np.dtype(x.dtype)) for _, x in got_leaves]
+    layouts = _layouts(cfg, batch, cache.max_len)
+    if any(layout == (got_tree, got) for layout in layouts.values()):
+        return
+    same_tree = [layout for layout in layouts.values() if layout[0] == got_tree]
+    if not same_tree:
+        raise ValueError("the cache's layers are not those of this model's config (another layer kind or cache "
+                         "format): it was made for another config")  # fmt: skip
+    want = min(same_tree, key=lambda layout: sum(w != g for w, g in zip(layout[1], got, strict=True)))[1]
+    path, (shape, dtype), (w_shape, w_dtype) = next(
+        (p, g, w) for (p, _), g, w in zip(got_leaves, got, want, strict=True) if g != w
+    )
+    raise ValueError(
+        f"cache{jax.tree_util.keystr(path)} is {dtype}{list(shape)} where this model's config needs "
+        f"{w_dtype}{list(w_shape)}: the cache was made for another config (init_cache(model.cfg, ...))"
+    )
+
+
 def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, fmt: str = "bfloat16") -> int:
     """Bytes of the cache for (batch, max_len), from the field shapes (jax.eval_shape; nothing allocated)."""
     shapes = jax.eval_shape(lambda: init_cache(cfg, batch, max_len, fmt))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv4.cache import Cache
+from dsv4.cache import Cache, check_cache
 from dsv4.model import DeepseekV4, check_integer_ids, check_token_shape, check_vocabulary
 
 
@@ -91,6 +91,8 @@ def check_tokens(tokens, lengths, cache: Cache, vocab_size: int) -> None:
     check_integer_ids(tokens)
     if not np.issubdtype(lengths.dtype, np.integer):
         raise ValueError(f"lengths must be integers, got dtype {lengths.dtype}")
+    if lengths.shape != tokens.shape[:1]:
+        raise ValueError(f"lengths must have one entry per row ([{tokens.shape[0]}]), got shape {list(lengths.shape)}")
     if tokens.shape[0] != cache.lengths.shape[0]:
         raise ValueError(
             f"tokens have batch {tokens.shape[0]} but the cache was made for {cache.lengths.shape[0]}"
@@ -125,6 +127,7 @@ def prefill(model: DeepseekV4, tokens, cache: Cache, lengths=None, last_only: bo
     tokens = np.asarray(tokens)
     if lengths is None:
         lengths = np.full((tokens.shape[0],) if tokens.ndim else (1,), tokens.shape[-1] if tokens.ndim else 0)
+    check_cache(cache, model.cfg)
     check_tokens(tokens, lengths, cache, model.cfg.vocab_size)
     cache = _placed_cache(model, cache)
     tokens, lengths = _device_batch(model, tokens), _device_batch(model, lengths)
@@ -134,6 +137,7 @@ def prefill(model: DeepseekV4, tokens, cache: Cache, lengths=None, last_only: bo
 def decode_step(model: DeepseekV4, tokens, cache: Cache):
     """One token per sequence: tokens [B] int32 -> (logits [B, V], cache). Donates `cache`."""
     tokens = np.asarray(tokens).reshape(-1)
+    check_cache(cache, model.cfg)
     check_tokens(tokens[:, None], np.ones_like(tokens), cache, model.cfg.vocab_size)
     return decode_fn(model, _device_batch(model, tokens), cache)
 

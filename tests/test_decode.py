@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsv4.cache import cache_bytes, init_cache
+from dsv4.cache import cache_bytes, check_cache, init_cache
 from dsv4.config import ModelConfig, RuntimeConfig
 from dsv4.decode import decode_step, prefill
 from dsv4.model import forward, init_model
@@ -187,9 +187,33 @@ def test_bad_inputs_raise_clear_errors(setup):
         decode_step(model, jnp.asarray([2.9, 1.0]), cache)
     with pytest.raises(ValueError, match="lengths must be integers, got dtype float64"):
         prefill(model, tokens[:, :3], cache, lengths=np.array([2.5, 3.0]))
+    with pytest.raises(ValueError, match=r"lengths must have one entry per row \(\[2\]\), got shape \[\]"):
+        prefill(model, tokens[:, :3], cache, lengths=np.int32(3))  # was an IndexError
     limit = cfg.max_position_embeddings  # the cache checks only its own length in prefill and decode_step
     with pytest.raises(ValueError, match=f"cache max_len {limit + 1} exceeds the model's max_position_embeddings"):
         init_cache(cfg, 1, limit + 1, "float32")
+
+
+@pytest.mark.parametrize(
+    ("other", "message"),
+    [
+        (dict(sliding_window=16), r"cache.layers\[0\].window is float32\[2, 16, 64\] where this model's config needs "
+                                  r"float32\[2, 32, 64\]"),
+        (dict(num_hidden_layers=3, compress_ratios=(0, 4, 128, 0)), "the cache has 3 layers, the model 5"),
+        (dict(compress_ratios=(0, 0, 128, 4, 4, 0)), "another layer kind"),
+    ],
+)  # fmt: skip
+def test_a_cache_of_another_config_is_refused(setup, other, message):
+    """A cache made for another config was used as it was: a sliding window of 16 read by a model of
+    32 gave logits off by 4% (its keys read 15 positions off); extra layers were ignored."""
+    cfg, model, tokens, _ = setup
+    cache = init_cache(ModelConfig.tiny(**other), 2, SEQ, "float32")
+    with pytest.raises(ValueError, match=message):
+        prefill(model, tokens[:, :8], cache)
+    with pytest.raises(ValueError, match=message):
+        decode_step(model, tokens[:, 0], cache)
+    for fmt in ("bfloat16", "compact"):  # every format of its own config passes
+        check_cache(init_cache(cfg, 2, SEQ, fmt), cfg)
 
 
 @pytest.mark.parametrize("fmt", ["bfloat16", "compact"])
