@@ -492,7 +492,25 @@ def _choice_errors(cfg: ModelConfig) -> list[str]:
     ]
     if cfg.expert_dtype not in _EXPERT_DTYPES:
         errors.append(f"expert_dtype: must be one of {_EXPERT_DTYPES}, got {cfg.expert_dtype!r}")
+    if cfg.torch_dtype not in _TORCH_DTYPES:
+        errors.append(f"torch_dtype: must be one of {_TORCH_DTYPES}, got {cfg.torch_dtype!r}")
+    for name in ("bos_token_id", "eos_token_id"):
+        value = getattr(cfg, name)
+        ids = value if isinstance(value, tuple) else () if value is None else (value,)
+        if any(not 0 <= i < cfg.vocab_size for i in ids):
+            errors.append(f"{name}: must lie in [0, vocab_size {cfg.vocab_size}), got {value!r}")
+    scaling = cfg.rope_scaling
+    if scaling is not None and scaling.factor < 1:
+        errors.append(f"rope_scaling.factor: YaRN extends the context, so it must be >= 1, got {scaling.factor}")
+    if scaling is not None and scaling.beta_fast <= scaling.beta_slow:
+        errors.append(
+            f"rope_scaling: beta_fast ({scaling.beta_fast}) must exceed beta_slow ({scaling.beta_slow}), "
+            "the YaRN ramp runs from the one to the other"
+        )
     return errors
+
+
+_TORCH_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn")
 
 
 # -------------------------------------------------------------------------- reading config.json

@@ -438,6 +438,27 @@ def test_validation_rule_names_its_field(overrides, field):
         ModelConfig.tiny(**overrides)
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(eos_token_id=512), r"eos_token_id: must lie in \[0, vocab_size 512\), got 512"),
+        (dict(eos_token_id=(1, -1)), r"eos_token_id: must lie in \[0, vocab_size 512\), got \(1, -1\)"),
+        (dict(bos_token_id=9999), "bos_token_id: must lie in"),
+        (dict(torch_dtype="int3"), "torch_dtype: must be one of"),
+        (dict(rope_scaling=dict(type="yarn", factor=0.5, original_max_position_embeddings=64)),
+         "rope_scaling.factor: YaRN extends the context, so it must be >= 1, got 0.5"),
+        (dict(rope_scaling=dict(type="yarn", factor=4, original_max_position_embeddings=64, beta_fast=1, beta_slow=32)),
+         r"beta_fast \(1.0\) must exceed beta_slow \(32.0\)"),
+    ],
+)  # fmt: skip
+def test_values_the_model_cannot_mean_are_refused(change, message):
+    """Each was accepted: special token ids past the vocabulary (generate refused them later), any
+    string as torch_dtype, a YaRN factor below 1, a YaRN ramp running backwards."""
+    assert ModelConfig.tiny().vocab_size == 512
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.tiny(**change)
+
+
 def test_scoring_func_message_says_why():
     with pytest.raises(ConfigError, match="only router scoring the model implements"):
         ModelConfig.tiny(scoring_func="sigmoid")
