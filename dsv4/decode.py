@@ -127,19 +127,20 @@ def prefill(model: DeepseekV4, tokens, cache: Cache, lengths=None, last_only: bo
     tokens = np.asarray(tokens)
     if lengths is None:
         lengths = np.full((tokens.shape[0],) if tokens.ndim else (1,), tokens.shape[-1] if tokens.ndim else 0)
-    check_cache(cache, model.cfg)
     check_tokens(tokens, lengths, cache, model.cfg.vocab_size)
     cache = _placed_cache(model, cache)
     tokens, lengths = _device_batch(model, tokens), _device_batch(model, lengths)
+    check_cache(cache, model.cfg)  # last: its shapes come from tracing init_cache (no compilation)
     return prefill_fn(model, tokens, lengths, cache, last_only)
 
 
 def decode_step(model: DeepseekV4, tokens, cache: Cache):
     """One token per sequence: tokens [B] int32 -> (logits [B, V], cache). Donates `cache`."""
     tokens = np.asarray(tokens).reshape(-1)
-    check_cache(cache, model.cfg)
     check_tokens(tokens[:, None], np.ones_like(tokens), cache, model.cfg.vocab_size)
-    return decode_fn(model, _device_batch(model, tokens), cache)
+    tokens = _device_batch(model, tokens)
+    check_cache(cache, model.cfg)  # last: its shapes come from tracing init_cache (no compilation)
+    return decode_fn(model, tokens, cache)
 
 
 def _placed_cache(model: DeepseekV4, cache: Cache) -> Cache:

@@ -222,11 +222,12 @@ def init_model(cfg: ModelConfig, rt: RuntimeConfig | None = None, seed: int = 0)
     """A randomly initialised model (small configs; large ones go through `abstract_model`)."""
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise TypeError(f"seed must be an integer, got {seed!r}")
-    if rt is not None and rt.mesh is not None:  # refused here, not deep inside the first sharded call
+    model = DeepseekV4(cfg, rt, keys=KeyChain(seed))  # checks the types of cfg and rt
+    if model.rt.mesh is not None:  # refused here, not deep inside the first sharded call
         from sharding.rules import validate
 
-        validate(cfg, rt.mesh, rt.strategy)
-    return DeepseekV4(cfg, rt, keys=KeyChain(seed))
+        validate(cfg, model.rt.mesh, model.rt.strategy)
+    return model
 
 
 # RuntimeConfig fields `with_runtime` leaves alone: the weights' dtype and placement come with them
