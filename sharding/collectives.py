@@ -93,6 +93,8 @@ def collectives(hlo_text: str, n_devices: int = 1) -> list[Collective]:
             continue
         result, op = m.group(1), m.group(2)
         shapes = _shapes(result)
+        if f"{op}-start(" in line and op in ("all-gather", "collective-permute") and len(shapes) >= 2:
+            shapes = shapes[1:2]  # the async start's result is (operand, result[, sync flags]): the result
         p = _group_size(line, n_devices)
         size = sum(_BYTES.get(dt, 4) * math.prod(dims) for dt, dims in shapes)
         out.append(Collective(op, shapes, p, _wire(op, size, p, line), line.strip()))

@@ -262,6 +262,18 @@ def test_collective_parser_counts_wire_bytes():
     assert found[1].wire_bytes == 3 / 4 * 8 * 64 * 32 * 4
     assert found[2].wire_bytes == 1 / 2 * 16 and found[3].wire_bytes == 16 * 2 / 4
     assert expert_weight_gathers(found, hidden=64, expert_hidden=32) == [found[1]]
+    # GPU/TPU programs run these asynchronously; a start's result tuple holds its operand as well
+    hlo = "\n".join([
+        "%ags = (f32[1,64,32]{2,1,0}, f32[8,64,32]{2,1,0}) all-gather-start(%w), replica_groups=[1,8]<=[8], "
+        "dimensions={0}",
+        "%agd = f32[8,64,32]{2,1,0} all-gather-done(%ags)",
+        "%cps = (s32[4]{0}, s32[4]{0}, u32[], u32[]) collective-permute-start(%c), source_target_pairs={{0,1},{1,0}}",
+        "%ars = f32[4,64]{1,0} all-reduce-start(%x), replica_groups={{0,1,2,3}}, to_apply=%r",
+    ])  # fmt: skip
+    found = collectives(hlo, 8)
+    assert [c.op for c in found] == ["all-gather", "collective-permute", "all-reduce"]
+    assert found[0].shapes == (("f32", (8, 64, 32)),) and found[0].wire_bytes == 7 / 8 * 8 * 64 * 32 * 4
+    assert found[1].wire_bytes == 16 and found[2].wire_bytes == 2 * 3 / 4 * 4 * 64 * 4
 
 
 # ------------------------------------------------------------------------ 8-device tests (subprocesses)
