@@ -204,7 +204,9 @@ class DeepseekV4(nnx.Module):
     def forward_with_mtp(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Main logits [B, S, V] and MTP logits [B, S-1, V], where mtp[:, t] predicts token t + 2.
 
-        The MTP block sees the main streams at t and the embedding of token t + 1.
+        The MTP block sees the main streams at t and the embedding of token t + 1. Only `mtp.0` runs
+        (the releases have one block); further blocks of a config with num_nextn_predict_layers > 1
+        are built and loaded but not run here or in training.
         """
         if not len(self.mtp):
             raise ValueError("this config has no MTP block (num_nextn_predict_layers = 0)")
