@@ -408,7 +408,7 @@ def mask_bias(visible: jax.Array) -> jax.Array:
     Masking by adding this, not by `jnp.where` on logits with more axes than the mask, reads the
     same for finite logits, and XLA:CPU runs the add and the softmax's reductions over it faster
     than a select broadcast over the heads (one layer's window attention at S = 4,096, 8 heads:
-    42-50 -> 32-36 ms; README, Performance).
+    42-50 -> 32-36 ms; scripts/PERFORMANCE.md).
     """
     return jnp.where(visible, 0.0, NEG_INF).astype(F32)
 

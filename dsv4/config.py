@@ -203,8 +203,9 @@ _ONLY = {
 class ModelConfig:
     """The DeepSeek-V4 architecture, one field per release `config.json` key (defaults: Flash).
 
-    `compress_ratios` has `num_hidden_layers + 1` entries (or `num_hidden_layers +
-    num_nextn_predict_layers`); the last belongs to the MTP block. Use the presets for full configs.
+    `compress_ratios` has `num_hidden_layers + 1` entries, the last shared by the MTP blocks, or
+    `num_hidden_layers + num_nextn_predict_layers`, one per MTP block (`mtp_ratio`). Use the presets
+    for full configs.
     """
 
     vocab_size: int = 129280

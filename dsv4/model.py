@@ -224,12 +224,11 @@ def init_model(cfg: ModelConfig, rt: RuntimeConfig | None = None, seed: int = 0)
     """A randomly initialised model (small configs; large ones go through `abstract_model`)."""
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise TypeError(f"seed must be an integer, got {seed!r}")
-    model = DeepseekV4(cfg, rt, keys=KeyChain(seed))  # checks the types of cfg and rt
-    if model.rt.mesh is not None:  # refused here, not deep inside the first sharded call
-        from sharding.rules import validate
+    if isinstance(cfg, ModelConfig) and isinstance(rt, RuntimeConfig) and rt.mesh is not None:
+        from sharding.rules import validate  # before building: not deep inside the first sharded call
 
-        validate(cfg, model.rt.mesh, model.rt.strategy)
-    return model
+        validate(cfg, rt.mesh, rt.strategy)
+    return DeepseekV4(cfg, rt, keys=KeyChain(seed))  # a wrong type for cfg or rt: a TypeError there
 
 
 # RuntimeConfig fields `with_runtime` leaves alone: the weights' dtype and placement come with them

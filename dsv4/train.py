@@ -163,24 +163,40 @@ def decays(tc: TrainConfig, params: nnx.State):
     """Which parameters weight decay shrinks: matrices that some loss trains.
 
     Vectors (norm weights, mHC biases and scales, attention sinks) are left alone, and so are the MTP
-    block when `mtp_weight` is 0 and the indexers when `indexer_weight` is 0: no gradient reaches
-    them then, and decoupled decay alone would shrink them every step.
+    block when `mtp_weight` is 0 (and MTP blocks after `mtp.0`, which never run) and the indexers
+    when `indexer_weight` is 0: no gradient reaches them then, and decoupled decay alone would
+    shrink them every step.
     """
 
     def trained_matrix(path, x) -> bool:
-        names = [str(getattr(k, "key", k)) for k in path]
-        off = (tc.mtp_weight == 0 and names[0] == "mtp") or (tc.indexer_weight == 0 and "indexer" in names)
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        mtp = names[:1] == ["mtp"]
+        off = (mtp and (tc.mtp_weight == 0 or names[1:2] != ["0"])) or (tc.indexer_weight == 0 and "indexer" in names)
         return x.ndim >= 2 and not off
 
     return jax.tree_util.tree_map_with_path(trained_matrix, params)
 
 
+def _decoupled_weight_decay(tc: TrainConfig) -> optax.GradientTransformation:
+    """updates + weight_decay * params on `decays(tc, params)`; stateless, so the optimiser state keeps
+    the layout of optax.adamw's (checkpoints saved before the mask restore as they were)."""
+
+    def update(updates, state, params):
+        mask = decays(tc, params)
+        return jax.tree.map(lambda u, p, m: u + tc.weight_decay * p if m else u, updates, params, mask), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping (`lr_schedule`; weight decay on `decays`)."""
+    """AdamW with global-norm clipping (`lr_schedule`; weight decay on `decays`): optax.adamw's
+    three steps (Adam scaling, decoupled decay, the learning rate), the decay masked."""
     return optax.chain(
         optax.clip_by_global_norm(tc.clip_norm),
-        optax.adamw(
-            lr_schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=lambda p: decays(tc, p)
+        optax.chain(
+            optax.scale_by_adam(b1=tc.b1, b2=tc.b2),
+            _decoupled_weight_decay(tc),
+            optax.scale_by_learning_rate(lr_schedule(tc)),
         ),
     )
 

@@ -151,7 +151,7 @@ def program_defaults() -> None:
 # first: the indexer's top-k bisection (32 compare-and-count passes over [128, T] per query block)
 # wrote and reread a [128, T] int32 array on every pass. Without the rewrite each count is one fused
 # loop: the bisection over [128, 4,096] took 0.9-1.3 ms instead of 4.0-4.2 ms, the benchmark forward
-# 6% less time at S = 4,096 and 15% less at 16,384 (README, Performance). Decode steps, whose long
+# 6% less time at S = 4,096 and 15% less at 16,384 (scripts/PERFORMANCE.md). Decode steps, whose long
 # reductions have few rows, were not faster without it, and the train step was unchanged: they keep it.
 TREE_REDUCTION_PASS = "tree_reduction_rewriter"
 _PASSES_FLAG = "--xla_disable_hlo_passes"

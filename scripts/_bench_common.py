@@ -42,11 +42,40 @@ BENCH_OVERRIDES: dict = {
 
 
 def bench_config(changes: dict | None = None):
-    """The benchmark's ModelConfig: `ModelConfig.tiny(**BENCH_OVERRIDES)`, then `changes` (`--set`)."""
+    """The benchmark's ModelConfig: `ModelConfig.tiny(**BENCH_OVERRIDES)`, then `changes` (`--set`).
+
+    Raises SystemExit naming a `--set` key that is not a ModelConfig field.
+    """
+    import dataclasses
+
     from dsv4.config import ModelConfig
 
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    for key in changes or {}:
+        if key not in fields:
+            raise SystemExit(f"--set {key}=...: {key!r} is not a ModelConfig field")
     changes = {k: tuple(v) if isinstance(v, list) else v for k, v in (changes or {}).items()}  # JSON lists
     return ModelConfig.tiny(**{**BENCH_OVERRIDES, **changes})
+
+
+def hf_config_dict(changes: dict | None = None) -> dict:
+    """`bench_config(changes).to_hf_dict()`, computed in a subprocess: a process measuring
+    transformers then never imports dsv4, hence JAX (~0.15 GiB of its peak RSS)."""
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); from _bench_common import bench_config; "
+        "print(json.dumps(bench_config(json.loads(sys.argv[2])).to_hf_dict()))"
+    )
+    argv = [sys.executable, "-c", code, str(Path(__file__).resolve().parent), json.dumps(changes or {})]
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit((proc.stderr.strip().splitlines() or ["the benchmark config failed"])[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check_no_jax(what: str) -> None:
+    """RuntimeError if this process imported JAX: a transformers measurement's peak RSS must be its own."""
+    if "jax" in sys.modules:
+        raise RuntimeError(f"{what}: JAX was imported in the transformers measurement's process")
 
 
 def config_text(changes: dict | None = None) -> str:
@@ -57,17 +86,13 @@ def config_text(changes: dict | None = None) -> str:
 def parse_changes(pairs: list[str] | None) -> dict:
     """`--set KEY=VALUE ...` -> {KEY: value}: VALUE as JSON (numbers, lists), else the string itself.
 
-    Raises SystemExit naming the pair when it has no "=" or KEY is not a ModelConfig field.
+    Raises SystemExit naming the pair when it has no "="; `bench_config` refuses a KEY that is not a
+    ModelConfig field (this imports no dsv4: a transformers measurement's process never does).
     """
-    import dataclasses
-
-    from dsv4.config import ModelConfig
-
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
     out = {}
     for pair in pairs or []:
         key, sep, text = pair.partition("=")
-        if not sep or key not in fields:
+        if not sep or not key:
             raise SystemExit(f"--set {pair!r}: expected KEY=VALUE with KEY a ModelConfig field")
         try:
             value = json.loads(text)
@@ -188,13 +213,15 @@ def bench_main(argv, parse_args, measure_one, main_table) -> None:
     """The benchmark scripts' entry point: the XLA:CPU flag the console scripts set (before JAX
     starts; not their persistent compile cache, which would hide compile times), then `--one` (one
     measurement in this process, `measure_one(args)`, printed as a JSON line for the parent's
-    `run_child`) or the whole table (`main_table(args)`)."""
-    from dsv4.xla_flags import prefer_plain_cpu_fusions
-
-    prefer_plain_cpu_fusions()
+    `run_child`) or the whole table (`main_table(args)`). A transformers measurement (`--one hf`)
+    imports no dsv4 or JAX (`check_no_jax`), so its peak RSS is transformers' own."""
     args = parse_args(argv)
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
+    if not (args.one and args.one[0] == "hf"):
+        from dsv4.xla_flags import prefer_plain_cpu_fusions
+
+        prefer_plain_cpu_fusions()
     if args.one:
         print(json.dumps(measure_one(args)))
     else:

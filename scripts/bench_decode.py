@@ -34,7 +34,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import BENCH_OVERRIDES as CONFIG  # noqa: E402  (shared with bench_forward, bench_train)
-from _bench_common import REPO, SEED, bench_config, bench_main, peak_rss_bytes, run_child  # noqa: E402
+from _bench_common import (  # noqa: E402
+    REPO,
+    SEED,
+    bench_config,
+    bench_main,
+    check_no_jax,
+    hf_config_dict,
+    peak_rss_bytes,
+    run_child,
+    torch_device,
+)
 
 
 def _prompts(batch: int, context: int):
@@ -91,8 +101,9 @@ def measure_hf(context: int, batch: int, args) -> dict:
     sys.path.insert(0, str(REPO / "tests"))
     from release_fixture import build_hf_model
 
-    model = build_hf_model(bench_config().to_hf_dict(), SEED)
-    ids = torch.from_numpy(_prompts(batch, context)).long()
+    device = torch_device()  # on a GPU machine both sides run on the GPU
+    model = build_hf_model(hf_config_dict(), SEED).to(device)
+    ids = torch.from_numpy(_prompts(batch, context)).long().to(device)
     with torch.no_grad():  # warm-up: first-call costs are not decode throughput
         model.generate(ids[:, :16], attention_mask=torch.ones_like(ids[:, :16]), max_new_tokens=4,
                        min_new_tokens=4, do_sample=False)  # fmt: skip
@@ -107,6 +118,7 @@ def measure_hf(context: int, batch: int, args) -> dict:
         if best is None or last - first < best[2] - best[1]:
             best = (start, first, last, len(clock.times) - 2)
     start, first, last, steps = best
+    check_no_jax("bench_decode")
     return {
         "decode_tok_s": batch * steps / (last - first),
         "ms_per_step": 1e3 * (last - first) / steps,

@@ -57,8 +57,10 @@ from _bench_common import (  # noqa: E402  (the config is shared with bench_deco
     backend_text,
     bench_config,
     bench_main,
+    check_no_jax,
     config_text,
     device_peak_bytes,
+    hf_config_dict,
     parse_changes,
     peak_rss_bytes,
     random_tokens,
@@ -111,10 +113,10 @@ def measure_hf(seq: int, batch: int, repeats: int, changes: dict) -> dict:
     sys.path.insert(0, str(REPO / "tests"))
     from release_fixture import build_hf_model
 
-    cfg = bench_config(changes)
+    cfg = hf_config_dict(changes)
     device = torch_device()
-    model = build_hf_model(cfg.to_hf_dict(), SEED).to(device)
-    tokens = torch.from_numpy(random_tokens(cfg.vocab_size, batch, seq)).long().to(device)
+    model = build_hf_model(cfg, SEED).to(device)
+    tokens = torch.from_numpy(random_tokens(cfg["vocab_size"], batch, seq)).long().to(device)
     rss_before = peak_rss_bytes()
 
     def run():
@@ -123,6 +125,7 @@ def measure_hf(seq: int, batch: int, repeats: int, changes: dict) -> dict:
         torch_sync()
 
     times = _time_best(run, repeats)
+    check_no_jax("bench_forward")
     return {
         **times,
         "peak_rss_before_forward": rss_before,

@@ -139,7 +139,7 @@ def model_flops_per_step(batch: int, seq: int, mtp_weight: float, indexer_weight
             n_train += n
     t = np.arange(1, seq + 1, dtype=np.float64)  # t + 1 for positions t = 0 .. S - 1
     window = np.minimum(t, cfg.sliding_window)
-    ratios = list(cfg.compress_ratios[: cfg.num_hidden_layers]) + ([cfg.compress_ratios[-1]] if mtp_weight else [])
+    ratios = list(cfg.compress_ratios[: cfg.num_hidden_layers]) + ([cfg.mtp_ratio(0)] if mtp_weight else [])
     attn = idx = 0.0
     for r in ratios:
         keys = window.copy()

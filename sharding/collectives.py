@@ -84,6 +84,13 @@ def _wire(op: str, result_bytes: int, p: int, line: str) -> float:
     return (p - 1) / p * result_bytes  # all-gather, all-to-all, ragged-all-to-all (buffer size)
 
 
+def _start_results(shapes):
+    """An async all-gather or collective-permute start returns (operands, results[, u32[] flags]),
+    each half one array or a tuple of them (a combined collective): the results."""
+    arrays = [x for x in shapes if x[1] or x[0] != "u32"]  # the flags are u32 scalars
+    return tuple(arrays[len(arrays) // 2 :])
+
+
 def collectives(hlo_text: str, n_devices: int = 1) -> list[Collective]:
     """Every collective of a compiled HLO module (async pairs counted once, at their start)."""
     out = []
@@ -93,8 +100,8 @@ def collectives(hlo_text: str, n_devices: int = 1) -> list[Collective]:
             continue
         result, op = m.group(1), m.group(2)
         shapes = _shapes(result)
-        if f"{op}-start(" in line and op in ("all-gather", "collective-permute") and len(shapes) >= 2:
-            shapes = shapes[1:2]  # the async start's result is (operand, result[, sync flags]): the result
+        if f"{op}-start(" in line and op in ("all-gather", "collective-permute"):
+            shapes = _start_results(shapes)
         p = _group_size(line, n_devices)
         size = sum(_BYTES.get(dt, 4) * math.prod(dims) for dt, dims in shapes)
         out.append(Collective(op, shapes, p, _wire(op, size, p, line), line.strip()))

@@ -294,8 +294,10 @@ def unused_axes(strategy: str | Strategy | None, mesh: Mesh) -> list[str]:
     """Mesh axes of size > 1 that no logical axis of `strategy` is split over (none for a strategy
     that splits nothing, such as "replicated", which copies everything by design)."""
     strat = get_strategy(strategy)
+    if not any(_targets(target, None) for _, target in strat.table):
+        return []
     used = {a for _, target in strat.table for a in _targets(target, mesh)}
-    return [a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in used] if used else []
+    return [a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in used]
 
 
 def warn_unused_axes(strategy: str | Strategy | None, mesh: Mesh) -> bool:
@@ -304,6 +306,9 @@ def warn_unused_axes(strategy: str | Strategy | None, mesh: Mesh) -> bool:
     whether it warned."""
     strat, unused = get_strategy(strategy), unused_axes(strategy, mesh)
     for a in unused:
+        if (strat.name, a, mesh.shape[a]) in _WARNED_UNUSED:  # once per process (validate runs at each step)
+            continue
+        _WARNED_UNUSED.add((strat.name, a, mesh.shape[a]))
         warnings.warn(
             f"strategy {strat.name!r} splits nothing over mesh axis {a!r} of size {mesh.shape[a]}: every "
             f"array is copied across it and its devices repeat one another's work; give it size 1 or use a "
@@ -312,6 +317,9 @@ def warn_unused_axes(strategy: str | Strategy | None, mesh: Mesh) -> bool:
             stacklevel=3,
         )
     return bool(unused)
+
+
+_WARNED_UNUSED: set[tuple[str, str, int]] = set()
 
 
 def _strategies_using(axis: str) -> list[str]:

@@ -27,9 +27,6 @@ import numpy as np
 import torch
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
-from dsv4 import quant
-from dsv4.safetensors_io import write_sharded_checkpoint
-
 # ------------------------------------------------------------------------------------- configs
 
 TINY_FLASH: dict = {
@@ -351,6 +348,8 @@ def scale_name(weight_name: str) -> str:
 
 def _encode(name: str, value: np.ndarray, fmt: str, scale_fmt: str):
     """One release tensor -> ({stored name: array}, {stored name: dtype string}, dequantized float)."""
+    from dsv4 import quant  # dsv4 (and JAX) only where needed: the benchmarks' transformers side imports neither
+
     if fmt == "fp8":
         q, s = quant.quantize_fp8(value, scale_fmt=scale_fmt)
         dtypes = {scale_name(name): "F8_E8M0"} if scale_fmt == "ue8m0" else {}
@@ -476,6 +475,8 @@ def write_release_checkpoint(
     stored, dtypes, deq = encode_release(release, scale_fmt, expert_format)
     main = {k: v for k, v in deq.items() if not k.startswith("mtp.")}
     model.load_state_dict(hf_state_from_release(main, cfg), strict=True)
+    from dsv4.safetensors_io import write_sharded_checkpoint
+
     write_sharded_checkpoint(out_dir, stored, dtypes, max_shard_bytes)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     gen_cfg = {

@@ -145,14 +145,21 @@ def test_a_mesh_axis_the_strategy_never_splits_over_is_named():
     from jax.sharding import AbstractMesh
 
     from dsv4.config import ModelConfig
+    from sharding import rules
     from sharding.rules import unused_axes, validate
 
     cfg = ModelConfig.tiny()
     mesh = AbstractMesh((1, 4, 2), ("data", "expert", "tensor"))
+    rules._WARNED_UNUSED.clear()
     with pytest.warns(RuntimeWarning, match="strategy 'dp_ep' splits nothing over mesh axis 'tensor' of size 2.*tp_ep"):
+        validate(cfg, mesh, "dp_ep")
+    with warnings.catch_warnings():  # once per process: validate runs in every load, shard and CLI check
+        warnings.simplefilter("error")
         validate(cfg, mesh, "dp_ep")
     assert unused_axes("tp_ep", mesh) == [] and unused_axes("replicated", mesh) == []  # replicated: by design
     assert unused_axes("tp_ep", AbstractMesh((2, 4, 1), ("data", "expert", "tensor"))) == ["data"]
+    # a strategy that splits nothing on this mesh is not "replicated": dp_ep on tensor = 8 copies everything
+    assert unused_axes("dp_ep", AbstractMesh((1, 1, 8), ("data", "expert", "tensor"))) == ["tensor"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         validate(cfg, mesh, "tp_ep")
@@ -269,9 +276,12 @@ def test_collective_parser_counts_wire_bytes():
         "%agd = f32[8,64,32]{2,1,0} all-gather-done(%ags)",
         "%cps = (s32[4]{0}, s32[4]{0}, u32[], u32[]) collective-permute-start(%c), source_target_pairs={{0,1},{1,0}}",
         "%ars = f32[4,64]{1,0} all-reduce-start(%x), replica_groups={{0,1,2,3}}, to_apply=%r",
+        "%agc = ((bf16[1,16]{1,0}, f32[2,4]{1,0}), (bf16[8,16]{1,0}, f32[16,4]{1,0})) all-gather-start(%a, %b), "
+        "replica_groups=[1,8]<=[8], dimensions={0}",  # two all-gathers combined into one
     ])  # fmt: skip
     found = collectives(hlo, 8)
-    assert [c.op for c in found] == ["all-gather", "collective-permute", "all-reduce"]
+    assert [c.op for c in found] == ["all-gather", "collective-permute", "all-reduce", "all-gather"]
+    assert found[3].shapes == (("bf16", (8, 16)), ("f32", (16, 4)))
     assert found[0].shapes == (("f32", (8, 64, 32)),) and found[0].wire_bytes == 7 / 8 * 8 * 64 * 32 * 4
     assert found[1].wire_bytes == 16 and found[2].wire_bytes == 2 * 3 / 4 * 4 * 64 * 4
 

@@ -6,6 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from flax import nnx
@@ -322,6 +323,31 @@ def test_weight_decay_leaves_untrained_groups_and_vectors_alone(off):
     assert all(moved[("mtp", "matrix")]) == (off != "mtp") and any(moved[("mtp", "matrix")]) == (off != "mtp")
     assert all(moved[("indexer", "matrix")]) == (off != "indexer")
     assert any(moved[("indexer", "matrix")]) == (off != "indexer")
+
+
+def test_optimizer_state_keeps_the_layout_of_optax_adamw():
+    """The decay mask went in through adamw(mask=...), which wraps its state in a MaskedState: training
+    checkpoints saved before could no longer be restored (resume, dsv4-export). Same layout now, and
+    the same update as optax.adamw where every parameter decays."""
+    tc = dataclasses.replace(TC, warmup_steps=0)
+    _, params, _ = train.split_model(train.training_model(dsv4.init_model(SMALL, RT, seed=0)))
+    decayed = optax.adamw(train.lr_schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay)
+    adamw = optax.chain(optax.clip_by_global_norm(tc.clip_norm), decayed)
+    assert jax.tree.structure(train.optimizer(tc).init(params)) == jax.tree.structure(adamw.init(params))
+    p, g = {"w": jnp.ones((3, 3))}, {"w": jnp.full((3, 3), 0.5)}
+    ours, _ = train.optimizer(tc).update(g, train.optimizer(tc).init(p), p)
+    theirs, _ = adamw.update(g, adamw.init(p), p)
+    np.testing.assert_array_equal(np.asarray(ours["w"]), np.asarray(theirs["w"]))
+
+
+def test_mtp_blocks_that_never_run_do_not_decay():
+    cfg = ModelConfig.tiny(num_hidden_layers=2, compress_ratios=(4, 0, 0, 0), num_hash_layers=1, index_topk=4,
+                           num_nextn_predict_layers=2)  # fmt: skip
+    _, params, _ = train.split_model(train.training_model(dsv4.init_model(cfg, RT, seed=0)))
+    flat = {tuple(str(p) for p in path): m for path, m in nnx.to_flat_state(train.decays(TC, params))}
+    first = [m.get_value() for k, m in flat.items() if k[:2] == ("mtp", "0")]
+    second = [m.get_value() for k, m in flat.items() if k[:2] == ("mtp", "1")]
+    assert any(first) and second and not any(second)
 
 
 def test_a_short_row_trains_and_the_source_model_survives_the_donation(small_step):
