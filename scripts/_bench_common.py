@@ -7,6 +7,7 @@ interpreter (`run_child`), which prints one JSON line; its peak RSS and thread p
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -100,6 +101,14 @@ def parse_changes(pairs: list[str] | None) -> dict:
             value = text
         out[key] = value  # lists become tuples in bench_config (they cross subprocesses as JSON)
     return out
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of timed runs or steps; 0 left nothing to report)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def random_tokens(vocab: int, batch: int, seq: int, seed: int = SEED):

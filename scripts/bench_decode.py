@@ -42,6 +42,7 @@ from _bench_common import (  # noqa: E402
     check_no_jax,
     hf_config_dict,
     peak_rss_bytes,
+    positive_int,
     run_child,
     torch_device,
 )
@@ -204,8 +205,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--steps", type=int, default=32, help="decode steps timed (after token 0)")
-    p.add_argument("--repeats", type=int, default=3, help="generations per measurement; the fastest decode counts")
+    p.add_argument("--steps", type=positive_int, default=32, help="decode steps timed (after token 0)")
+    p.add_argument(
+        "--repeats", type=positive_int, default=3, help="generations per measurement; the fastest decode counts"
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dsv4 weight dtype")
     p.add_argument("--cache-format", choices=["bfloat16", "compact", "float32"], default="bfloat16")
     p.add_argument("--prefill-chunk", type=int, default=4096, help="dsv4 prefill chunk (memory bound)")

@@ -63,6 +63,7 @@ from _bench_common import (  # noqa: E402  (the config is shared with bench_deco
     hf_config_dict,
     parse_changes,
     peak_rss_bytes,
+    positive_int,
     random_tokens,
     run_child,
     torch_device,
@@ -226,7 +227,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--impl", choices=["xla", "reference"], default="xla", help="dsv4 attention_impl")
     p.add_argument("--query-block", type=int, default=128, help="dsv4 query block (attention, indexer)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs after the first; the best counts")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs after the first; the best counts")
     p.add_argument("--hf-max-seq", type=int, help="longest S to run transformers at (default 4096 CPU, 16384 GPU)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per measurement")
     p.add_argument("--cores", type=int, help="pin each measurement to this many CPUs (default: all)")
