@@ -9,7 +9,9 @@ scales are sharded like the parameter they stand for.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 from pathlib import Path
 
@@ -146,6 +148,47 @@ def _check_stored_shapes(where: Path, item: dict) -> None:
         raise CheckpointError(f"{where}: {listed}; the checkpoint is damaged or was changed after conversion")
 
 
+def _check_chunk_files(where: Path, names: list[str]) -> None:
+    """CheckpointError naming the first array whose directory or chunk files are missing, or whose
+    uncompressed chunks are not their full size, before Orbax reads any: when one read fails inside
+    its restore, the others are left as abandoned coroutines that print "Event loop is closed"
+    tracebacks after the one-line error (and pytest warnings at exit)."""
+    for name in names:
+        array = where / name
+        try:
+            meta = json.loads((array / ".zarray").read_text())
+        except FileNotFoundError:
+            problem = f'its directory "{array}" is missing' if not array.is_dir() else '".zarray" is missing'
+            raise CheckpointError(f"{where}: cannot read array {name}: {problem}; {DAMAGED}") from None
+        except (OSError, ValueError):
+            continue  # left to the restore's own error
+        problem = _chunk_problem(array, meta)
+        if problem:
+            raise CheckpointError(f"{where}: cannot read array {name}: {problem}; {DAMAGED}")
+
+
+DAMAGED = "the checkpoint is damaged or incomplete: convert it again"
+
+
+def _chunk_problem(array: Path, meta: dict) -> str | None:
+    """What is wrong with a zarr v2 array's chunk files (None: nothing found)."""
+    try:
+        shape, chunks = [int(n) for n in meta["shape"]], [int(n) for n in meta["chunks"]]
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        sep = meta.get("dimension_separator") or "."
+    except (KeyError, TypeError, ValueError):
+        return None  # left to the restore's own error
+    full = math.prod(chunks) * itemsize if meta.get("compressor") is None else None
+    for index in itertools.product(*(range(-(-n // c)) for n, c in zip(shape, chunks, strict=True))):
+        chunk = array / (sep.join(map(str, index)) or "0")
+        if not chunk.is_file():
+            if meta.get("fill_value") is None:  # a missing chunk would be read as an error
+                return f'chunk file "{chunk}" is missing'
+        elif full is not None and chunk.stat().st_size != full:
+            return f'chunk file "{chunk}" holds {chunk.stat().st_size} bytes, not {full}'
+    return None
+
+
 def load(
     path: str | os.PathLike,
     mesh: Mesh | None = None,
@@ -186,6 +229,7 @@ def load(
     where = path / PARAMS_DIR
     targets = _plan_restore(state, param_shardings(state, mesh, rules), manifest, mesh, rules, where, allow_partial)
     _check_stored_shapes(where, targets.item)
+    _check_chunk_files(where, _names(targets.item))
     with reporting_damage(where):
         restored = ocp.PyTreeCheckpointer().restore(
             where.resolve(), args=ocp.args.PyTreeRestore(item=targets.item, restore_args=targets.args)

@@ -11,6 +11,8 @@ import os
 import re
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -518,6 +520,21 @@ def test_a_damaged_destination_is_named_on_load_and_verify(tmp_path, capsys, fla
         assert main(["--verify", str(src), str(bad), "--samples", "1000"]) == 1
         err = capsys.readouterr().err
         assert f"cannot read array {name}" in err and "Traceback" not in err, err
+
+
+def test_a_cut_chunk_is_named_before_orbax_reads_anything(tmp_path, converted):
+    """A cut chunk failed inside Orbax's restore, whose other reads were left as abandoned coroutines:
+    the one-line error came with "Event loop is closed" tracebacks on stderr (and ~180 pytest warnings
+    wherever the coroutines were collected). Checked in a fresh process, which prints what it leaves."""
+    bad = tmp_path / "cut"
+    shutil.copytree(converted["flash", "float32", False], bad)
+    name = "layers.1.attn.wq_b.weight"
+    (bad / convert.PARAMS_DIR / name / "0.0").write_bytes(b"0123456789")
+    code = "import sys, dsv4\ntry:\n    dsv4.load(sys.argv[1])\nexcept dsv4.CheckpointError as err:\n    print(err)"
+    proc = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr[-2000:]
+    assert f'cannot read array {name}: chunk file "' in proc.stdout and "holds 10 bytes, not" in proc.stdout
 
 
 @pytest.mark.parametrize("keep", [False, True], ids=["dense", "keep_quantized"])
