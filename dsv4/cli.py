@@ -219,14 +219,19 @@ def optional_tokenizer(path: Path):
 
 
 class _Printer:
-    """Streams generated tokens to stdout: decoded text with a tokenizer, else space-separated ids."""
+    """Streams generated tokens to stdout: decoded text with a tokenizer (the stop token that ends the
+    row left out: its text was printed literally), else space-separated ids (all of them)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, stop_ids=()):
         self.decoder = tokenizer.stream() if tokenizer is not None else None
+        self.stop_ids = frozenset(stop_ids)
 
     def __call__(self, new: list[list[int]]) -> None:
         ids = new[0]
-        text = self.decoder.push(ids) if self.decoder else "".join(f" {i}" for i in ids)
+        if self.decoder:
+            text = self.decoder.push([i for i in ids if i not in self.stop_ids])
+        else:
+            text = "".join(f" {i}" for i in ids)
         print(text, end="", flush=True)
 
     def finish(self) -> None:
@@ -249,7 +254,7 @@ def summary_line(result) -> str:
 
 
 def _generate(args) -> None:
-    from dsv4.generate import check_request, generate_with_stats
+    from dsv4.generate import check_request, generate_with_stats, stop_ids_of
 
     path = args.checkpoint or default_checkpoint_dir()
     checkpoint_kind(path)  # a clear error before anything slow
@@ -262,7 +267,7 @@ def _generate(args) -> None:
         print(tok.decode(ids, skip_special_tokens=not (args.chat or args.thinking)), end="", flush=True)
     else:
         print(",".join(map(str, ids)), end="", flush=True)
-    printer = _Printer(tok)
+    printer = _Printer(tok, stop_ids_of(model.cfg, None))
     result = generate_with_stats(
         model, [ids], args.max_new_tokens, *sampling, args.seed, on_token=printer, **options
     )  # fmt: skip

@@ -49,9 +49,12 @@ class Tokenizer:
         except Exception as err:  # tokenizers raises a bare Exception on malformed files
             raise TokenizerError(f"{path}: cannot be read by `tokenizers`: {err}") from None
         config = _read_tokenizer_config(self.directory)
-        self.bos_token = _token_text(config.get("bos_token", BOS))
-        self.eos_token = _token_text(config.get("eos_token", EOS))
-        self.add_bos_token = bool(config.get("add_bos_token", False))
+        where = self.directory / "tokenizer_config.json"
+        self.bos_token = _token_text(config.get("bos_token"), BOS, where, "bos_token")
+        self.eos_token = _token_text(config.get("eos_token"), EOS, where, "eos_token")
+        self.add_bos_token = config.get("add_bos_token") or False  # absent or null: no
+        if not isinstance(self.add_bos_token, bool):
+            raise TokenizerError(f"{where}: add_bos_token must be true or false, got {self.add_bos_token!r}")
 
     @property
     def vocab_size(self) -> int:
@@ -133,16 +136,23 @@ def _read_tokenizer_config(directory: Path) -> dict:
         return {}
     try:
         config = json.loads(path.read_text("utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise TokenizerError(f"{path}: not valid JSON: {err}") from None
     if not isinstance(config, dict):
         raise TokenizerError(f"{path}: expected a JSON object")
     return config
 
 
-def _token_text(value) -> str:
-    """tokenizer_config.json spells a token as a string or as an AddedToken dict {"content": ...}."""
-    return value["content"] if isinstance(value, Mapping) else str(value)
+def _token_text(value, default: str, where: Path, key: str) -> str:
+    """tokenizer_config.json spells a token as a string or as an AddedToken dict {"content": ...};
+    absent or null means `default` (null had become the text "None", a token of the vocabulary)."""
+    if value is None:
+        return default
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    if not isinstance(value, str):
+        raise TokenizerError(f"{where}: {key} must be a token string or {{\"content\": ...}}, got {value!r}")
+    return value
 
 
 def load_tokenizer(directory) -> Tokenizer:

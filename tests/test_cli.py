@@ -211,6 +211,45 @@ def test_generate_default_checkpoint_streams_text_and_reports(capsys):
     assert int(m.group(3).replace(",", "")) == expected_bytes
 
 
+def test_the_stop_token_is_not_printed_as_text(capsys):
+    """The row's stop token was decoded with the special tokens kept: " world<｜end▁of▁sentence｜>"."""
+    tok = load_tokenizer(DEFAULT)
+    eos = tok.eos_id
+    printer = cli._Printer(tok, (eos,))
+    printer([tok.encode(" world", add_bos=False) + [eos]])
+    printer.finish()
+    assert capsys.readouterr().out == " world\n"
+    ids = cli._Printer(None, (eos,))  # without a tokenizer every id is printed, the stop id included
+    ids([[5, eos]])
+    assert capsys.readouterr().out == f" 5 {eos}"
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"bos_token": None, "eos_token": None}, ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>")),
+        ({"bos_token": {"content": "<｜User｜>"}}, ("<｜User｜>", "<｜end▁of▁sentence｜>")),
+        ({"bos_token": {"__type": "AddedToken"}}, "bos_token must be a token string"),
+        ({"add_bos_token": "false"}, "add_bos_token must be true or false, got 'false'"),
+        (b"\xff\xfe{}", "tokenizer_config.json: not valid JSON"),
+    ],
+)  # fmt: skip
+def test_tokenizer_config_spellings(tmp_path, config, expected):
+    """`bos_token: null` became the text "None" (a token of the vocabulary: prompts began with it); an
+    AddedToken without content was a KeyError; a string "false" enabled BOS; non-UTF-8 named no file."""
+    import shutil
+
+    shutil.copy(DEFAULT / "tokenizer.json", tmp_path / "tokenizer.json")
+    path = tmp_path / "tokenizer_config.json"
+    path.write_bytes(config) if isinstance(config, bytes) else path.write_text(json.dumps(config))
+    if isinstance(expected, tuple):
+        tok = load_tokenizer(tmp_path)
+        assert (tok.bos_token, tok.eos_token) == expected and tok.add_bos_token is False
+    else:
+        with pytest.raises(TokenizerError, match=re.escape(expected)):
+            load_tokenizer(tmp_path)
+
+
 def test_summary_line_says_dash_where_nothing_ran():
     from dsv4.generate import GenerationResult
 
