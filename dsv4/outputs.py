@@ -25,13 +25,19 @@ def _temporary_name(path: Path) -> Path:
 def write_file(path, write: Callable[[IO], None], binary: bool = False) -> None:
     """Call `write(f)` on a temporary file beside `path`, then rename it onto `path`.
 
-    On any failure the temporary file is removed and `path` is left as it was.
+    On any failure the temporary file is removed and `path` is left as it was. The new file is on the
+    disk before the rename (a power cut leaves the old file or the new one, never an empty one) and
+    keeps the permissions of the file it replaces.
     """
     path = Path(path)
     tmp = _temporary_name(path)
     try:
         with open(tmp, "xb" if binary else "x", **({} if binary else {"encoding": "utf-8"})) as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.is_file():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

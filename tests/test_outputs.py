@@ -43,6 +43,19 @@ def test_written_files_follow_the_umask_not_mkstemp(tmp_path):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
 
 
+def test_a_replaced_file_keeps_its_permissions_and_reaches_the_disk(tmp_path, monkeypatch):
+    """A private (0o600) file became 0o644 when rewritten; nothing was fsynced before the rename."""
+    path = tmp_path / "secret.json"
+    path.write_text("{}")
+    path.chmod(0o600)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    outputs.write_json(path, {"a": 1})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text() == '{\n "a": 1\n}\n'
+    assert len(synced) == 1
+
+
 def _tree(directory, files):
     directory.mkdir()
     for name, text in files.items():
