@@ -75,6 +75,13 @@ class RopeScaling:
                 "rope_scaling.original_max_position_embeddings: must be a positive integer, "
                 f"got {self.original_max_position_embeddings!r}"
             )
+        if self.factor < 1:
+            raise ConfigError(f"rope_scaling.factor: YaRN extends the context, so it must be >= 1, got {self.factor}")
+        if self.beta_fast <= self.beta_slow:
+            raise ConfigError(
+                f"rope_scaling: beta_fast ({self.beta_fast}) must exceed beta_slow ({self.beta_slow}), "
+                "the YaRN ramp runs from the one to the other"
+            )
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> RopeScaling:
@@ -500,14 +507,6 @@ def _choice_errors(cfg: ModelConfig) -> list[str]:
         ids = value if isinstance(value, tuple) else () if value is None else (value,)
         if any(not 0 <= i < cfg.vocab_size for i in ids):
             errors.append(f"{name}: must lie in [0, vocab_size {cfg.vocab_size}), got {value!r}")
-    scaling = cfg.rope_scaling
-    if scaling is not None and scaling.factor < 1:
-        errors.append(f"rope_scaling.factor: YaRN extends the context, so it must be >= 1, got {scaling.factor}")
-    if scaling is not None and scaling.beta_fast <= scaling.beta_slow:
-        errors.append(
-            f"rope_scaling: beta_fast ({scaling.beta_fast}) must exceed beta_slow ({scaling.beta_slow}), "
-            "the YaRN ramp runs from the one to the other"
-        )
     return errors
 
 
@@ -669,7 +668,7 @@ def _fold_rope_parameters(d: dict[str, Any], params: Mapping[str, Any]) -> None:
 def _fold_partial_rotary_factor(d: dict[str, Any], factor: float | None) -> None:
     if factor is None or "head_dim" not in d:
         return
-    if not isinstance(factor, int | float) or isinstance(factor, bool):
+    if not _is_number(factor):
         raise ConfigError(f"partial_rotary_factor: must be a number, got {factor!r}")
     rope = factor * d["head_dim"]
     if rope != int(rope):
@@ -730,7 +729,7 @@ def _native_to_release(raw: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"unknown native config keys {unknown}: dsv4 refuses keys it does not understand")
     native = {**_NATIVE_DEFAULTS, **raw}
     for key in ("original_seq_len", "rope_factor", "beta_fast", "beta_slow", "max_seq_len"):
-        if key in native and (not isinstance(native[key], int | float) or isinstance(native[key], bool)):
+        if key in native and not _is_number(native[key]):
             raise ConfigError(f"{key}: must be a number, got {native[key]!r}")
     out = {_NATIVE_RENAMES.get(k, k): v for k, v in native.items() if k not in _NATIVE_SPECIAL}
     out["rope_scaling"] = _native_rope(native)

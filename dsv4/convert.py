@@ -1607,6 +1607,9 @@ def short_reason(err: BaseException) -> str:
     return _TENSORSTORE_TAIL.split(" ".join(str(err).split()))[0]
 
 
+DAMAGED = "the checkpoint is damaged or incomplete: convert it again"
+
+
 def damaged(where: Path, err: Exception, name: str | None = None) -> CheckpointError:
     """A one-line CheckpointError for an array of a converted checkpoint that cannot be read (Orbax
     and TensorStore raise long multi-line errors of several types): the array, the innermost
@@ -1617,10 +1620,7 @@ def damaged(where: Path, err: Exception, name: str | None = None) -> CheckpointE
         name = found.group(1).rstrip(".") if found else None
     reason = short_reason(root)
     array = f"array {name}: " if name else ""
-    return CheckpointError(
-        f"{where}: cannot read {array}{type(root).__name__}: {reason[:300]}; the checkpoint is damaged or incomplete: "
-        "convert it again"
-    )
+    return CheckpointError(f"{where}: cannot read {array}{type(root).__name__}: {reason[:300]}; {DAMAGED}")
 
 
 @contextlib.contextmanager

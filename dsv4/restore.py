@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from dsv4.config import ModelConfig, RuntimeConfig
-from dsv4.convert import MANIFEST_FILE, PARAMS_DIR, read_manifest, reporting_damage
+from dsv4.convert import DAMAGED, MANIFEST_FILE, PARAMS_DIR, read_manifest, reporting_damage
 from dsv4.model import DeepseekV4, abstract_model
 from dsv4.params import logical_axes
 from dsv4.quantized import QuantizedWeight, implied_shapes, quantized_axes
@@ -131,14 +131,22 @@ def _names(item: dict) -> list[str]:
     return [".".join(p.key for p in path) for path, _ in jax.tree_util.tree_leaves_with_path(item)]
 
 
-def _check_stored_shapes(where: Path, item: dict) -> None:
-    """CheckpointError naming the arrays whose stored shape (their zarr `.zarray`) differs from the
-    manifest's. Orbax would refuse them too, naming none, after starting the restore; an array
-    whose metadata cannot be read is left to the restore's own error."""
-    found = []
+def _check_stored_arrays(where: Path, item: dict) -> None:
+    """CheckpointError before Orbax reads anything, from each array's zarr `.zarray` and chunk files:
+    first naming every array whose stored shape differs from the manifest's (Orbax would refuse them
+    too, naming none), then the first whose directory or chunk files are missing, or whose
+    uncompressed chunks are not their full size (a read failing inside Orbax's restore leaves its
+    other reads as abandoned coroutines that print "Event loop is closed" tracebacks after the
+    one-line error). Metadata that cannot be parsed is left to the restore's own error."""
+    metas, found = {}, []
     for name, want in zip(_names(item), jax.tree.leaves(item), strict=True):
+        array = where / name
         try:
-            shape = tuple(json.loads((where / name / ".zarray").read_text())["shape"])
+            metas[name] = meta = json.loads((array / ".zarray").read_text())
+            shape = tuple(meta["shape"])
+        except FileNotFoundError:
+            problem = f'its directory "{array}" is missing' if not array.is_dir() else '".zarray" is missing'
+            raise CheckpointError(f"{where}: cannot read array {name}: {problem}; {DAMAGED}") from None
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if shape != tuple(want.shape):
@@ -146,28 +154,10 @@ def _check_stored_shapes(where: Path, item: dict) -> None:
     if found:
         listed = "; ".join(found[:3]) + (f"; {len(found) - 3} more" if len(found) > 3 else "")
         raise CheckpointError(f"{where}: {listed}; the checkpoint is damaged or was changed after conversion")
-
-
-def _check_chunk_files(where: Path, names: list[str]) -> None:
-    """CheckpointError naming the first array whose directory or chunk files are missing, or whose
-    uncompressed chunks are not their full size, before Orbax reads any: when one read fails inside
-    its restore, the others are left as abandoned coroutines that print "Event loop is closed"
-    tracebacks after the one-line error (and pytest warnings at exit)."""
-    for name in names:
-        array = where / name
-        try:
-            meta = json.loads((array / ".zarray").read_text())
-        except FileNotFoundError:
-            problem = f'its directory "{array}" is missing' if not array.is_dir() else '".zarray" is missing'
-            raise CheckpointError(f"{where}: cannot read array {name}: {problem}; {DAMAGED}") from None
-        except (OSError, ValueError):
-            continue  # left to the restore's own error
-        problem = _chunk_problem(array, meta)
+    for name, meta in metas.items():
+        problem = _chunk_problem(where / name, meta)
         if problem:
             raise CheckpointError(f"{where}: cannot read array {name}: {problem}; {DAMAGED}")
-
-
-DAMAGED = "the checkpoint is damaged or incomplete: convert it again"
 
 
 def _chunk_problem(array: Path, meta: dict) -> str | None:
@@ -228,8 +218,7 @@ def load(
     mesh = mesh or single_device_mesh()
     where = path / PARAMS_DIR
     targets = _plan_restore(state, param_shardings(state, mesh, rules), manifest, mesh, rules, where, allow_partial)
-    _check_stored_shapes(where, targets.item)
-    _check_chunk_files(where, _names(targets.item))
+    _check_stored_arrays(where, targets.item)
     with reporting_damage(where):
         restored = ocp.PyTreeCheckpointer().restore(
             where.resolve(), args=ocp.args.PyTreeRestore(item=targets.item, restore_args=targets.args)

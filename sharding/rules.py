@@ -300,12 +300,11 @@ def unused_axes(strategy: str | Strategy | None, mesh: Mesh) -> list[str]:
     return [a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in used]
 
 
-def warn_unused_axes(strategy: str | Strategy | None, mesh: Mesh) -> bool:
-    """Warn when `mesh` has an axis `strategy` never splits over: every array is copied across it,
-    and its devices repeat one another's work (e.g. dp_ep on a mesh with tensor > 1). Returns
-    whether it warned."""
-    strat, unused = get_strategy(strategy), unused_axes(strategy, mesh)
-    for a in unused:
+def warn_unused_axes(strategy: str | Strategy | None, mesh: Mesh) -> None:
+    """Warn (once per process and axis) when `mesh` has an axis `strategy` never splits over: every
+    array is copied across it, and its devices repeat one another's work (e.g. dp_ep with tensor > 1)."""
+    strat = get_strategy(strategy)
+    for a in unused_axes(strat, mesh):
         if (strat.name, a, mesh.shape[a]) in _WARNED_UNUSED:  # once per process (validate runs at each step)
             continue
         _WARNED_UNUSED.add((strat.name, a, mesh.shape[a]))
@@ -316,7 +315,6 @@ def warn_unused_axes(strategy: str | Strategy | None, mesh: Mesh) -> bool:
             RuntimeWarning,
             stacklevel=3,
         )
-    return bool(unused)
 
 
 _WARNED_UNUSED: set[tuple[str, str, int]] = set()
