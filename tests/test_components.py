@@ -401,3 +401,27 @@ def test_chunked_indexer_topk_equals_scoring_every_entry(monkeypatch, ties, bloc
     visible = (positions + 1) // ratio
     assert np.all((chunked < visible[..., None]) & (chunked >= -1))
     assert np.all((chunked == -1).sum(-1) == np.maximum(k - visible, 0))  # -1 only where fewer than k exist
+
+
+@pytest.mark.parametrize("t", [40, 700], ids=["one_chunk", "chunked"])
+def test_blocks_that_see_at_most_k_entries_select_them_all(t):
+    """A query block none of whose queries sees more than k entries takes every visible entry without
+    scoring; the result is what scoring every entry gives (blocks of 16 at ratio 4 and k = 8: the first
+    two blocks see at most 8 entries, the rest more)."""
+    from dsv4 import attention
+    from pallas_kernels import indexer_topk_reference
+
+    rng = np.random.default_rng(3)
+    b, s, heads, dim, ratio, k, block = 2, 80, 2, 16, 4, 8, 16
+    q = jnp.asarray(rng.standard_normal((b, s, heads, dim)), jnp.float32)
+    keys = jnp.asarray(rng.standard_normal((b, t, dim)), jnp.float32)
+    weights = jnp.asarray(rng.standard_normal((b, s, heads)), jnp.float32)
+    first = np.arange(2 * block)  # two blocks that see at most 8 entries, then blocks of ~500-620 entries
+    row = np.concatenate([first, 2_000 + 10 * np.arange(s - 2 * block)])
+    positions = jnp.asarray(np.stack([row, row + 1]), jnp.int32)
+    got = np.asarray(attention.indexer_topk(q, keys, weights, positions, ratio, k, block))
+    want = np.asarray(attention.ascending_valid_first(indexer_topk_reference(q, keys, weights, positions, ratio, k)))
+    assert np.array_equal(got, want)
+    visible = (np.asarray(positions) + 1) // ratio
+    assert np.array_equal(got[:, : 2 * block], np.where(np.arange(k) < visible[:, : 2 * block, None], np.arange(k), -1))
+    assert visible[:, : 2 * block].max() <= k < visible[:, 2 * block :].min()  # both kinds of block occur
