@@ -1,8 +1,9 @@
 """DeepSeek-V4 configuration: the frozen architecture (`ModelConfig`) and runtime choices (`RuntimeConfig`).
 
-`ModelConfig` fields are named exactly like the release `config.json` keys
-(docs/checkpoint_format.md section 1). Build one with a preset (`flash()`, `pro()`, `tiny()`) or
-from a checkpoint with `ModelConfig.from_hf_config`; change one only with `dataclasses.replace`.
+`ModelConfig` fields are named exactly like the release `config.json` keys (section 1 of the
+project notes `../shared/docs/checkpoint_format.md`, outside this repository). Build one with a
+preset (`flash()`, `pro()`, `tiny()`) or from a checkpoint with `ModelConfig.from_hf_config`;
+change one only with `dataclasses.replace`.
 Both dataclasses are frozen and hashable, so they can be `jax.jit` static arguments.
 
 `from_hf_config` reads three spellings of the same architecture:

@@ -1,6 +1,6 @@
 """Exact (de)quantization of the DeepSeek-V4 release weight formats, in plain numpy.
 
-Formats (see docs/checkpoint_format.md section 3):
+Formats (section 3 of the project notes `../shared/docs/checkpoint_format.md`, outside this repository):
 
 - E8M0 scale byte b: the value 2^(b - 127); b = 255 is NaN.
 - FP8 weights: float8_e4m3fn [N, K] with one scale per 128x128 tile,

@@ -1,6 +1,6 @@
 """Train the embedded default checkpoint `dsv4/default_checkpoint/` with dsv4-train, from a fixed seed.
 
-    python scripts/make_default_checkpoint.py                  # train (~30 min on 2 cores), replace the default
+    python scripts/make_default_checkpoint.py                  # train (~20 min on 2 cores), replace the default
     python scripts/make_default_checkpoint.py --out DIR        # somewhere else
     python scripts/make_default_checkpoint.py --random         # the old random-weight default (seconds)
 
