@@ -489,4 +489,52 @@ def write_release_checkpoint(
     (out_dir / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
     if with_tokenizer:
         write_tiny_tokenizer(out_dir, cfg["vocab_size"])
+    model.mtp_release = {k: v for k, v in deq.items() if k.startswith("mtp.")}  # for hf_mtp_logits
     return model.eval()
+
+
+def hf_mtp_logits(hf_main: DeepseekV4ForCausalLM, cfg: dict, tokens: np.ndarray, pair_with_next: bool = True):
+    """The MTP block's logits [B, S-1, V] computed by transformers, which has no MTP block of its own.
+
+    transformers' decoder layer runs the block: it is layer L of a model of L + 1 layers whose first
+    L are the main model's (`hf_main`, the oracle `write_release_checkpoint` returned, with its
+    `mtp_release` tensors), fed tokens[:, :-1]; a forward pre-hook replaces that layer's input by the
+    MTP input of architecture.md s8, written here in torch: h_proj(hnorm(streams)) + e_proj(enorm(
+    embed(token t + 1))) on every stream. The final hc_head and norm are the MTP block's own, the
+    head the shared one. `pair_with_next=False` pairs the streams at t with token t instead (a
+    negative control).
+    """
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RMSNorm
+
+    n, ratio = cfg["num_hidden_layers"], cfg["compress_ratios"][-1]
+    big = {**cfg, "num_hidden_layers": n + 1, "compress_ratios": [*cfg["compress_ratios"][:-1], ratio, ratio]}
+    release = release_tensors_from_hf(hf_main.state_dict())
+    glue = {}
+    for name, value in hf_main.mtp_release.items():
+        suffix = name.removeprefix("mtp.0.")
+        if suffix in ("e_proj.weight", "h_proj.weight", "enorm.weight", "hnorm.weight"):
+            glue[suffix] = torch.from_numpy(np.asarray(value))
+        elif suffix == "norm.weight" or suffix.startswith("hc_head_"):
+            release[suffix] = value
+        else:
+            release[f"layers.{n}.{suffix}"] = value
+    model = DeepseekV4ForCausalLM(hf_config(big)).eval()
+    model.load_state_dict(hf_state_from_release(release, big), strict=True)
+    norms = {}
+    for name in ("enorm", "hnorm"):
+        norms[name] = DeepseekV4RMSNorm(cfg["hidden_size"], eps=cfg["rms_norm_eps"])
+        norms[name].weight.data = glue[f"{name}.weight"]
+    tokens = torch.tensor(tokens)
+    paired = tokens[:, 1:] if pair_with_next else tokens[:, :-1]
+
+    def block_input(module, args, kwargs):
+        e = torch.nn.functional.linear(norms["enorm"](model.model.embed_tokens(paired)), glue["e_proj.weight"])
+        h = torch.nn.functional.linear(norms["hnorm"](args[0]), glue["h_proj.weight"])
+        return (h + e[:, :, None, :],), {**kwargs, "input_ids": paired}
+
+    handle = model.model.layers[n].register_forward_pre_hook(block_input, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            return model(tokens[:, :-1], use_cache=False).logits.numpy()
+    finally:
+        handle.remove()

@@ -61,6 +61,24 @@ def test_odd_lengths_and_batch_one(flash_ckpt):
         assert rel_err(dsv4.forward(model, tokens), hf_logits(hf_model, tokens)) <= TOL, seq
 
 
+@pytest.mark.parametrize("name", ["flash", "pro"])
+def test_mtp_logits_match_transformers_decoder_layer(flash_ckpt, pro_ckpt, name):
+    """The MTP block (architecture.md s8) against transformers' own decoder layer fed the MTP input
+    (`release_fixture.hf_mtp_logits`); pairing the streams at t with token t instead of t + 1 must fail."""
+    from release_fixture import hf_mtp_logits
+
+    path, hf_model, cfg = flash_ckpt if name == "flash" else pro_ckpt
+    tokens = tokens_for(cfg, seed=5, seq=200)
+    model = dsv4.load_hf(path, dtype="float32", query_block=64)
+    main, mtp = dsv4.forward_with_mtp(model, tokens)
+    assert mtp.shape == (2, 199, cfg["vocab_size"])
+    err = rel_err(mtp, hf_mtp_logits(hf_model, cfg, tokens))
+    print(f"{name}: MTP relative error {err:.2e}")
+    assert err <= TOL
+    assert rel_err(main, hf_logits(hf_model, tokens)) <= TOL
+    assert rel_err(mtp, hf_mtp_logits(hf_model, cfg, tokens, pair_with_next=False)) > 100 * TOL
+
+
 # ------------------------------------------------------------------------------- negative controls
 
 
