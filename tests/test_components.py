@@ -390,6 +390,7 @@ def test_chunked_indexer_topk_equals_scoring_every_entry(monkeypatch, ties, bloc
     positions = np.stack([np.arange(s) * 55 + 3, np.arange(s) * 54]).astype(np.int32)  # up to ~5,230 / 4 entries
     args = [jnp.asarray(a) for a in (q, keys, weights, positions)]
 
+    monkeypatch.setattr(attention, "KEY_CHUNK", 512)
     monkeypatch.setattr(attention, "FEW_QUERY_DOTS", 512 * 4 * heads)  # so that few-query blocks chunk too
     monkeypatch.setattr(attention, "MERGE_SPAN", span)  # 1024: two merges, the second of one chunk
     assert attention.key_chunk(block, heads) == 512
