@@ -141,10 +141,14 @@ class Fp4Store:
 
 
 def _scatter_rows(values: jax.Array, rows: jax.Array, new: jax.Array) -> jax.Array:
-    """values [B, T, ...], rows [B, U] int32, new [B, U, ...]: per-row scatter, out-of-range dropped."""
+    """values [B, T, ...], rows [B, U] int32, new [B, U, ...]: per-row scatter, rows outside [0, T) dropped.
+
+    A negative row is dropped too (JAX's scatter would count it from the end, even with mode="drop").
+    """
     if values.shape[1] == 0:  # nothing can land (a sequence shorter than one window)
         return values
     batch = jnp.broadcast_to(jnp.arange(values.shape[0])[:, None], rows.shape)
+    rows = jnp.where(rows < 0, values.shape[1], rows)
     return values.at[batch, rows].set(new, mode="drop")
 
 

@@ -1,5 +1,6 @@
 """Per-component parity with transformers' DeepSeek-V4 modules, literal expectations and named traps."""
 
+import dataclasses
 import functools
 
 import jax
@@ -65,9 +66,9 @@ def test_interleaved_rope_matches_transformers_and_half_split_does_not():
 # ----------------------------------------------------------------------------------------------- mHC
 
 
-def _mhc_pair(ours_cls, ref_cls, ref_names, hc_eps, rms_eps, seed):
+def _mhc_pair(ours_cls, ref_cls, ref_names, hc_eps, rms_eps, seed, **changes):
     """Our mHC module and transformers' with the same random fn / base / scale (ref_names in order)."""
-    cfg = ModelConfig.tiny(hc_eps=hc_eps, rms_norm_eps=rms_eps)
+    cfg = ModelConfig.tiny(hc_eps=hc_eps, rms_norm_eps=rms_eps, **changes)
     ours, ref = ours_cls(cfg, KeyChain(seed)), ref_cls(hf_config(cfg.to_hf_dict()))
     rng = np.random.default_rng(seed)
     with torch.no_grad():
@@ -77,8 +78,22 @@ def _mhc_pair(ours_cls, ref_cls, ref_names, hc_eps, rms_eps, seed):
     return cfg, ours, ref
 
 
-def _hc_pair(hc_eps, rms_eps, seed=0):
-    return _mhc_pair(HyperConnection, hf.DeepseekV4HyperConnection, ("fn", "base", "scale"), hc_eps, rms_eps, seed)
+def _hc_pair(hc_eps, rms_eps, seed=0, **changes):
+    return _mhc_pair(
+        HyperConnection, hf.DeepseekV4HyperConnection, ("fn", "base", "scale"), hc_eps, rms_eps, seed, **changes
+    )
+
+
+@pytest.mark.parametrize("iters", [1, 2, 3])
+def test_sinkhorn_iterations_match_transformers_before_convergence(iters):
+    """comb after 1-3 Sinkhorn iterations, far from converged, so that one pass more or fewer shows
+    (at the release's 20 it moves comb by < 1e-4, inside the tolerances of the tests above)."""
+    cfg, ours, ref = _hc_pair(hc_eps=0.05, rms_eps=1e-6, hc_sinkhorn_iters=iters)
+    x = np.random.default_rng(4).standard_normal((2, 5, cfg.hc_mult, cfg.hidden_size)).astype(np.float32)
+    want = ref(torch.tensor(x))[1].detach().numpy()
+    assert rel_err(ours.weights(jnp.asarray(x))[2], want) < 1e-5
+    _, one_more, _ = _hc_pair(hc_eps=0.05, rms_eps=1e-6, hc_sinkhorn_iters=iters + 1)
+    assert rel_err(one_more.weights(jnp.asarray(x))[2], want) > 1e-3
 
 
 def test_mhc_matches_transformers_with_distinct_epsilons():
@@ -192,6 +207,80 @@ def test_shared_expert_clamps_like_transformers():
     w1, w2, w3 = (np.asarray(getattr(ours, n).weight.get_value()) for n in ("w1", "w2", "w3"))
     unclamped = jax.nn.silu(x @ w1) * (x @ w3)
     assert rel_err(unclamped @ w2, expected) > 1e-2
+
+
+def test_routed_experts_clamp_like_transformers():
+    """The routed experts clamp as transformers' DeepseekV4Experts does, at pre-activations beyond
+    the limit (the parity checkpoints never reach it: their largest is ~4 against 10)."""
+    from dsv4.moe import Experts
+
+    cfg = ModelConfig.tiny()
+    ours, ref = Experts(cfg, jnp.float32, KeyChain(0)), hf.DeepseekV4Experts(hf_config(cfg.to_hf_dict()))
+    e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    rng = np.random.default_rng(0)
+    w1, w3 = rng.standard_normal((2, e, d, f)).astype(np.float32) * 0.5
+    w2 = rng.standard_normal((e, f, d)).astype(np.float32) * 0.5
+    for var, w in ((ours.w1, w1), (ours.w3, w3), (ours.w2, w2)):
+        var.set_value(jnp.asarray(w))
+    with torch.no_grad():
+        ref.gate_up_proj.copy_(torch.tensor(np.concatenate([w1, w3], -1).transpose(0, 2, 1)))  # [E, 2F, D]
+        ref.down_proj.copy_(torch.tensor(w2.transpose(0, 2, 1)))  # [E, D, F]
+    x = (rng.standard_normal((9, d)) * 3).astype(np.float32)
+    gate, up = np.einsum("nd,edf->nef", x, w1), np.einsum("nd,edf->nef", x, w3)
+    assert gate.max() > cfg.swiglu_limit and np.abs(up).max() > cfg.swiglu_limit, "inputs must exercise the clamps"
+    idx = np.stack([rng.permutation(e)[:2] for _ in range(9)])
+    wts = rng.random((9, 2)).astype(np.float32)
+    with torch.no_grad():
+        want = ref(torch.tensor(x), torch.tensor(idx), torch.tensor(wts)).numpy()
+    assert rel_err(ours(jnp.asarray(x), jnp.asarray(wts), jnp.asarray(idx, jnp.int32)), want) < 1e-5
+    unclamped = dataclasses.replace(cfg, swiglu_limit=1e9)
+    loose = Experts(unclamped, jnp.float32, KeyChain(0))
+    for var, w in ((loose.w1, w1), (loose.w3, w3), (loose.w2, w2)):
+        var.set_value(jnp.asarray(w))
+    assert rel_err(loose(jnp.asarray(x), jnp.asarray(wts), jnp.asarray(idx, jnp.int32)), want) > 1e-2
+
+
+def test_indexer_head_weights_are_scaled_by_both_dims():
+    """I(t, s) weights = weights_proj(x) / sqrt(index_head_dim * index_n_heads): a common factor the
+    top-k cannot see, but the indexer's KL loss can."""
+    from dsv4.attention import Indexer
+
+    cfg = ModelConfig.tiny()
+    ix = Indexer(cfg, 4, jnp.float32, KeyChain(0))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, 3, cfg.hidden_size)), jnp.float32)
+    qr = jnp.asarray(rng.standard_normal((1, 3, cfg.q_lora_rank)), jnp.float32)
+    _, w = ix.queries(x, qr, jnp.arange(3)[None])
+    want = np.asarray(x) @ np.asarray(ix.weights_proj.weight.get_value())
+    np.testing.assert_allclose(w, want * (cfg.index_head_dim * cfg.index_n_heads) ** -0.5, rtol=1e-5)
+
+
+def test_indexer_kl_literal():
+    """KL(mean over heads of the main softmax || softmax of the indexer scores) over each query's
+    visible entries, in numpy; 0 (and sees = 0) where a query sees none."""
+    from dsv4.attention import indexer_kl
+
+    rng = np.random.default_rng(0)
+    s, h, k, t, i, j, ratio = 12, 3, 8, 3, 2, 4, 4
+    q, e = rng.standard_normal((1, s, h, k)), rng.standard_normal((1, t, k))
+    iq, keys, iw = rng.standard_normal((1, s, i, j)), rng.standard_normal((1, t, j)), rng.standard_normal((1, s, i))
+    args = [jnp.asarray(a, jnp.float32) for a in (q, e, iq, keys, iw)]
+    kl, sees = indexer_kl(*args, jnp.arange(s)[None], ratio, 4)
+
+    def softmax(z):
+        z = np.exp(z - z.max(-1, keepdims=True))
+        return z / z.sum(-1, keepdims=True)
+
+    for pos in range(s):
+        n = (pos + 1) // ratio
+        if n == 0:
+            assert kl[0, pos] == 0 and sees[0, pos] == 0
+            continue
+        target = softmax(q[0, pos] @ e[0, :n].T / np.sqrt(k)).mean(0)  # [n]
+        scores = iw[0, pos] @ np.maximum(iq[0, pos] @ keys[0, :n].T, 0)  # [n]
+        want = np.sum(target * (np.log(target) - np.log(softmax(scores))))
+        assert sees[0, pos] == 1
+        np.testing.assert_allclose(kl[0, pos], want, rtol=1e-4, atol=1e-6)
 
 
 def test_clamped_swiglu_literal():

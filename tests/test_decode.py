@@ -264,3 +264,13 @@ def test_decode_step_writes_narrow_stores_in_place():
     assert not widened, widened
     assert len(re.findall(r"= u16\[3,250,\d+\]\{[\d,]*\} scatter\(", hlo)) == 4  # 2 CSA layers x 2 stores
     assert cache.layers[cfg.compress_ratios.index(4)].compressor.entries.read().dtype == jnp.bfloat16
+
+
+def test_scatter_rows_drops_rows_outside_the_store_negative_ones_too():
+    """A row index < 0 or >= T is dropped, never counted from the end as JAX's scatter would."""
+    from dsv4.cache import _scatter_rows
+
+    values = jnp.zeros((2, 4), jnp.float32)
+    rows = jnp.asarray([[-1, 1], [4, 3]], jnp.int32)
+    new = jnp.asarray([[7.0, 8.0], [9.0, 6.0]], jnp.float32)
+    np.testing.assert_array_equal(_scatter_rows(values, rows, new), [[0, 8, 0, 0], [0, 0, 0, 6]])
