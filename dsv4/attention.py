@@ -190,12 +190,12 @@ def indexer_topk(
 
     def or_all_visible(scored_block):
         """A block none of whose queries sees more than k entries selects every visible one, unscored."""
+        if min(block, s) <= FEW_QUERIES:  # a decode step: no second branch to compile
+            return scored_block
         every = jnp.arange(k, dtype=jnp.int32)
 
         def select(args):
             pos_blk = args[2]
-            if pos_blk.shape[1] <= FEW_QUERIES:  # a decode step: no second branch to compile
-                return scored_block(args)
             return jax.lax.cond(
                 (jnp.max(pos_blk) + 1) // ratio <= k,
                 lambda a: valid(jnp.broadcast_to(every, a[2].shape + (k,)), a[2]),

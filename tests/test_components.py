@@ -215,13 +215,18 @@ def test_routed_experts_clamp_like_transformers():
     from dsv4.moe import Experts
 
     cfg = ModelConfig.tiny()
-    ours, ref = Experts(cfg, jnp.float32, KeyChain(0)), hf.DeepseekV4Experts(hf_config(cfg.to_hf_dict()))
     e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     rng = np.random.default_rng(0)
     w1, w3 = rng.standard_normal((2, e, d, f)).astype(np.float32) * 0.5
     w2 = rng.standard_normal((e, f, d)).astype(np.float32) * 0.5
-    for var, w in ((ours.w1, w1), (ours.w3, w3), (ours.w2, w2)):
-        var.set_value(jnp.asarray(w))
+
+    def experts(limit):
+        module = Experts(dataclasses.replace(cfg, swiglu_limit=limit), jnp.float32, KeyChain(0))
+        for var, w in ((module.w1, w1), (module.w3, w3), (module.w2, w2)):
+            var.set_value(jnp.asarray(w))
+        return module
+
+    ref = hf.DeepseekV4Experts(hf_config(cfg.to_hf_dict()))
     with torch.no_grad():
         ref.gate_up_proj.copy_(torch.tensor(np.concatenate([w1, w3], -1).transpose(0, 2, 1)))  # [E, 2F, D]
         ref.down_proj.copy_(torch.tensor(w2.transpose(0, 2, 1)))  # [E, D, F]
@@ -232,12 +237,9 @@ def test_routed_experts_clamp_like_transformers():
     wts = rng.random((9, 2)).astype(np.float32)
     with torch.no_grad():
         want = ref(torch.tensor(x), torch.tensor(idx), torch.tensor(wts)).numpy()
-    assert rel_err(ours(jnp.asarray(x), jnp.asarray(wts), jnp.asarray(idx, jnp.int32)), want) < 1e-5
-    unclamped = dataclasses.replace(cfg, swiglu_limit=1e9)
-    loose = Experts(unclamped, jnp.float32, KeyChain(0))
-    for var, w in ((loose.w1, w1), (loose.w3, w3), (loose.w2, w2)):
-        var.set_value(jnp.asarray(w))
-    assert rel_err(loose(jnp.asarray(x), jnp.asarray(wts), jnp.asarray(idx, jnp.int32)), want) > 1e-2
+    args = jnp.asarray(x), jnp.asarray(wts), jnp.asarray(idx, jnp.int32)
+    assert rel_err(experts(cfg.swiglu_limit)(*args), want) < 1e-5
+    assert rel_err(experts(1e9)(*args), want) > 1e-2  # unclamped
 
 
 def test_indexer_head_weights_are_scaled_by_both_dims():
@@ -280,7 +282,7 @@ def test_indexer_kl_literal():
         scores = iw[0, pos] @ np.maximum(iq[0, pos] @ keys[0, :n].T, 0)  # [n]
         want = np.sum(target * (np.log(target) - np.log(softmax(scores))))
         assert sees[0, pos] == 1
-        np.testing.assert_allclose(kl[0, pos], want, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(kl[0, pos], want, rtol=1e-5, atol=1e-7)  # measured: 1.5e-6 at most
 
 
 def test_clamped_swiglu_literal():
