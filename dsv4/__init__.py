@@ -9,6 +9,7 @@ from dsv4.model import DeepseekV4, abstract_model, forward, forward_with_mtp, in
 from dsv4.probes import probe
 from dsv4.restore import load
 from dsv4.safetensors_io import CheckpointError
+from dsv4.speculative import generate_speculative
 
 __all__ = [
     "CheckpointError",
@@ -20,6 +21,7 @@ __all__ = [
     "forward",
     "forward_with_mtp",
     "generate",
+    "generate_speculative",
     "init_model",
     "load",
     "load_hf",

@@ -77,12 +77,20 @@ class MTPBlock(nnx.Module):
 
     def __call__(self, streams, next_embed, next_ids) -> jax.Array:
         """streams [B,S,N,D] (main model, before hc_head), next_embed [B,S,D] -> hidden [B,S,D]."""
-        e = self.e_proj(self.enorm(next_embed))
-        h = self.h_proj(self.hnorm(streams))
         b, s = next_ids.shape
         start, n = jnp.zeros((b,), jnp.int32), jnp.full((b,), s, jnp.int32)
-        x, _ = self.block(h + e[:, :, None, :], start, n, next_ids)
-        return self.norm(self.hc_head(x))
+        return self.extend(streams, next_embed, next_ids, start, n)[0]
+
+    def extend(self, streams, next_embed, next_ids, start, n, cache: LayerCache | None = None):
+        """The block over a chunk of positions start[b] .. start[b] + C - 1 -> (hidden [B,C,D], cache).
+
+        As `__call__`, with the block's own cache (None: a whole sequence from position 0); row b's
+        first n[b] positions are real (right padding), as in `DeepseekV4.run`.
+        """
+        e = self.e_proj(self.enorm(next_embed))
+        h = self.h_proj(self.hnorm(streams))
+        x, cache = self.block(h + e[:, :, None, :], start, n, next_ids, cache)
+        return self.norm(self.hc_head(x)), cache
 
 
 def _block(run_block, layer: Block, streams, start, n, token_ids, cache, remat: bool = False):
