@@ -11,8 +11,8 @@ Both sides run the same small DeepSeek-V4 config in float32 on this machine's CP
 `block_until_ready`. transformers 5.23: `DeepseekV4ForCausalLM` (its eager attention; the model
 supports no other), `use_cache=False` under `torch.no_grad()`, timed after a warm-up run. Time is
 the best of `--repeats` runs. Each (implementation, S) runs in a subprocess of its own, so its peak
-RSS (`getrusage(RUSAGE_SELF).ru_maxrss`: interpreter, libraries, weights, compilation and the
-forward) belongs to that run alone.
+RSS (VmHWM, `_bench_common.peak_rss_bytes`: interpreter, libraries, weights, compilation and
+the forward) belongs to that run alone.
 
 Weights are random and differ between the two sides (dsv4 `init_model(cfg, seed=0)`, transformers
 `tests/release_fixture.build_hf_model(cfg.to_hf_dict(), seed=0)`): this measures speed, not
