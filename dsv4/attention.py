@@ -3,12 +3,14 @@
 Letters: B batch, S sequence (queries), Q query block, H heads, K head dim, T compressed entries,
 N selected entries per query (top-k), W sliding window, I indexer heads, J indexer head dim.
 
-Two implementations of the attention core share every projection:
+Three implementations of the attention core share every projection:
 - "xla" (default): query blocks under `lax.map`. Each block reads its W-wide slice of the sliding
   window, and either gathers its top-k compressed entries (CSA; while T <= DENSE_SELECTION * N it
   reads all T under the mask of its selection instead) or reads all entries under a causal mask
   (HCA). Memory is O(S*W + Q*(W+N)); no [S, S] or [S, S/4] array exists.
 - "reference": dense masks over the whole sequence, as simple as possible; for tests.
+- "pallas": the kernels of `pallas_kernels/` (sparse attention, indexer top-k), each with its own
+  reference there; interpret mode on CPU.
 """
 
 from __future__ import annotations
@@ -99,9 +101,11 @@ class Compressor(nnx.Module):
         z = self.wgate(x).astype(F32) + ape[pos % m]
         base = (start // m) * m - (m if self.overlap else 0)  # first position of the aligned span
         span = -(-(hist + c_len) // m) * m
-        cal, zal = _align_tokens(state.raw_kv, state.raw_gate, c, z, base, start, n, span)
+        aligned_kv, aligned_gate = _align_tokens(state.raw_kv, state.raw_gate, c, z, base, start, n, span)
         windows = span // m
-        pooled = pool_windows(cal.reshape(b, windows, m, -1), zal.reshape(b, windows, m, -1), self.overlap)
+        pooled = pool_windows(
+            aligned_kv.reshape(b, windows, m, -1), aligned_gate.reshape(b, windows, m, -1), self.overlap
+        )
         w_abs = base[:, None] // m + jnp.arange(windows)  # [B, U] absolute window index
         cos, sin = rope_angles(w_abs * m, rope_inv_freq(self.cfg, compressed=True))
         entries = apply_rope(self.norm(pooled.astype(x.dtype)), cos, sin)
@@ -326,7 +330,7 @@ def split_bfloat16(x: jax.Array) -> jax.Array:
     return jnp.stack([hi, mid, lo])
 
 
-def indexer_kl(q, entries, iq, keys, iw, positions, ratio: int, block: int) -> jax.Array:
+def indexer_kl(q, entries, iq, keys, iw, positions, ratio: int, block: int) -> tuple[jax.Array, jax.Array]:
     """The lightning indexer's training loss: KL(main || indexer) over the visible compressed entries.
 
     The target, held fixed (stop_gradient), is the main attention's distribution over the visible

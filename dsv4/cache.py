@@ -42,11 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4.config import ModelConfig
+from dsv4.quant import FP4_LUT
 
 FORMATS = ("bfloat16", "float32", "compact")
-FP8_BLOCK = 64
-FP4_GROUP = 32
-_FP4_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+FP8_GROUP = 64  # compact entries: one E8M0 scale per this many FP8 values of a row
+FP4_GROUP = 32  # compact indexer keys: one E8M0 scale per this many FP4 values
 
 
 def _pytree(cls):
@@ -105,7 +105,7 @@ class Fp8Store:
 
     def read(self) -> jax.Array:
         nope = from_bits(self.nope, jnp.float8_e4m3fn).astype(jnp.float32)
-        nope = _blockwise(nope, FP8_BLOCK) * _e8m0(self.scales)[..., None]
+        nope = _blockwise(nope, FP8_GROUP) * _e8m0(self.scales)[..., None]
         nope = nope.reshape(*nope.shape[:-2], nope.shape[-2] * nope.shape[-1])[..., : self.nope.shape[-1]]
         return jnp.concatenate([nope, from_bits(self.rope, jnp.bfloat16).astype(jnp.float32)], axis=-1)
 
@@ -130,7 +130,7 @@ class Fp4Store:
         """The keys in bfloat16, exactly: an e2m1 value (2 significant bits) times a power of two fits."""
         codes = jnp.stack([self.packed & 0xF, self.packed >> 4], axis=-1)
         codes = codes.reshape(*self.packed.shape[:-1], 2 * self.packed.shape[-1])
-        values = jnp.asarray(_FP4_VALUES)[codes.astype(jnp.int32)]
+        values = jnp.asarray(FP4_LUT)[codes.astype(jnp.int32)]
         scaled = _blockwise(values, FP4_GROUP) * _e8m0(self.scales)[..., None]
         scaled = scaled.reshape(*values.shape[:-1], scaled.shape[-2] * FP4_GROUP)[..., : values.shape[-1]]
         return scaled.astype(jnp.bfloat16)
@@ -188,7 +188,7 @@ def _pow2_scale(amax: jax.Array, top: float) -> jax.Array:
 
 def quantize_fp8_blocks(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x [..., d] -> (FP8 E4M3 [..., d], E8M0 scale bytes [..., ceil(d/64)]), power-of-two scales."""
-    blocks = _blockwise(x, FP8_BLOCK)
+    blocks = _blockwise(x, FP8_GROUP)
     scales = _pow2_scale(jnp.max(jnp.abs(blocks), axis=-1), 448.0)
     q = jnp.clip(blocks / _e8m0(scales)[..., None], -448, 448).astype(jnp.float8_e4m3fn)
     return q.reshape(*q.shape[:-2], q.shape[-2] * q.shape[-1])[..., : x.shape[-1]], scales
@@ -200,7 +200,7 @@ def quantize_fp4_groups(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     scales = _pow2_scale(jnp.max(jnp.abs(groups), axis=-1), 6.0)
     scaled = (groups / _e8m0(scales)[..., None]).reshape(*x.shape[:-1], groups.shape[-2] * FP4_GROUP)
     scaled = scaled[..., : x.shape[-1]]
-    codes = jnp.argmin(jnp.abs(scaled[..., None] - jnp.asarray(_FP4_VALUES)), axis=-1).astype(jnp.uint8)
+    codes = jnp.argmin(jnp.abs(scaled[..., None] - jnp.asarray(FP4_LUT)), axis=-1).astype(jnp.uint8)
     pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
     return (pairs[..., 0] | (pairs[..., 1] << 4)).astype(jnp.uint8), scales
 
@@ -215,7 +215,7 @@ def empty_store(batch: int, rows: int, dim: int, rope: int, fmt: str, is_index_k
     if fmt == "compact":
         return Fp8Store(
             jnp.zeros((batch, rows, dim - rope), jnp.uint8),  # FP8 E4M3 bits (0 = +0.0)
-            jnp.full((batch, rows, -(-(dim - rope) // FP8_BLOCK)), 127, jnp.uint8),
+            jnp.full((batch, rows, -(-(dim - rope) // FP8_GROUP)), 127, jnp.uint8),
             jnp.zeros((batch, rows, rope), jnp.uint16),  # bfloat16 bits
         )
     if np.dtype(fmt).itemsize < 4:

@@ -1,6 +1,7 @@
 """`dsv4-export`: write a checkpoint in the release layout (console script `dsv4-export`).
 
     dsv4-export CKPT OUT [--step N] [--tokenizer DIR] [--no-mtp] [--overwrite] [--max-shard-size SIZE]
+                [--scale-fmt ue8m0|float] [--expert-format fp4|fp8]
 
 CKPT is one of
   * a training checkpoint directory written by `dsv4.train.Checkpointer` (Orbax, one folder per
@@ -287,7 +288,7 @@ def run(args) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 2 user error, as every dsv4 console script)."""
+    """Entry point; returns the exit status (0 ok, 2 a user error, 130 interrupted: `run_command`)."""
     return run_command("dsv4-export", run, build_parser().parse_args(argv))
 
 

@@ -454,7 +454,8 @@ def _layer_errors(cfg: ModelConfig) -> list[str]:
     if len(ratios) not in allowed_lengths:
         errors.append(
             f"compress_ratios: has {len(ratios)} entries, expected {' or '.join(map(str, allowed_lengths))} "
-            "(num_hidden_layers + 1, the last for the MTP block)"
+            "(num_hidden_layers + 1, or + num_nextn_predict_layers; the entries after the main layers are the "
+            "MTP blocks)"
         )
     bad = {i: r for i, r in enumerate(ratios) if r not in _KIND_OF_RATIO}
     if bad:
@@ -517,9 +518,9 @@ _TORCH_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn")
 # -------------------------------------------------------------------------- reading config.json
 
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(ModelConfig))
-# Keys a config must carry (no default in dsv4): they fix shapes or numerics.
 # Absent means None (no YaRN, an unquantized checkpoint, expert format read from the tensors).
 _ABSENT_IS_NONE = ("rope_scaling", "quantization_config", "expert_dtype")
+# Keys a config must carry (no default in dsv4): they fix shapes or numerics.
 _REQUIRED = _FIELD_NAMES - set(_ABSENT_IS_NONE) - {
     "num_key_value_heads", "scoring_func", "topk_method", "hidden_act", "tie_word_embeddings",
     "bos_token_id", "eos_token_id", "torch_dtype",

@@ -121,7 +121,8 @@ def _host_rows(x: jax.Array) -> np.ndarray:
 def prefill(model: DeepseekV4, tokens, cache: Cache, lengths=None, last_only: bool = False):
     """Append a chunk to every sequence: tokens [B, C] int32 -> (logits [B, C, V], cache). Donates `cache`.
 
-    `lengths` [B] gives each row's real tokens (right padding; default: all C). Raises ValueError
+    `lengths` [B] gives each row's real tokens (right padding; default: all C). With `last_only` the
+    logits are [B, V], each row's at its last real token. Raises ValueError
     on an empty chunk, an out-of-vocabulary id or a chunk that would overflow the cache.
     """
     tokens = np.asarray(tokens)

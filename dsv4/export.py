@@ -134,19 +134,6 @@ def encode(t: checkpoint.ReleaseTensor, value: np.ndarray, fmt: StorageFormat):
     return {t.name: np.asarray(value).astype(np.int64)}, {}
 
 
-def round_trip(t: checkpoint.ReleaseTensor, value: np.ndarray, fmt: StorageFormat) -> np.ndarray:
-    """`value` as `load_hf` reads it back after `encode` (float32, or int32 for kind "int")."""
-    stored, _ = encode(t, value, fmt)
-    w = stored[t.name]
-    if t.kind == "int":
-        return w.astype(np.int32)
-    if w.dtype == ml_dtypes.float8_e4m3fn:
-        return quant.dequantize_fp8(w, stored[t.scale_name], fmt.block)
-    if w.dtype == np.int8:
-        return quant.dequantize_fp4(w, stored[t.scale_name])
-    return w.astype(np.float32)
-
-
 # ------------------------------------------------------------------------------------------ writer
 
 
@@ -271,8 +258,8 @@ def export_release(
       tokenizer_dir: a directory whose tokenizer files are copied alongside.
       expert_format: routed experts as "fp4" (instruct release) or "fp8" (Base release).
     Returns:
-      The checkpoint directory. `dsv4.load_hf(out_dir)` reads it back; every value comes back as
-      `round_trip` of the parameter (FP8/FP4/BF16 rounding).
+      The checkpoint directory. `dsv4.load_hf(out_dir)` reads it back; every value comes back
+      rounded as `encode` stores it (FP8/FP4/BF16).
     """
     state, cfg = _split_state(model_or_state, cfg)
     block = cfg.quantization_config.weight_block_size if cfg.quantization_config else None

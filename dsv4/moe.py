@@ -1,4 +1,7 @@
-"""Mixture of experts: routing (top-k and hash), routed experts via ragged_dot, shared expert.
+"""Mixture of experts: routing (top-k and hash), routed experts, shared expert.
+
+The routed experts are one grouped product over the token-expert pairs sorted by expert:
+`jax.lax.ragged_dot` on GPU and TPU, a loop over fixed-size row tiles on CPU (`impl="auto"`).
 
 Letters: N tokens (B*S flattened), D hidden, E experts, F expert hidden, K experts per token.
 """

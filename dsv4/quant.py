@@ -174,7 +174,7 @@ def dequantize_fp8(w: np.ndarray, scale: np.ndarray, block=(FP8_BLOCK, FP8_BLOCK
     return w.astype(np.float32) * _expand_tiles(_scale_values(scale), w.shape, block)
 
 
-def quantize_fp8(w: np.ndarray, scale_fmt: str = "ue8m0", block: int = FP8_BLOCK):
+def quantize_fp8(w: np.ndarray, scale_fmt: str = "ue8m0", block: int | tuple[int, int] = FP8_BLOCK):
     """Quantize a float [N, K] weight to block-scaled FP8.
 
     Per tile: "ue8m0" uses the power-of-two scale 2^ceil(log2(amax / 448)) returned as E8M0 bytes
@@ -182,7 +182,7 @@ def quantize_fp8(w: np.ndarray, scale_fmt: str = "ue8m0", block: int = FP8_BLOCK
     divided by their scale and rounded to nearest float8_e4m3fn.
 
     Returns:
-      (float8_e4m3fn [N, K], scale [ceil(N/block), ceil(K/block)]).
+      (float8_e4m3fn [N, K], scale [ceil(N/bn), ceil(K/bk)]) for block (bn, bk); an int is (block, block).
     """
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:

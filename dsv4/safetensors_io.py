@@ -360,13 +360,13 @@ class CheckpointIndex:
     """A release checkpoint directory: shards plus (optionally) model.safetensors.index.json.
 
     Layouts: an index file mapping tensor names to shards; else a single model.safetensors; else
-    every *.safetensors in the directory. With `validate` (default) every shard header is read on
-    open (headers only, no data) and the directory is checked: each shard the index names exists,
+    every *.safetensors in the directory. Every shard header is read on open (headers only, no
+    data) and the directory is checked: each shard the index names exists,
     each indexed tensor is in its shard's header, no shard holds a tensor the index does not list,
     and no tensor appears in two shards. Tensor data is read lazily, one tensor at a time.
     """
 
-    def __init__(self, directory, validate: bool = True):
+    def __init__(self, directory):
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: not a checkpoint directory")
@@ -375,8 +375,7 @@ class CheckpointIndex:
         if index_path.exists():
             self._shard_of = _load_weight_map(index_path)
             self._check_shards_exist(index_path)
-            if validate:
-                self._validate_against_headers(index_path)
+            self._validate_against_headers(index_path)
         else:
             self._shard_of = self._map_from_headers(self._unindexed_shards())
 

@@ -159,7 +159,7 @@ def lr_schedule(tc: TrainConfig) -> optax.Schedule:
     return lambda count: base(count + 1)
 
 
-def decays(tc: TrainConfig, params: nnx.State):
+def decay_mask(tc: TrainConfig, params: nnx.State):
     """Which parameters weight decay shrinks: matrices that some loss trains.
 
     Vectors (norm weights, mHC biases and scales, attention sinks) are left alone, and so are the MTP
@@ -178,18 +178,18 @@ def decays(tc: TrainConfig, params: nnx.State):
 
 
 def _decoupled_weight_decay(tc: TrainConfig) -> optax.GradientTransformation:
-    """updates + weight_decay * params on `decays(tc, params)`; stateless, so the optimiser state keeps
+    """updates + weight_decay * params on `decay_mask(tc, params)`; stateless, so the optimiser state keeps
     the layout of optax.adamw's (checkpoints saved before the mask restore as they were)."""
 
     def update(updates, state, params):
-        mask = decays(tc, params)
+        mask = decay_mask(tc, params)
         return jax.tree.map(lambda u, p, m: u + tc.weight_decay * p if m else u, updates, params, mask), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping (`lr_schedule`; weight decay on `decays`): optax.adamw's
+    """AdamW with global-norm clipping (`lr_schedule`; weight decay on `decay_mask`): optax.adamw's
     three steps (Adam scaling, decoupled decay, the learning rate), the decay masked."""
     return optax.chain(
         optax.clip_by_global_norm(tc.clip_norm),

@@ -42,7 +42,7 @@ _DOT_KINDS = ("dot", "individual_dot")  # the flag's names for dot fusions and s
 KNOWN_JAXLIB = ((0, 10), (0, 11))
 
 
-def _jaxlib_minor() -> tuple[int, int] | None:
+def _jaxlib_version() -> tuple[int, int] | None:
     try:
         from jaxlib import version
     except ImportError:
@@ -67,7 +67,7 @@ def prefer_plain_cpu_fusions(environ: MutableMapping[str, str] = os.environ) -> 
         if ynn_dots_off(environ):
             warnings.warn(YNN_DOTS_OFF_WARNING.format(flags=flags), RuntimeWarning, stacklevel=2)
         return False
-    if _jaxlib_minor() not in KNOWN_JAXLIB:
+    if _jaxlib_version() not in KNOWN_JAXLIB:
         return False
     environ["XLA_FLAGS"] = f"{flags} {YNN_DOTS_ONLY}".strip()
     return True

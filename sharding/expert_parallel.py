@@ -2,7 +2,8 @@
 
 Inside `jax.shard_map` every device holds E_l = E / ep of the experts (ep: the product of the mesh
 axes the `experts` logical axis maps to) and its block of the tokens. Every (token, choice) pair is
-computed exactly once, with `jax.lax.ragged_dot` over the device's local experts; nothing is dropped.
+computed exactly once, by `dsv4.moe.expert_ffn` over the device's local experts (`jax.lax.ragged_dot`;
+on CPU its loop over row tiles); nothing is dropped.
 Two ways to bring tokens and experts together (the strategy's `moe` field):
 
 psum: the tokens are replicated over the expert axes (dp_ep, tp_ep), so every expert device already

@@ -344,7 +344,7 @@ def test_mtp_blocks_that_never_run_do_not_decay():
     cfg = ModelConfig.tiny(num_hidden_layers=2, compress_ratios=(4, 0, 0, 0), num_hash_layers=1, index_topk=4,
                            num_nextn_predict_layers=2)  # fmt: skip
     _, params, _ = train.split_model(train.training_model(dsv4.init_model(cfg, RT, seed=0)))
-    flat = {tuple(str(p) for p in path): m for path, m in nnx.to_flat_state(train.decays(TC, params))}
+    flat = {tuple(str(p) for p in path): m for path, m in nnx.to_flat_state(train.decay_mask(TC, params))}
     first = [m.get_value() for k, m in flat.items() if k[:2] == ("mtp", "0")]
     second = [m.get_value() for k, m in flat.items() if k[:2] == ("mtp", "1")]
     assert any(first) and second and not any(second)

@@ -31,7 +31,7 @@ def test_leaves_an_explicit_choice_and_unknown_jaxlib_alone(monkeypatch):
     with pytest.warns(RuntimeWarning, match="takes XLA:CPU's dots away from YNNPACK"):
         assert not xla_flags.prefer_plain_cpu_fusions(no_dots)
     assert no_dots["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
-    monkeypatch.setattr(xla_flags, "_jaxlib_minor", lambda: (0, 99))
+    monkeypatch.setattr(xla_flags, "_jaxlib_version", lambda: (0, 99))
     env = {}
     assert not xla_flags.prefer_plain_cpu_fusions(env) and env == {}
 
@@ -65,7 +65,7 @@ def _run_jax(flags: str) -> subprocess.CompletedProcess:
 def test_this_jaxlib_accepts_the_flag():
     """XLA aborts on an unknown flag (the control below); the one we set must run. On a jaxlib not
     known to accept it, the flag is not set at all."""
-    if xla_flags._jaxlib_minor() not in xla_flags.KNOWN_JAXLIB:
+    if xla_flags._jaxlib_version() not in xla_flags.KNOWN_JAXLIB:
         assert not xla_flags.prefer_plain_cpu_fusions({})
         return
     ok = _run_jax(xla_flags.YNN_DOTS_ONLY)
@@ -95,7 +95,7 @@ def test_the_flag_leaves_exactly_the_dots_to_ynnpack():
     """The flag is not a no-op (XLA's own --help text calls the default list empty): XLA:CPU's
     default compilation gives a reduction and a dot to YNNPACK; under the flag only the dot goes
     there. Every YNNPACK fusion off (the setting of the wrong-logits issue) takes the dot too."""
-    if xla_flags._jaxlib_minor() not in xla_flags.KNOWN_JAXLIB:
+    if xla_flags._jaxlib_version() not in xla_flags.KNOWN_JAXLIB:
         assert not xla_flags.prefer_plain_cpu_fusions({})
         return
     assert _ynn_fusions("", REDUCTION) > 0 and _ynn_fusions("", PRODUCT) > 0
