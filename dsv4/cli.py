@@ -173,6 +173,9 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int,
                    help="cache length per sequence (default: prompt + new tokens, rounded up to a multiple of 128)")
     p.add_argument("--stream-interval", type=int, default=1, help="decode steps between printed chunks")
+    p.add_argument("--speculative", action="store_true",
+                   help="greedy, with the MTP block guessing every second token (dsv4.generate_speculative): the "
+                        "same text, printed at the end with the share of guesses kept; not faster on CPU")
     return p
 
 
@@ -253,8 +256,30 @@ def summary_line(result) -> str:
     )
 
 
+def _check_speculative(args) -> None:
+    """CLIError for options --speculative cannot honour (it decodes greedily and prints at the end)."""
+    if args.temperature != 0.0 or args.top_k != 0 or args.top_p != 1.0:
+        raise CLIError("--speculative decodes greedily: leave out --temperature, --top-k and --top-p")
+    if args.stream_interval != 1:
+        raise CLIError("--speculative prints the text at the end: leave out --stream-interval")
+
+
+def speculative_summary_line(result) -> str:
+    """The final line of a --speculative run: steps, guesses kept, decode throughput."""
+    made = sum(max(len(t) - 1, 0) for t in result.tokens)
+    return (
+        f"[speculative: {made} tokens after the first in {result.steps} steps | guesses kept "
+        f"{result.accepted}/{result.guessed} | decode {_rate(result.decode_tokens_per_second)} | "
+        f"compile {result.compile_seconds:.1f} s]"
+    )
+
+
 def _generate(args) -> None:
     from dsv4.generate import check_request, generate_with_stats, stop_ids_of
+    from dsv4.speculative import generate_speculative
+
+    if args.speculative:
+        _check_speculative(args)
 
     path = args.checkpoint or default_checkpoint_dir()
     checkpoint_kind(path)  # a clear error before anything slow
@@ -263,11 +288,19 @@ def _generate(args) -> None:
     sampling = (args.temperature, args.top_k, args.top_p)
     options = {"cache_format": args.cache_format, "max_len": args.max_len, "stream_interval": args.stream_interval}
     check_request(model.cfg, [ids], args.max_new_tokens, sampling, None, prefill_chunk=None, seed=args.seed, **options)
+    if args.speculative and not len(model.mtp):
+        raise CLIError(f"--speculative needs an MTP block; {path} has none (num_nextn_predict_layers 0)")
     if tok is not None:  # echo the prompt once it is known to be valid; chat keeps its role tokens
         print(tok.decode(ids, skip_special_tokens=not (args.chat or args.thinking)), end="", flush=True)
     else:
         print(",".join(map(str, ids)), end="", flush=True)
     printer = _Printer(tok, stop_ids_of(model.cfg, None))
+    if args.speculative:
+        result = generate_speculative(model, [ids], args.max_new_tokens, None, args.cache_format, args.max_len)
+        printer(result.tokens)
+        printer.finish()
+        print(speculative_summary_line(result), flush=True)
+        return
     result = generate_with_stats(
         model, [ids], args.max_new_tokens, *sampling, args.seed, on_token=printer, **options
     )  # fmt: skip

@@ -249,10 +249,10 @@ def _fused_tiled_ffn_bwd(limit, backward, dy):
 _fused_tiled_ffn.defvjp(_fused_tiled_ffn_fwd, _fused_tiled_ffn_bwd)
 
 
-def combine(y_sorted, order, tokens, weights, num_tokens):
-    """Weighted scatter-add of expert outputs back to their tokens: [N*K, D] -> [N, D] float32."""
+def combine(y_sorted, order, rows, weights, num_tokens):
+    """Weighted scatter-add of expert outputs back to their tokens (rows of x): [N*K, D] -> [N, D] float32."""
     w = weights.reshape(-1)[order]
-    return jax.ops.segment_sum(y_sorted * w[:, None], tokens, num_segments=num_tokens)
+    return jax.ops.segment_sum(y_sorted * w[:, None], rows, num_segments=num_tokens)
 
 
 class Experts(nnx.Module):
@@ -277,9 +277,9 @@ class Experts(nnx.Module):
             values = (w.get_value() for w in (self.w1, self.w3, self.w2))
             return plan(x, weights, idx, *values, self.limit)
         w1, w3, w2 = (materialize(w.get_value()) for w in (self.w1, self.w3, self.w2))
-        order, tokens, group_sizes = sort_by_expert(idx, w1.shape[0])
-        y = expert_ffn(x[tokens], w1, w3, w2, group_sizes, self.limit)
-        return combine(y, order, tokens, weights, x.shape[0])
+        order, rows, group_sizes = sort_by_expert(idx, w1.shape[0])
+        y = expert_ffn(x[rows], w1, w3, w2, group_sizes, self.limit)
+        return combine(y, order, rows, weights, x.shape[0])
 
     def _expert_parallel(self):
         """The expert-parallel plan of this runtime's mesh, or None (no mesh, or experts not split)."""

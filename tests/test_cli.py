@@ -211,6 +211,22 @@ def test_generate_default_checkpoint_streams_text_and_reports(capsys):
     assert int(m.group(3).replace(",", "")) == expected_bytes
 
 
+def test_generate_speculative_prints_the_greedy_text(capsys):
+    argv = ["--prompt", "The list", "--max-new-tokens", "12", "--dtype", "float32", "--cache-format", "float32"]
+    code, plain, err = _run_generate(capsys, *argv)
+    assert code == 0, err
+    code, spec, err = _run_generate(capsys, *argv, "--speculative")
+    assert code == 0, err
+    *text, summary = spec.rstrip("\n").split("\n")
+    assert "\n".join(text) == "\n".join(plain.rstrip("\n").split("\n")[:-1])  # the same text
+    m = re.fullmatch(r"\[speculative: 11 tokens after the first in (\d+) steps \| guesses kept (\d+)/(\d+) \| "
+                     r"decode [\d,.]+ tokens/s \| compile [\d.]+ s\]", summary)  # fmt: skip
+    assert m, summary
+    steps, kept, guessed = map(int, m.groups())
+    # each step makes one token, two when its guess is kept; the last step may make one more than asked for
+    assert guessed == steps and 11 <= steps + kept <= 12
+
+
 def test_the_stop_token_is_not_printed_as_text(capsys):
     """The row's stop token was decoded with the special tokens kept: " world<｜end▁of▁sentence｜>"."""
     tok = load_tokenizer(DEFAULT)
@@ -287,6 +303,8 @@ def test_generate_prompt_ids_without_tokenizer_prints_ids(capsys, flash_ckpt):
         (["--prompt-ids", "3", "--top-p", "0"], "top_p"),
         (["--prompt-ids", "3", "--temperature", "-1"], "temperature"),
         (["--prompt-ids", "3", "--seed", str(2**64)], r"seed must be an integer in \[0, 2\*\*32\)"),  # a traceback
+        (["--prompt-ids", "3", "--speculative", "--top-k", "5"], "--speculative decodes greedily"),
+        (["--prompt-ids", "3", "--speculative", "--stream-interval", "2"], "--speculative prints the text at the end"),
     ],
 )
 def test_generate_user_errors_are_one_line(capsys, flash_ckpt, argv, match):
