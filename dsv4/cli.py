@@ -296,7 +296,8 @@ def _generate(args) -> None:
         print(",".join(map(str, ids)), end="", flush=True)
     printer = _Printer(tok, stop_ids_of(model.cfg, None))
     if args.speculative:
-        result = generate_speculative(model, [ids], args.max_new_tokens, None, args.cache_format, args.max_len)
+        result = generate_speculative(model, [ids], args.max_new_tokens, cache_format=args.cache_format,
+                                      max_len=args.max_len)  # fmt: skip
         printer(result.tokens)
         printer.finish()
         print(speculative_summary_line(result), flush=True)

@@ -8,13 +8,22 @@ x_{p+1}, and one forward gives its greedy predictions at p and p + 1:
                                                    : keep x_{p+1} = a_p
              --mtp (the kept positions)--> the next guess
 
-A rejected guess needs no undo: the cache is addressed by position (ring slots, compressor windows
-and entries; `dsv4.cache`) and only its `lengths` make a position visible, so the step sets each
-row's length to the positions it kept, and the guess's writes past it are overwritten before
-anything reads them. The MTP block keeps a one-layer cache of its own, always as long as the main
-one. The tokens are those of greedy `dsv4.generate` on the same cache format, up to float
-rounding: a two-token step adds the same terms as two one-token steps, in another order, so a
-near tie between two logits can resolve the other way (tests/test_speculative.py compares them).
+A rejected guess needs no undo. The cache is addressed by position (`dsv4.cache`: ring slots,
+compressor windows and entries) and its `lengths` say which positions are real, so the step sets
+each row's length to the positions it kept. What the guess wrote at p + 1 is rewritten by the next
+step, which starts at p + 1, before anything reads it: an entry it completed is visible only to
+queries at p + 1 and later, and that step emits it again before its queries read it; and the ring
+slots it took over held positions no later query reaches back to (p + 1 - W for the window, whose
+queries read W - 1 positions back; p + 1 - P for the compressors' raw rings, read from the start
+of the current window (HCA, P = m) or the previous one (CSA, P = 2m) on). The MTP block keeps a
+one-layer cache of its own, extended only by the kept positions, so always as long as the main one.
+
+The tokens are those of greedy `dsv4.generate` on the same cache format, up to float rounding,
+which can resolve a near tie between two logits the other way: a two-token step adds the same
+terms as two one-token steps in another order, and in the bfloat16 and compact formats its second
+token reads the first one's window key unrounded, where a one-token step reads it back from the
+cache (the logits of the embedded default move by ~3e-4 of ~8 there; 3e-6 with a float32 cache).
+tests/test_speculative.py compares the tokens in all three formats.
 
 Greedy only (sampling would need the rejection rule of speculative sampling), one device (no mesh).
 """
@@ -156,13 +165,14 @@ def generate_speculative(
     model: DeepseekV4,
     prompts,
     max_new_tokens: int,
+    *,
     stop_tokens=None,
     cache_format: str = "bfloat16",
     max_len: int | None = None,
 ) -> SpeculativeResult:
     """Greedy generation with the MTP block guessing every second token (see the module docstring).
 
-    Arguments as in `dsv4.generate` (greedy, no streaming, one device). Returns a SpeculativeResult:
+    The keyword arguments are `dsv4.generate`'s (greedy, no streaming, one device). Returns a SpeculativeResult:
     the new tokens of each prompt (each row cut after its first stop token), the number of loop
     steps and of guesses kept, and timings (compilation excluded). ValueError, before any device
     work, for a model without an MTP block or on a mesh, and for every input `dsv4.generate` refuses.
@@ -186,7 +196,9 @@ def generate_speculative(
     compiled = [0.0]
     loop, prefill_s = _timed(compiled, _prefill_program, graphdef, req.max_new, state, tokens, lengths, cache,
                              mtp_cache, stop)  # fmt: skip
-    loop, decode_s = _timed(compiled, _decode_program, graphdef, req.max_new, state, loop, stop)
+    decode_s = 0.0
+    if not bool(np.all(loop.done)):  # max_new_tokens 1, or every first token a stop: no step to run
+        loop, decode_s = _timed(compiled, _decode_program, graphdef, req.max_new, state, loop, stop)
     out = np.asarray(loop.out)[:, : req.max_new]
     rows = _rows_until_stop(out, req.max_new, req.stop_ids)
     return SpeculativeResult(rows, int(loop.step), int(np.sum(loop.accepted)), int(np.sum(loop.guessed)),

@@ -32,7 +32,7 @@ def trained():
     return dsv4.load_hf(path, dtype="float32"), prompts
 
 
-@pytest.mark.parametrize("cache_format", ["float32", "bfloat16"])
+@pytest.mark.parametrize("cache_format", ["float32", "bfloat16", "compact"])
 def test_tokens_equal_greedy_generate_and_most_guesses_are_kept(trained, cache_format):
     model, prompts = trained
     want = dsv4.generate(model, prompts, 40, cache_format=cache_format, stop_tokens=())
@@ -58,6 +58,14 @@ def test_a_drafter_that_guesses_wrong_still_gives_the_greedy_tokens(trained):
     assert got.tokens == dsv4.generate(model, prompts, 40, cache_format="float32", stop_tokens=())
 
 
+@pytest.mark.parametrize("max_new", [1, 2])
+def test_one_or_two_new_tokens(trained, max_new):
+    model, prompts = trained
+    got = generate_speculative(model, prompts, max_new, cache_format="float32", stop_tokens=())
+    assert got.tokens == dsv4.generate(model, prompts, max_new, cache_format="float32", stop_tokens=())
+    assert got.steps == max_new - 1  # one new token comes from the prompt's last logits, without a step
+
+
 def test_rows_stop_at_their_first_stop_token_like_generate(trained):
     model, prompts = trained
     free = dsv4.generate(model, prompts, 30, cache_format="float32", stop_tokens=())
@@ -68,24 +76,36 @@ def test_rows_stop_at_their_first_stop_token_like_generate(trained):
     assert len(want[1]) <= 13 and want[1][-1] == stop
 
 
-def test_mtp_block_over_chunks_with_its_cache_equals_the_whole_sequence():
-    cfg = ModelConfig.tiny()
-    model = dsv4.init_model(cfg, seed=3)
-    tokens = jax.random.randint(jax.random.key(0), (2, 23), 0, cfg.vocab_size)
-    streams = model.streams(tokens)[:, :-1]
-    nxt = tokens[:, 1:]
+@pytest.mark.parametrize("mtp_ratio", [0, 4, 128])
+def test_mtp_block_over_ragged_chunks_with_its_cache_equals_the_whole_sequence(mtp_ratio):
+    """As the loop runs it: chunks of width 2, each row taking 0, 1 or 2 of its next positions; 140
+    positions cross the first 128-token window of a compressed MTP block."""
+    cfg = ModelConfig.tiny(compress_ratios=(0, 0, 4, 128, 4, mtp_ratio))
+    model = dsv4.init_model(cfg, dsv4.RuntimeConfig(dtype="float32"), seed=3)
+    length, width, max_len = 140, 2, 256
+    tokens = jax.random.randint(jax.random.key(0), (2, length + 1), 0, cfg.vocab_size)
+    streams, nxt = model.streams(tokens)[:, :-1], tokens[:, 1:]
     embed = model.embed.weight.get_value()[nxt]
     block = model.mtp[0]
-    whole = block(streams, embed, nxt)
-    cache = Cache(jnp.zeros((2,), jnp.int32), (layer_cache(cfg, cfg.mtp_ratio(0), 2, 32, "float32"),), 32)
-    pieces = []
-    for lo, hi in ((0, 9), (9, 10), (10, 22)):
-        n = jnp.full((2,), hi - lo, jnp.int32)
-        hidden, layer = block.extend(streams[:, lo:hi], embed[:, lo:hi], nxt[:, lo:hi], cache.lengths, n,
-                                     cache.layers[0])  # fmt: skip
-        cache = Cache(cache.lengths + n, (layer,), 32)
-        pieces.append(hidden)
-    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), whole, rtol=1e-5, atol=1e-5)
+    whole = np.asarray(block(streams, embed, nxt))
+    graphdef, state = nnx.split(block)
+    extend = jax.jit(lambda state, *args: nnx.merge(graphdef, state).extend(*args))  # one compile: equal shapes
+    cache = Cache(jnp.zeros((2,), jnp.int32), (layer_cache(cfg, mtp_ratio, 2, max_len, "float32"),), max_len)
+    got, pos, rng = np.zeros_like(whole), np.zeros(2, np.int32), np.random.default_rng(mtp_ratio)
+    while pos.min() < length:
+        n = np.minimum(rng.integers(0, width + 1, 2), length - pos).astype(np.int32)
+        at = jnp.asarray(np.minimum(pos[:, None] + np.arange(width), length - 1))  # [2, width]
+
+        def take(x, at=at):
+            return jnp.take_along_axis(x, at.reshape(at.shape + (1,) * (x.ndim - 2)), axis=1)
+
+        hidden, layer = extend(state, take(streams), take(embed), take(nxt), cache.lengths, jnp.asarray(n),
+                               cache.layers[0])  # fmt: skip
+        cache = Cache(cache.lengths + n, (layer,), max_len)
+        for b in range(2):
+            got[b, pos[b] : pos[b] + n[b]] = np.asarray(hidden[b, : n[b]])
+        pos += n
+    np.testing.assert_allclose(got, whole, rtol=1e-5, atol=1e-5)  # measured: at most 7e-7 apart
 
 
 def test_no_new_tokens_and_bad_input():
