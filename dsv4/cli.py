@@ -266,9 +266,8 @@ def _check_speculative(args) -> None:
 
 def speculative_summary_line(result) -> str:
     """The final line of a --speculative run: steps, guesses kept, decode throughput."""
-    made = sum(max(len(t) - 1, 0) for t in result.tokens)
     return (
-        f"[speculative: {made} tokens after the first in {result.steps} steps | guesses kept "
+        f"[speculative: {result.loop_tokens} tokens after the first in {result.steps} steps | guesses kept "
         f"{result.accepted}/{result.guessed} | decode {_rate(result.decode_tokens_per_second)} | "
         f"compile {result.compile_seconds:.1f} s]"
     )

@@ -63,10 +63,14 @@ class SpeculativeResult:
         return self.accepted / self.guessed if self.guessed else float("nan")
 
     @property
+    def loop_tokens(self) -> int:
+        """Tokens the loop produced: every row's, its first (from the prefill) excluded."""
+        return sum(max(len(t) - 1, 0) for t in self.tokens)
+
+    @property
     def decode_tokens_per_second(self) -> float:
-        """Tokens the loop produced (every row, the first token excluded) per second."""
-        made = sum(max(len(t) - 1, 0) for t in self.tokens)
-        return made / self.decode_seconds if self.decode_seconds else float("nan")
+        """`loop_tokens` per second of the loop."""
+        return self.loop_tokens / self.decode_seconds if self.decode_seconds else float("nan")
 
 
 @functools.partial(jax.tree_util.register_dataclass, meta_fields=[],
@@ -172,10 +176,11 @@ def generate_speculative(
 ) -> SpeculativeResult:
     """Greedy generation with the MTP block guessing every second token (see the module docstring).
 
-    The keyword arguments are `dsv4.generate`'s (greedy, no streaming, one device). Returns a SpeculativeResult:
-    the new tokens of each prompt (each row cut after its first stop token), the number of loop
-    steps and of guesses kept, and timings (compilation excluded). ValueError, before any device
-    work, for a model without an MTP block or on a mesh, and for every input `dsv4.generate` refuses.
+    The keyword arguments are `dsv4.generate`'s (greedy, no streaming, one device). Returns a
+    SpeculativeResult: the new tokens of each prompt (each row cut after its first stop token), the
+    number of loop steps and of guesses kept, and timings (compilation excluded). ValueError, before
+    any device work, for a model without an MTP block or on a mesh, and for every input
+    `dsv4.generate` refuses.
     """
     check_model(model)
     cfg = model.cfg
