@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from dsv4 import cache as kv_cache
-from dsv4.generate import PAD_ID, _is_stop, _padded, _rows_until_stop, _stop_array, check_request
+from dsv4.generate import PAD_ID, _Clock, _is_stop, _padded, _rows_until_stop, _stop_array, check_request
 from dsv4.model import DeepseekV4, check_model
 from dsv4.xla_flags import jit_whole_sequence
 
@@ -155,16 +154,6 @@ def _decode_program(graphdef, max_new, state, loop: SpecState, stop_ids) -> Spec
     return jax.lax.while_loop(lambda s: ~jnp.all(s.done), lambda s: _step(model, s, max_new, stop_ids), loop)
 
 
-def _timed(compiled_seconds: list, fn, *args):
-    """Compile fn for args (seconds added to compiled_seconds[0]), run it -> (result, run seconds)."""
-    start = time.perf_counter()
-    exe = fn.lower(*args).compile()
-    compiled_seconds[0] += time.perf_counter() - start
-    start = time.perf_counter()
-    out = jax.block_until_ready(exe(*args[2:]))
-    return out, time.perf_counter() - start
-
-
 def generate_speculative(
     model: DeepseekV4,
     prompts,
@@ -198,13 +187,12 @@ def generate_speculative(
     mtp_cache = kv_cache.Cache(jnp.zeros((batch,), jnp.int32), (mtp_layer,), req.max_len)
     graphdef, state = nnx.split(model)
     stop = _stop_array(req.stop_ids)
-    compiled = [0.0]
-    loop, prefill_s = _timed(compiled, _prefill_program, graphdef, req.max_new, state, tokens, lengths, cache,
-                             mtp_cache, stop)  # fmt: skip
-    decode_s = 0.0
+    clock, static = _Clock(), (graphdef, req.max_new)
+    args = (state, tokens, lengths, cache, mtp_cache, stop)
+    loop = clock.run("prefill", clock.compiled(_prefill_program, *static, *args), *args)
     if not bool(np.all(loop.done)):  # max_new_tokens 1, or every first token a stop: no step to run
-        loop, decode_s = _timed(compiled, _decode_program, graphdef, req.max_new, state, loop, stop)
+        loop = clock.run("decode", clock.compiled(_decode_program, *static, state, loop, stop), state, loop, stop)
     out = np.asarray(loop.out)[:, : req.max_new]
     rows = _rows_until_stop(out, req.max_new, req.stop_ids)
     return SpeculativeResult(rows, int(loop.step), int(np.sum(loop.accepted)), int(np.sum(loop.guessed)),
-                             prefill_s, decode_s, compiled[0])  # fmt: skip
+                             clock.prefill, clock.decode, clock.compile)  # fmt: skip
