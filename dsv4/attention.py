@@ -421,6 +421,7 @@ class KeyGroup(NamedTuple):
     heads_last: bool = False
 
     def key_axis(self) -> int:
+        """Axis of `logits` that runs over the group's n keys."""
         return -2 if self.heads_last else -1
 
     def expand(self, per_head: jax.Array) -> jax.Array:

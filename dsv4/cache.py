@@ -66,6 +66,7 @@ class DenseStore:
     values: jax.Array
 
     def read(self) -> jax.Array:
+        """The entries [B, T, d] as stored."""
         return self.values
 
     def write(self, rows: jax.Array, new: jax.Array) -> DenseStore:
@@ -85,6 +86,7 @@ class BitsStore:
     dtype: str
 
     def read(self) -> jax.Array:
+        """The entries [B, T, d] in `dtype` (a bitcast of the stored bits)."""
         return from_bits(self.values, self.dtype)
 
     def write(self, rows: jax.Array, new: jax.Array) -> BitsStore:
@@ -104,12 +106,17 @@ class Fp8Store:
     rope: jax.Array
 
     def read(self) -> jax.Array:
+        """The entries [B, T, d] in float32: the dequantized FP8 part followed by the BF16 RoPE part."""
         nope = from_bits(self.nope, jnp.float8_e4m3fn).astype(jnp.float32)
         nope = _blockwise(nope, FP8_GROUP) * _e8m0(self.scales)[..., None]
         nope = nope.reshape(*nope.shape[:-2], nope.shape[-2] * nope.shape[-1])[..., : self.nope.shape[-1]]
         return jnp.concatenate([nope, from_bits(self.rope, jnp.bfloat16).astype(jnp.float32)], axis=-1)
 
     def write(self, rows, new) -> Fp8Store:
+        """Set entries[b, rows[b, u]] = new[b, u] (last R values as BF16, the rest as FP8 with fresh scales).
+
+        Rows out of range are dropped.
+        """
         r = self.rope.shape[-1]
         q, s = quantize_fp8_blocks(new[..., :-r].astype(jnp.float32))
         return Fp8Store(
@@ -136,6 +143,7 @@ class Fp4Store:
         return scaled.astype(jnp.bfloat16)
 
     def write(self, rows, new) -> Fp4Store:
+        """Set keys[b, rows[b, u]] = new[b, u], quantized to FP4 with fresh scales; rows out of range are dropped."""
         packed, scales = quantize_fp4_groups(new.astype(jnp.float32))
         return Fp4Store(_scatter_rows(self.packed, rows, packed), _scatter_rows(self.scales, rows, scales))
 

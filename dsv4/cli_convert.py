@@ -41,6 +41,7 @@ filesystems). Each worker has two writer threads.
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `dsv4-convert` argument parser."""
     p = argparse.ArgumentParser(
         prog="dsv4-convert",
         description=_DESCRIPTION,

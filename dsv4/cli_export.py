@@ -38,6 +38,7 @@ class ExportError(CLIError):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `dsv4-export` argument parser."""
     p = argparse.ArgumentParser(
         prog="dsv4-export",
         description=__doc__.split("\n\n", 1)[1],

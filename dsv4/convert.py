@@ -208,6 +208,7 @@ class StoredArray:
 
     @property
     def nbytes(self) -> int:
+        """Size of the whole array in bytes."""
         return math.prod(self.shape) * self.dtype.itemsize
 
 
@@ -235,14 +236,17 @@ class Entry:
 
     @property
     def key(self) -> tuple[str, ...]:
+        """The parameter's path in the model's parameter tree, as strings."""
         return tuple(str(p) for p in self.spec.path)
 
     @property
     def name(self) -> str:
+        """The dotted parameter path (its `key` joined with dots)."""
         return ".".join(self.key)
 
     @property
     def num_experts(self) -> int:
+        """Experts stacked on the leading axis (one release tensor each) for layout "experts", else 0."""
         return len(self.spec.tensors) if self.layout == "experts" else 0
 
     def arrays(self) -> list[StoredArray]:
@@ -259,6 +263,7 @@ class Entry:
         ]  # fmt: skip
 
     def out_bytes_per_expert(self) -> int:
+        """Output bytes (all stored arrays) per stacked expert; the whole parameter's bytes when not experts."""
         return sum(a.nbytes for a in self.arrays()) // max(self.num_experts, 1)
 
 
@@ -285,6 +290,7 @@ class Unit:
 
     @property
     def is_experts(self) -> bool:
+        """Whether the unit's span is a range of stacked experts (rather than rows of one plain parameter)."""
         return self.span is not None and self.entries[0].num_experts > 0
 
     def tensors(self) -> list[tuple[ReleaseTensor, float]]:
@@ -463,9 +469,11 @@ class FileRange:
 
     @property
     def nbytes(self) -> int:
+        """Bytes in the range."""
         return self.rows * self.row_bytes
 
     def sub(self, r0: int, r1: int) -> FileRange:
+        """Rows [r0, r1) of this range (relative to its first row)."""
         return FileRange(self.path, self.offset + r0 * self.row_bytes, r1 - r0, self.row_bytes)
 
     def as_one_row(self) -> FileRange:
@@ -867,6 +875,7 @@ class ArrayStore:
         os.replace(tmp, path)
 
     def read(self, a: StoredArray, index: tuple | None = None) -> np.ndarray:
+        """Array `a` (or `a[index]`) read back from disk; `a` must have been created or opened first."""
         target = self._arrays[a.name]
         return (target[index] if index is not None else target).read().result()
 
@@ -1059,6 +1068,7 @@ class UnitBuilder:
         self._on_tensor = on_tensor or (lambda n: None)
 
     def build(self, unit: Unit) -> list[WriteOp]:
+        """The write operations that produce `unit`'s output (whole parameters, an expert range or a row range)."""
         if unit.span is None:
             return [op for ops in self.pool.map(self._entry_ops, unit.entries) for op in ops]
         if unit.is_experts:
@@ -1162,6 +1172,7 @@ class ProgressRecord:
 
     @classmethod
     def load(cls, path: Path) -> ProgressRecord:
+        """Read the record at `path`; ConvertError when it is missing or malformed."""
         try:
             doc = json.loads(path.read_text())
             return cls(path, doc["header"], doc["completed"])
@@ -1169,6 +1180,7 @@ class ProgressRecord:
             raise ConvertError(f"{path}: unreadable progress record ({err}); rerun without --resume") from None
 
     def save(self) -> None:
+        """Write the record (header and completed units) to its path, atomically."""
         outputs.write_json(self.path, {"header": self.header, "completed": self.completed})
 
     def mark(self, unit: str) -> None:
@@ -1378,6 +1390,7 @@ class ConvertSummary:
     memory_bound_bytes: int
 
     def format(self) -> str:
+        """A multi-line human-readable report (sizes in GB of 10^9 bytes)."""
         gb = 1e9
         rate = self.bytes_read / max(self.seconds, 1e-9) / gb
         return (
@@ -1682,9 +1695,11 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
+        """Whether no compared array differed."""
         return not self.mismatches
 
     def format(self) -> str:
+        """A one-line summary followed by one `MISMATCH` line per differing array."""
         lines = [f"verified {self.parameters} parameter(s), {len(self.checked)} array(s) or expert slices: "
                  f"{len(self.mismatches)} mismatch(es)"]  # fmt: skip
         lines += [f"  MISMATCH {m}" for m in self.mismatches]

@@ -62,6 +62,7 @@ class GenerationResult:
 
     @property
     def prefill_tokens_per_second(self) -> float:
+        """Real prompt tokens (all rows) prefilled per second; NaN when `prefill_seconds` is 0."""
         return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else float("nan")
 
     @property

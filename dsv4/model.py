@@ -165,6 +165,7 @@ class DeepseekV4(nnx.Module):
 
     @rt.setter
     def rt(self, value):
+        """Always raises AttributeError: rebuild with `dsv4.with_runtime` instead."""
         raise AttributeError(
             "model.rt cannot be reassigned: every layer was built with it; "
             "dsv4.with_runtime(model, attention_impl=...) rebuilds the model around the same weights"

@@ -76,10 +76,12 @@ class Tokenizer:
 
     @property
     def bos_id(self) -> int:
+        """Id of `bos_token`; TokenizerError if the vocabulary lacks it."""
         return self.token_id(self.bos_token)
 
     @property
     def eos_id(self) -> int:
+        """Id of `eos_token`; TokenizerError if the vocabulary lacks it."""
         return self.token_id(self.eos_token)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:

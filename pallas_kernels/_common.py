@@ -52,6 +52,7 @@ def interpret_param(backend: str, interpret: bool):
 
 
 def gpu_compiler_params(num_warps: int, num_stages: int):
+    """Triton compiler params for a GPU-form pallas_call with these warps and pipeline stages."""
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
@@ -68,12 +69,14 @@ def check_shape(name: str, x, expected: Sequence[int | None], what: str = "") ->
 
 
 def check_dtype(name: str, x, allowed: Sequence) -> None:
+    """Raise ValueError unless x.dtype is one of `allowed`."""
     allowed = tuple(jnp.dtype(a) for a in allowed)
     if jnp.dtype(x.dtype) not in allowed:
         raise ValueError(f"{name}: expected dtype in {[a.name for a in allowed]}, got {jnp.dtype(x.dtype).name}")
 
 
 def check_positive(name: str, value, minimum: int = 1) -> None:
+    """Raise ValueError unless `value` is an int (not a bool) >= `minimum`."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
 
@@ -82,14 +85,17 @@ def check_positive(name: str, value, minimum: int = 1) -> None:
 
 
 def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for integers."""
     return -(-a // b)
 
 
 def round_up(a: int, b: int) -> int:
+    """The smallest multiple of b that is >= a."""
     return cdiv(a, b) * b
 
 
 def next_pow2(n: int) -> int:
+    """The smallest power of two >= n, for n >= 1."""
     return 1 << max(0, (n - 1).bit_length())
 
 
@@ -145,6 +151,7 @@ def xor_partner_roll(x: jax.Array, d: int) -> jax.Array:
 
 
 def xor_partner(backend: str):
+    """The pair-swap function (x[..., i ^ d]) for `backend`: lane rotations on TPU, reshapes elsewhere."""
     return xor_partner_roll if backend == "tpu" else xor_partner_reshape
 
 

@@ -46,6 +46,9 @@ from pallas_kernels import (  # noqa: E402
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
+    """Benchmark shapes: attention heads and head dim, window, top-k, indexer heads and dim, the decode
+    batches and contexts and prefill lengths to time, and the CSA / HCA compression ratios."""
+
     heads: int
     head_dim: int
     window: int
@@ -101,6 +104,10 @@ def _topk_indices(key, lead, n, visible):
 
 
 def decode_inputs(sz: Sizes, kind: str, batch: int, context: int, dtype=jnp.bfloat16):
+    """Keyword arguments of `sparse_attention_decode` for one step at position context - 1 of every row.
+
+    `kind` "csa" adds random top-k entry indices; anything else reads as HCA (all entries, no indices).
+    """
     ks = jax.random.split(jax.random.key(batch * 7 + context), 6)
     ratio = sz.csa_ratio if kind == "csa" else sz.hca_ratio
     t = context // ratio
@@ -122,6 +129,10 @@ def decode_inputs(sz: Sizes, kind: str, batch: int, context: int, dtype=jnp.bflo
 
 
 def chunk_inputs(sz: Sizes, kind: str, batch: int, length: int, dtype=jnp.bfloat16):
+    """Keyword arguments of `sparse_attention` for a prefill chunk of `length` tokens from position 0.
+
+    `kind` "csa" adds random top-k entry indices (among the visible entries); anything else reads as HCA.
+    """
     ks = jax.random.split(jax.random.key(length + batch), 7)
     ratio = sz.csa_ratio if kind == "csa" else sz.hca_ratio
     t = length // ratio
@@ -141,6 +152,7 @@ def chunk_inputs(sz: Sizes, kind: str, batch: int, length: int, dtype=jnp.bfloat
 
 
 def indexer_inputs(sz: Sizes, length: int, dtype=jnp.bfloat16):
+    """Keyword arguments of `indexer_topk` for one sequence of `length` queries (CSA ratio, top-k `sz.topk`)."""
     ks = jax.random.split(jax.random.key(length), 3)
     t = length // sz.csa_ratio
     return dict(
@@ -255,6 +267,8 @@ def _row(label, kernel_fn, xla_fn, args, flops, nbytes, ceil, iters):
 
 
 def run_table(sz: Sizes, interpret: bool, ceil, iters: int, only: str) -> None:
+    """Time the kernels and the XLA path on the decode, prefill and indexer shapes (`only` picks some),
+    printing one row per shape with throughput against the `ceil` (TFLOP/s, GB/s) ceilings."""
     print(
         f"{'op / shape':34s} {'ms':>9s} {'TFLOP/s':>7s} {'%peak':>6s} {'GB/s':>8s} {'%copy':>6s}"
         f"   {'XLA ms':>9s} {'speedup':>8s}"
@@ -339,6 +353,7 @@ def run_sweep(sz: Sizes, iters: int) -> None:
 
 
 def main(argv=None) -> int:
+    """Command-line entry point: checks, ceilings and the table (or --sweep); returns 1 if a check failed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="small sizes even on an accelerator")
     parser.add_argument("--iters", type=int, default=None, help="timed calls per row (median)")

@@ -66,6 +66,7 @@ class IndexerTopkBlocks:
 
     @classmethod
     def for_backend(cls, backend: str) -> IndexerTopkBlocks:
+        """Default blocks for `backend`: tuned for TPU and for a compiled GPU; the small defaults otherwise."""
         if backend == "tpu":
             return cls(block_q=8, block_t=512, block_h=64)
         if backend == "gpu" and jax.default_backend() in ("gpu", "cuda", "rocm"):

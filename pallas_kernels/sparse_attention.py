@@ -85,6 +85,7 @@ class SparseAttentionBlocks:
 
     @classmethod
     def for_backend(cls, backend: str) -> SparseAttentionBlocks:
+        """Default blocks for `backend`: tuned for TPU and for a compiled GPU; the small defaults otherwise."""
         if backend == "tpu":
             return cls(block_q=1, block_h=0, block_w=0, block_n=128, num_splits=1)
         if backend == "gpu" and jax.default_backend() in ("gpu", "cuda", "rocm"):

@@ -48,6 +48,7 @@ class Collective:
 
     @property
     def result_bytes(self) -> int:
+        """Total bytes of the result shapes (a dtype missing from the table counts 4 bytes per element)."""
         return sum(_BYTES.get(dt, 4) * math.prod(dims) for dt, dims in self.shapes)
 
 
