@@ -1,12 +1,17 @@
-"""dsv4-train: train a DeepSeek-V4 from scratch on a text corpus (or continue a run).
+"""dsv4-train: train a DeepSeek-V4 on a text corpus, from scratch or from a checkpoint's weights (or continue a run).
 
     dsv4-train --out runs/demo                                   # embedded architecture, built-in corpus
     dsv4-train --config tiny --corpus notes/ --tokenizer tok/ --steps 200 --out runs/tiny
+    dsv4-train --init embedded --corpus notes/ --lr 3e-4 --steps 100 --out runs/ft   # fine-tune
     dsv4-train --out runs/demo --resume --steps 2000             # continue from the latest checkpoint
 
-OUT receives: tokenizer/ (given, or a byte-level BPE trained on the corpus), run.json (the corpus's
-sha256, --batch, --seq-len, --seed, --heldout-fraction: --resume refuses others), checkpoints/ (Orbax,
-every --save-every steps, the last --keep kept), metrics.jsonl (one line per step and per held-out
+--init starts from a checkpoint's weights (fine-tuning): a release-layout directory (config.json +
+safetensors: a Hugging Face download, a dsv4-export or dsv4-train --export), a dsv4-convert
+checkpoint, or `embedded` (the checkpoint inside the package). Its config.json is the model's and its
+tokenizer.json the run's (unless --tokenizer). OUT receives: tokenizer/ (given, the --init
+checkpoint's, or a byte-level BPE trained on the corpus), run.json (the corpus's sha256, --batch,
+--seq-len, --seed, --heldout-fraction, --init: --resume refuses others), checkpoints/ (Orbax, every
+--save-every steps, the last --keep kept), metrics.jsonl (one line per step and per held-out
 evaluation), loss.png (the loss curve, redrawn at every evaluation), and with --export DIR a
 release-layout copy of the final model that `dsv4-generate --checkpoint DIR` and `dsv4.load_hf`
 read. Batches depend only on (--seed, step), so --resume continues exactly where the run stopped.
@@ -28,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dsv4 import corpus, outputs
-from dsv4.cli import CLIError, flag, run_command
+from dsv4.cli import CLIError, checkpoint_kind, default_checkpoint_dir, flag, run_command
 from dsv4.config import ModelConfig
 from dsv4.outputs import paths_overlap
 from dsv4.xla_flags import program_defaults
@@ -69,9 +74,9 @@ def embedded_config(vocab_size: int = EMBEDDED_VOCAB) -> ModelConfig:
     )
 
 
-def resolve_config(name: str, vocab_size: int | None) -> ModelConfig:
-    """embedded | tiny | flash | pro | a config.json path or checkpoint directory; --vocab-size overrides."""
-    if name == "embedded":
+def resolve_config(name: str | None, vocab_size: int | None) -> ModelConfig:
+    """embedded (or None) | tiny | flash | pro | a config.json or checkpoint directory; --vocab-size overrides."""
+    if name in (None, "embedded"):
         cfg = embedded_config()
     elif name in ("tiny", "flash", "pro"):
         cfg = getattr(ModelConfig, name)()
@@ -80,6 +85,40 @@ def resolve_config(name: str, vocab_size: int | None) -> ModelConfig:
     else:
         raise CLIError(f"--config: {name!r} is not embedded, tiny, flash, pro, or an existing config.json / directory")
     return cfg if vocab_size is None else dataclasses.replace(cfg, vocab_size=vocab_size)
+
+
+def init_dir(args) -> Path | None:
+    """The --init checkpoint directory ('embedded': the package's own), or None."""
+    if args.init is None:
+        return None
+    return default_checkpoint_dir() if args.init == "embedded" else Path(os.path.abspath(args.init))
+
+
+def model_config(args) -> ModelConfig:
+    """The model's config: the --init checkpoint's config.json, else --config (with --vocab-size).
+
+    CLIError for --config or --vocab-size beside --init, for an --init that is not a checkpoint, and
+    for a converted checkpoint that keeps its weights quantized (training needs dense weights).
+    """
+    init = init_dir(args)
+    if init is None:
+        return resolve_config(args.config, args.vocab_size)
+    for dest in ("config", "vocab_size"):
+        if getattr(args, dest) is not None:
+            raise CLIError(f"{flag(dest)}: the model comes from --init {args.init} (its config.json); give not both")
+    try:
+        kind = checkpoint_kind(init)
+    except CLIError as err:
+        raise CLIError(f"--init {err}") from None
+    if kind == "converted":
+        from dsv4.convert import read_manifest
+
+        if read_manifest(init).get("quantized"):
+            raise CLIError(
+                f"--init {init}: a dsv4-convert --keep-quantized checkpoint (FP8/FP4 weights kept quantized), "
+                "which training cannot update: convert it without --keep-quantized, or start from the release directory"
+            )
+    return ModelConfig.from_hf_config(init)
 
 
 def parse_mesh(text: str | None):
@@ -102,7 +141,12 @@ def train_parser() -> argparse.ArgumentParser:
         prog="dsv4-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, metrics, loss.png)")
-    p.add_argument("--config", default="embedded", help="embedded | tiny | flash | pro | config.json | checkpoint dir")
+    p.add_argument("--config", help="embedded (default) | tiny | flash | pro | config.json | checkpoint dir")
+    p.add_argument(
+        "--init", metavar="CHECKPOINT",
+        help="start from these weights (fine-tune): a release-layout or dsv4-convert checkpoint directory, or "
+        "'embedded'; its config.json is the model's, its tokenizer.json the default --tokenizer",
+    )  # fmt: skip
     p.add_argument("--corpus", default=corpus.BUILTIN_CORPUS, help="text file, directory of text files, or 'pydoc'")
     p.add_argument("--tokenizer", type=Path, help="directory with tokenizer.json (default: train a BPE on the corpus)")
     p.add_argument("--vocab-size", type=int, help="override the config's vocab_size (and the BPE's size)")
@@ -257,7 +301,8 @@ def _mesh(args, cfg: ModelConfig):
 def _tokenizer_source(args, cfg: ModelConfig, docs: list[str], scratch: Path) -> Path:
     """The directory whose tokenizer.json the run uses; nothing is written under --out here.
 
-    OUT/tokenizer on --resume, else --tokenizer, else a byte-level BPE trained on the corpus into `scratch`.
+    OUT/tokenizer on --resume, else --tokenizer, else the --init checkpoint's, else a byte-level BPE
+    trained on the corpus into `scratch`.
     """
     kept = args.out / "tokenizer"
     source = None
@@ -265,6 +310,12 @@ def _tokenizer_source(args, cfg: ModelConfig, docs: list[str], scratch: Path) ->
         source = args.tokenizer.parent if args.tokenizer.name == "tokenizer.json" else args.tokenizer
         if not (source / "tokenizer.json").is_file():
             raise CLIError(f"--tokenizer: no tokenizer.json in {source}")
+    elif args.init is not None:
+        source = init_dir(args)
+        if not (source / "tokenizer.json").is_file():
+            raise CLIError(
+                f"--init {source} has no tokenizer.json: give the tokenizer its weights were trained with (--tokenizer)"
+            )
     if args.resume and (kept / "tokenizer.json").is_file():
         if source is not None and (source / "tokenizer.json").read_bytes() != (kept / "tokenizer.json").read_bytes():
             raise CLIError(f"--tokenizer {source}: not the run's tokenizer ({kept}), which --resume keeps")
@@ -285,7 +336,8 @@ def _run_record(args, docs: list[str]) -> dict:
     for doc in docs:
         digest.update(doc.encode("utf-8") + b"\0")
     flags = {f: getattr(args, f) for f in _DATA_FLAGS}
-    return {"corpus": str(args.corpus), "corpus_sha256": digest.hexdigest(), **flags}
+    init = args.init if args.init in (None, "embedded") else str(init_dir(args))
+    return {"corpus": str(args.corpus), "corpus_sha256": digest.hexdigest(), **flags, "init": init}
 
 
 def _check_resume_data(out: Path, record: dict) -> None:
@@ -302,6 +354,8 @@ def _check_resume_data(out: Path, record: dict) -> None:
     diffs = [f"{flag(f)} {record[f]} (the run's: {old[f]})" for f in changed]
     if old.get("corpus_sha256", record["corpus_sha256"]) != record["corpus_sha256"]:
         diffs.append(f"--corpus {record['corpus']} (other text than the run's {old.get('corpus')})")
+    if old.get("init") != record["init"]:  # a record from before --init: a run from random weights
+        diffs.append(f"--init {record['init'] or '(none)'} (the run's: {old.get('init') or 'none, random weights'})")
     if diffs:
         raise CLIError(
             f"--resume continues {out} on the data it trained on, but: {'; '.join(diffs)}. "
@@ -339,10 +393,11 @@ def _install_out(args, tok_source: Path, record: dict) -> Path:
 
 
 def _prepare(args, cfg: ModelConfig):
-    """Check the whole input, then create --out: returns (OUT/tokenizer, Data, mesh, TrainConfig).
+    """Check the whole input, build the initial model, then create --out: returns (OUT/tokenizer,
+    Data, model, TrainConfig).
 
-    Every user error is raised before --out is touched, so a refused command leaves no new
-    directory behind and an existing run (even with --overwrite) as it was.
+    Every user error (an unreadable --init checkpoint too) is raised before --out is touched, so a
+    refused command leaves no new directory behind and an existing run (even with --overwrite) as it was.
     """
     from dsv4.tokenizer import load_tokenizer
 
@@ -359,7 +414,24 @@ def _prepare(args, cfg: ModelConfig):
         tokenizer = load_tokenizer(source)
         _check_vocab(tokenizer, cfg, source)
         data = _data(args, tokenizer, docs)
-        return _install_out(args, source, record), data, mesh, tc
+        model = _initial_model(args, cfg, mesh)
+        return _install_out(args, source, record), data, model, tc
+
+
+def _initial_model(args, cfg: ModelConfig, mesh):
+    """The float32 model training starts from: the --init checkpoint's weights (loaded straight into
+    their shards of the mesh), else random ones (--seed). A --resume that will restore a checkpoint
+    gets random ones: only their structure is used."""
+    import dsv4
+    from dsv4 import train
+    from dsv4.cli import load_model
+    from dsv4.config import RuntimeConfig
+
+    init = init_dir(args)
+    if init is None or (args.resume and train.latest_saved_step(args.out / "checkpoints") is not None):
+        return dsv4.init_model(cfg, RuntimeConfig(dtype="float32", mesh=mesh), seed=args.seed)
+    print(f"loading the --init weights from {init} ...", file=sys.stderr)
+    return load_model(init, "float32", mesh=mesh)
 
 
 def _check_vocab(tokenizer, cfg: ModelConfig, tok_dir: Path) -> None:
@@ -520,15 +592,12 @@ def _train(args) -> None:
     import numpy as np
     from flax import nnx
 
-    import dsv4
     from dsv4 import train
-    from dsv4.config import RuntimeConfig
 
-    cfg = resolve_config(args.config, args.vocab_size)
-    tok_dir, data, mesh, tc = _prepare(args, cfg)
+    cfg = model_config(args)
+    tok_dir, data, model, tc = _prepare(args, cfg)
 
-    rt = RuntimeConfig(dtype="float32", mesh=mesh)
-    model = train.training_model(dsv4.init_model(cfg, rt, seed=args.seed), remat=args.remat)
+    model = train.training_model(model, remat=args.remat)
     graphdef, state = train.init_train_state(model, tc)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     ckpt = train.Checkpointer(args.out / "checkpoints", cfg, tc, every=args.save_every, keep=args.keep)
@@ -563,6 +632,8 @@ def _run_steps(args, graphdef, tc, state, data: Data, ckpt):
     heldout_loss_sum = _eval_fn(graphdef)
     tokens_per_step = args.batch * args.seq_len
     began, bar, stopped_early, heldout = time.perf_counter(), _progress(args, start), False, None
+    if args.init is not None and start == 0:  # the starting weights' held-out loss: what fine-tuning changes
+        heldout = _record_eval(log, 0, heldout_loss_sum, state, data, args, bar)
     try:
         while step < args.steps:
             tick = time.perf_counter()

@@ -471,6 +471,17 @@ def _meta(cfg: ModelConfig, tc: TrainConfig) -> dict:
     return {"model_config": cfg.to_hf_dict(), "train_config": dataclasses.asdict(tc)}
 
 
+def latest_saved_step(directory: str | os.PathLike) -> int | None:
+    """The latest step saved under a Checkpointer's `directory` (None: none, or no directory), read only."""
+    import orbax.checkpoint as ocp
+
+    if not os.path.isdir(directory):
+        return None
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    with ocp.CheckpointManager(os.path.abspath(directory), options=options) as manager:
+        return manager.latest_step()
+
+
 class Checkpointer:
     """Orbax CheckpointManager for a TrainState: `save` every `every` steps, keep the last `keep`."""
 

@@ -459,3 +459,133 @@ def test_heldout_loss_of_the_real_model_is_the_mean_over_windows():
     got = cli_train.evaluate(cli_train._eval_fn(graphdef), state, windows, batch=2)
     assert abs(got - np.mean(each)) <= 1e-5 * np.mean(each)
     assert abs(got - np.mean(each[:2])) > 1e-3  # what dropping the short chunk gave
+
+
+# ------------------------------------------------------------------------------- fine-tuning (--init)
+
+EMBEDDED = cli.default_checkpoint_dir()
+
+
+@pytest.fixture(scope="module")
+def init_run(tmp_path_factory, text_corpus):
+    """Two steps of fine-tuning the embedded default (`--init embedded`), exported."""
+    root = tmp_path_factory.mktemp("init")
+    argv = ["--init", "embedded", "--corpus", text_corpus, "--out", root / "run", "--steps", 2, "--lr", 3e-4]
+    assert train([*argv, *RUN, "--eval-every", 2, "--save-every", 2, "--export", root / "export"]) == 0
+    return root / "run", root / "export"
+
+
+def test_init_starts_from_the_checkpoints_weights_and_tokenizer(init_run, text_corpus):
+    """The first step's loss is the embedded model's own loss on the first batch (its weights, its
+    tokenizer), far below a random model's ln(vocab); the export keeps the checkpoint's config."""
+    from dsv4 import train as train_module
+
+    run, export = init_run
+    assert (run / "tokenizer" / "tokenizer.json").read_bytes() == (EMBEDDED / "tokenizer.json").read_bytes()
+    assert json.loads((run / "run.json").read_text())["init"] == "embedded"
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "heldout_loss" in r] == [0, 2]  # the starting weights evaluated too
+    first = next(r for r in records if "lm_loss" in r)
+
+    tokens = corpus.encode_documents(load_tokenizer(EMBEDDED), corpus.read_corpus(text_corpus))
+    batch = corpus.sample_batch(corpus.split_stream(tokens, 0.05)[0], 2, 32, 0, 0)  # --batch 2 --seq-len 32 --seed 0
+    model = train_module.training_model(dsv4.load_hf(EMBEDDED, dtype="float32"), remat=False)
+    graphdef, params, frozen = train_module.split_model(model)
+    tc = train_module.TrainConfig(compute_dtype="float32")
+    expected = float(train_module.loss_fn(graphdef, tc, params, frozen, {"tokens": batch})[1]["lm_loss"])
+    assert abs(first["lm_loss"] - expected) <= 1e-5 * expected
+    assert expected < 0.6 * np.log(model.cfg.vocab_size)  # the trained model, not random weights
+
+    exported = dsv4.load_hf(export, dtype="float32")
+    assert exported.cfg == dsv4.ModelConfig.from_hf_config(EMBEDDED)
+
+
+def test_init_from_a_converted_checkpoint_loads_the_same_weights(tmp_path, capsys):
+    """A dense dsv4-convert checkpoint starts from the release directory's weights exactly; one that
+    keeps FP8/FP4 weights quantized is refused (training cannot update them), naming --keep-quantized."""
+    from dsv4 import cli_convert
+
+    assert cli_convert.main([str(EMBEDDED), str(tmp_path / "dense"), "--dtype", "float32", "--no-progress"]) == 0
+    assert cli_convert.main([str(EMBEDDED), str(tmp_path / "kept"), "--keep-quantized", "--no-progress"]) == 0
+    models = []
+    for init in (EMBEDDED, tmp_path / "dense"):
+        args = cli_train.train_parser().parse_args(["--init", str(init), "--out", str(tmp_path / "o")])
+        models.append(cli_train._initial_model(args, cli_train.model_config(args), None))
+    flat = [dict(nnx_flat(m)) for m in models]
+    assert flat[0].keys() == flat[1].keys()
+    for name, value in flat[0].items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(flat[1][name]), err_msg=name)
+
+    err = _error(capsys, ["--init", tmp_path / "kept", "--out", tmp_path / "o"])
+    assert "--keep-quantized checkpoint (FP8/FP4 weights kept quantized)" in err and not (tmp_path / "o").exists()
+
+
+def nnx_flat(model):
+    from flax import nnx
+
+    return [(".".join(map(str, path)), var.get_value()) for path, var in nnx.to_flat_state(nnx.state(model))]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--config", "tiny"], "--config: the model comes from --init embedded (its config.json); give not both"),
+        (["--vocab-size", "300"], "--vocab-size: the model comes from --init embedded"),
+    ],
+)
+def test_init_beside_another_model_choice_is_refused(extra, message, tmp_path, capsys):
+    err = _error(capsys, ["--init", "embedded", *extra, "--out", tmp_path / "o"])
+    assert message in err and not (tmp_path / "o").exists()
+
+
+def test_init_that_is_not_a_checkpoint_is_refused(tmp_path, capsys):
+    err = _error(capsys, ["--init", tmp_path / "missing", "--out", tmp_path / "o"])
+    assert f"--init {tmp_path / 'missing'}: not a directory" in err
+    (tmp_path / "cfg").mkdir()
+    shutil.copy(EMBEDDED / "config.json", tmp_path / "cfg")
+    err = _error(capsys, ["--init", tmp_path / "cfg", "--out", tmp_path / "o"])
+    assert f"--init {tmp_path / 'cfg'}: not a checkpoint" in err and not (tmp_path / "o").exists()
+
+
+def _embedded_copy(where: Path, tokenizer: bool = True) -> Path:
+    shutil.copytree(EMBEDDED, where, ignore=None if tokenizer else shutil.ignore_patterns("tokenizer*"))
+    return where
+
+
+def test_init_without_a_tokenizer_needs_one(tmp_path, capsys, text_corpus, small_tokenizer):
+    init = _embedded_copy(tmp_path / "ckpt", tokenizer=False)
+    err = _error(capsys, ["--init", init, "--corpus", text_corpus, "--out", tmp_path / "o", *RUN])
+    assert f"--init {init} has no tokenizer.json: give the tokenizer its weights were trained with (--tokenizer)" in err
+    assert not (tmp_path / "o").exists()
+    # a tokenizer too large for the checkpoint's vocabulary is the usual vocabulary error
+    big = corpus.train_bpe_tokenizer(corpus.read_corpus(text_corpus), 4096, tmp_path / "big")
+    err = _error(capsys, ["--init", init, "--tokenizer", big, "--corpus", text_corpus, "--out", tmp_path / "o", *RUN])
+    assert "but the config's vocab_size is 2560" in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_damaged_init_checkpoint_changes_nothing(overwrite, tmp_path, capsys, text_corpus):
+    """The weights are read before OUT is made: a truncated shard is named, and a new OUT is not
+    created, nor an old run replaced."""
+    init = _embedded_copy(tmp_path / "ckpt")
+    shard = init / "model-00001-of-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    out = tmp_path / "run"
+    if overwrite:
+        _old_run(out)
+    before = _tree(tmp_path)
+    argv = ["--init", init, "--corpus", text_corpus, "--out", out, *RUN] + (["--overwrite"] if overwrite else [])
+    err = _error(capsys, argv)
+    assert "model-00001-of-00001.safetensors" in err
+    assert _tree(tmp_path) == before
+
+
+def test_resume_with_another_init_is_refused(full_run, init_run, capsys, text_corpus):
+    """run.json records --init: a run from random weights does not continue from the embedded
+    checkpoint's, nor the reverse."""
+    run, _ = full_run
+    err = _error(capsys, ["--init", "embedded", "--corpus", text_corpus, "--out", run, "--resume", *RUN, "--steps", 8])
+    assert "--init embedded (the run's: none, random weights)" in err
+    run, _ = init_run
+    err = _error(capsys, ["--corpus", text_corpus, "--out", run, "--resume", *RUN, "--steps", 8])
+    assert "--init (none) (the run's: embedded)" in err
