@@ -230,13 +230,14 @@ class DeepseekV4(nnx.Module):
 
 
 def init_model(cfg: ModelConfig, rt: RuntimeConfig | None = None, seed: int = 0) -> DeepseekV4:
-    """A randomly initialised model (small configs; large ones go through `abstract_model`)."""
+    """A randomly initialised model. With a mesh in `rt`, each parameter is created straight into its
+    shards by one jitted program (`sharding.placement.init_sharded`): no device holds the whole model."""
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise TypeError(f"seed must be an integer, got {seed!r}")
     if isinstance(cfg, ModelConfig) and isinstance(rt, RuntimeConfig) and rt.mesh is not None:
-        from sharding.rules import validate  # before building: not deep inside the first sharded call
+        from sharding.placement import init_sharded  # sharding imports dsv4: import when used
 
-        validate(cfg, rt.mesh, rt.strategy)
+        return init_sharded(cfg, rt, seed)
     return DeepseekV4(cfg, rt, keys=KeyChain(seed))  # a wrong type for cfg or rt: a TypeError there
 
 

@@ -149,6 +149,21 @@ def shard_model(model, mesh: Mesh, strategy: str | Strategy | None = None):
     return with_mesh(model, mesh, strategy, placed)  # new variables: `model` itself stays as it was
 
 
+def init_sharded(cfg, rt, seed: int = 0):
+    """`dsv4.init_model(cfg, rt, seed)` for an `rt` with a mesh: one jitted program creates every
+    parameter in the sharding its strategy gives it (`out_shardings`), so each device materialises
+    only its own shards. Raises ValueError (before compiling) as `shard_model` does."""
+    from dsv4.model import DeepseekV4, abstract_model
+    from dsv4.params import KeyChain
+
+    validate(cfg, rt.mesh, rt.strategy)
+    graphdef, abstract = nnx.split(abstract_model(cfg, rt))
+    check_divisible(abstract, rt.mesh, get_strategy(rt.strategy).rules)
+    shardings = _like_state(abstract, jax.tree.leaves(param_shardings(abstract, rt.mesh, rt.strategy)))
+    build = jax.jit(lambda: nnx.state(DeepseekV4(cfg, rt, keys=KeyChain(seed))), out_shardings=shardings)
+    return nnx.merge(graphdef, build())
+
+
 def shard_cache(cache, mesh: Mesh, strategy: str | Strategy | None = None):
     """Place a KV cache on `mesh` (batch split by the strategy); ValueError if the batch does not divide."""
     check_batch(int(cache.lengths.shape[0]), mesh, strategy)

@@ -589,3 +589,36 @@ def test_resume_with_another_init_is_refused(full_run, init_run, capsys, text_co
     run, _ = init_run
     err = _error(capsys, ["--corpus", text_corpus, "--out", run, "--resume", *RUN, "--steps", 8])
     assert "--init (none) (the run's: embedded)" in err
+
+
+def test_init_on_a_mesh_equals_one_device(init_run, text_corpus, tmp_path):
+    """`--init embedded --mesh data=2,expert=4` on 8 host devices (a subprocess: this process holds
+    a one-device JAX) loads the weights into their shards and takes the one-device run's first step."""
+    import os
+    import subprocess
+    import sys
+
+    run, _ = init_run
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    argv = ["--init", "embedded", "--corpus", text_corpus, "--out", tmp_path / "r", "--steps", 1, "--lr", 3e-4]
+    argv += [*RUN, "--mesh", "data=2,expert=4", "--eval-every", 1]
+    cmd = [sys.executable, "-m", "dsv4.cli_train", *map(str, argv)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    def first_step(path):
+        return next(json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines() if "lm_loss" in x)
+
+    sharded, single = first_step(tmp_path / "r"), first_step(run)
+    for key in ("lm_loss", "mtp_loss", "indexer_loss", "grad_norm"):
+        assert abs(sharded[key] - single[key]) <= 1e-5 * abs(single[key]), key
+
+    placed = (  # where _initial_model puts the routed experts of the last layer under that mesh
+        "from dsv4 import cli_train; args = cli_train.train_parser().parse_args("
+        "['--init', 'embedded', '--out', 'unused', '--mesh', 'data=2,expert=4', '--batch', '2']); "
+        "cfg = cli_train.model_config(args); model = cli_train._initial_model(args, cfg, cli_train._mesh(args, cfg)); "
+        "w = model.layers[-1].ffn.experts.w1.get_value(); print(w.sharding.spec, len(w.addressable_shards))"
+    )
+    proc = subprocess.run([sys.executable, "-c", placed], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.split()[-1] == "8" and "'expert'" in proc.stdout, proc.stdout
