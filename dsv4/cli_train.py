@@ -8,9 +8,10 @@
 --init starts from a checkpoint's weights (fine-tuning): a release-layout directory (config.json +
 safetensors: a Hugging Face download, a dsv4-export or dsv4-train --export), a dsv4-convert
 checkpoint, or `embedded` (the checkpoint inside the package). Its config.json is the model's and its
-tokenizer.json the run's (unless --tokenizer). OUT receives: tokenizer/ (given, the --init
-checkpoint's, or a byte-level BPE trained on the corpus), run.json (the corpus's sha256, --batch,
---seq-len, --seed, --heldout-fraction, --init: --resume refuses others), checkpoints/ (Orbax, every
+tokenizer.json the run's (unless --tokenizer); neither --out nor --export may overlap it. OUT
+receives: tokenizer/ (given, the --init checkpoint's, or a byte-level BPE trained on the corpus),
+run.json (the corpus's sha256, --batch, --seq-len, --seed, --heldout-fraction, --init: --resume
+refuses others, and needs the --init checkpoint still in place for its config), checkpoints/ (Orbax, every
 --save-every steps, the last --keep kept), metrics.jsonl (one line per step and per held-out
 evaluation), loss.png (the loss curve, redrawn at every evaluation), and with --export DIR a
 release-layout copy of the final model that `dsv4-generate --checkpoint DIR` and `dsv4.load_hf`
@@ -148,7 +149,10 @@ def train_parser() -> argparse.ArgumentParser:
         "'embedded'; its config.json is the model's, its tokenizer.json the default --tokenizer",
     )  # fmt: skip
     p.add_argument("--corpus", default=corpus.BUILTIN_CORPUS, help="text file, directory of text files, or 'pydoc'")
-    p.add_argument("--tokenizer", type=Path, help="directory with tokenizer.json (default: train a BPE on the corpus)")
+    p.add_argument(
+        "--tokenizer", type=Path,
+        help="directory with tokenizer.json (default: the --init checkpoint's, else a BPE trained on the corpus)",
+    )  # fmt: skip
     p.add_argument("--vocab-size", type=int, help="override the config's vocab_size (and the BPE's size)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
@@ -245,6 +249,10 @@ def _check_paths(args) -> None:
             raise CLIError(f"{option} {path} exists and is not a directory")
     if export is not None and paths_overlap(out, export):
         raise CLIError(f"--export {export} and --out {out} must be separate directories, neither inside the other")
+    init = init_dir(args)
+    for option, path in (("--out", out), ("--export", export)):
+        if init is not None and path is not None and paths_overlap(path, init):
+            raise CLIError(f"{option} {path} and --init {init} must be separate directories, neither inside the other")
     for option, path in (("--out", out), ("--export", export)):
         if path is not None:
             outputs.check_creatable(path, option)  # a ValueError: one line, as every user error
@@ -310,17 +318,18 @@ def _tokenizer_source(args, cfg: ModelConfig, docs: list[str], scratch: Path) ->
         source = args.tokenizer.parent if args.tokenizer.name == "tokenizer.json" else args.tokenizer
         if not (source / "tokenizer.json").is_file():
             raise CLIError(f"--tokenizer: no tokenizer.json in {source}")
-    elif args.init is not None:
-        source = init_dir(args)
-        if not (source / "tokenizer.json").is_file():
-            raise CLIError(
-                f"--init {source} has no tokenizer.json: give the tokenizer its weights were trained with (--tokenizer)"
-            )
     if args.resume and (kept / "tokenizer.json").is_file():
         if source is not None and (source / "tokenizer.json").read_bytes() != (kept / "tokenizer.json").read_bytes():
             raise CLIError(f"--tokenizer {source}: not the run's tokenizer ({kept}), which --resume keeps")
         return kept
     if source is not None:
+        return source
+    if args.init is not None:
+        source = init_dir(args)
+        if not (source / "tokenizer.json").is_file():
+            raise CLIError(
+                f"--init {source} has no tokenizer.json: give the tokenizer its weights were trained with (--tokenizer)"
+            )
         return source
     print(f"training a {cfg.vocab_size}-token byte-level BPE on the corpus ...", file=sys.stderr)
     return corpus.train_bpe_tokenizer(docs, cfg.vocab_size, scratch)
@@ -336,7 +345,8 @@ def _run_record(args, docs: list[str]) -> dict:
     for doc in docs:
         digest.update(doc.encode("utf-8") + b"\0")
     flags = {f: getattr(args, f) for f in _DATA_FLAGS}
-    init = args.init if args.init in (None, "embedded") else str(init_dir(args))
+    init = None if args.init is None else os.path.realpath(init_dir(args))
+    init = "embedded" if init == os.path.realpath(default_checkpoint_dir()) else init
     return {"corpus": str(args.corpus), "corpus_sha256": digest.hexdigest(), **flags, "init": init}
 
 
@@ -412,7 +422,7 @@ def _prepare(args, cfg: ModelConfig):
     with tempfile.TemporaryDirectory(prefix="dsv4-train-tokenizer.") as scratch:
         source = _tokenizer_source(args, cfg, docs, Path(scratch))
         tokenizer = load_tokenizer(source)
-        _check_vocab(tokenizer, cfg, source)
+        _check_vocab(tokenizer, cfg, source, args.init is not None)
         data = _data(args, tokenizer, docs)
         model = _initial_model(args, cfg, mesh)
         return _install_out(args, source, record), data, model, tc
@@ -434,14 +444,15 @@ def _initial_model(args, cfg: ModelConfig, mesh):
     return load_model(init, "float32", mesh=mesh)
 
 
-def _check_vocab(tokenizer, cfg: ModelConfig, tok_dir: Path) -> None:
+def _check_vocab(tokenizer, cfg: ModelConfig, tok_dir: Path, init: bool = False) -> None:
     """CLIError when a tokenizer id (the largest, not only the count: ids may have gaps) falls outside
-    the config's vocabulary."""
+    the config's vocabulary (`init`: the config is an --init checkpoint's, which --vocab-size cannot change)."""
     if tokenizer.id_limit > cfg.vocab_size:
+        remedy = "a --tokenizer whose ids fit the checkpoint's" if init else "use --vocab-size or a matching tokenizer"
         raise CLIError(
             f"tokenizer {tok_dir / 'tokenizer.json'} has {tokenizer.vocab_size} tokens with ids up to "
             f"{tokenizer.id_limit - 1}, but the config's vocab_size is {cfg.vocab_size}: ids would fall outside "
-            "the embedding (use --vocab-size or a matching tokenizer)"
+            f"the embedding ({remedy})"
         )
 
 
@@ -473,7 +484,8 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         self.noted_no_plot = False  # the missing-matplotlib notice, printed once per run
-        self.records = [r for r in _read_records(path) if r["step"] <= resume_step]  # drop what is redone
+        kept = [r for r in _read_records(path) if r["step"] <= resume_step]  # drop what is redone
+        self.records = kept if resume_step else []  # a run starting over keeps not even its step-0 evaluation
         outputs.write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def add(self, record: dict) -> None:

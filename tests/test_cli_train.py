@@ -379,7 +379,7 @@ def test_export_onto_other_files_is_refused_before_training(tmp_path, capsys, mo
 
 
 def _paths_args(out, overwrite=True, resume=False):
-    return argparse.Namespace(out=Path(out), export=None, resume=resume, overwrite=overwrite)
+    return argparse.Namespace(out=Path(out), export=None, init=None, resume=resume, overwrite=overwrite)
 
 
 def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path):
@@ -491,10 +491,11 @@ def test_init_starts_from_the_checkpoints_weights_and_tokenizer(init_run, text_c
     batch = corpus.sample_batch(corpus.split_stream(tokens, 0.05)[0], 2, 32, 0, 0)  # --batch 2 --seq-len 32 --seed 0
     model = train_module.training_model(dsv4.load_hf(EMBEDDED, dtype="float32"), remat=False)
     graphdef, params, frozen = train_module.split_model(model)
-    tc = train_module.TrainConfig(compute_dtype="float32")
-    expected = float(train_module.loss_fn(graphdef, tc, params, frozen, {"tokens": batch})[1]["lm_loss"])
-    assert abs(first["lm_loss"] - expected) <= 1e-5 * expected
-    assert expected < 0.6 * np.log(model.cfg.vocab_size)  # the trained model, not random weights
+    tc = train_module.TrainConfig(mtp_weight=0.3, indexer_weight=1.0, compute_dtype="float32")  # the CLI's
+    expected = train_module.loss_fn(graphdef, tc, params, frozen, {"tokens": batch})[1]
+    for key in ("lm_loss", "mtp_loss", "indexer_loss"):  # the main model, the MTP block, the indexers
+        assert abs(first[key] - float(expected[key])) <= 1e-5 * float(expected[key]), key
+    assert float(expected["lm_loss"]) < 0.6 * np.log(model.cfg.vocab_size)  # the trained model, not random weights
 
     exported = dsv4.load_hf(export, dtype="float32")
     assert exported.cfg == dsv4.ModelConfig.from_hf_config(EMBEDDED)
@@ -511,10 +512,11 @@ def test_init_from_a_converted_checkpoint_loads_the_same_weights(tmp_path, capsy
     for init in (EMBEDDED, tmp_path / "dense"):
         args = cli_train.train_parser().parse_args(["--init", str(init), "--out", str(tmp_path / "o")])
         models.append(cli_train._initial_model(args, cli_train.model_config(args), None))
-    flat = [dict(nnx_flat(m)) for m in models]
-    assert flat[0].keys() == flat[1].keys()
+    flat = [dict(nnx_flat(m)) for m in [*models, dsv4.load_hf(EMBEDDED, dtype="float32")]]
+    assert flat[0].keys() == flat[1].keys() == flat[2].keys()
     for name, value in flat[0].items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(flat[1][name]), err_msg=name)
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(flat[2][name]), err_msg=name)
 
     err = _error(capsys, ["--init", tmp_path / "kept", "--out", tmp_path / "o"])
     assert "--keep-quantized checkpoint (FP8/FP4 weights kept quantized)" in err and not (tmp_path / "o").exists()
@@ -560,7 +562,8 @@ def test_init_without_a_tokenizer_needs_one(tmp_path, capsys, text_corpus, small
     # a tokenizer too large for the checkpoint's vocabulary is the usual vocabulary error
     big = corpus.train_bpe_tokenizer(corpus.read_corpus(text_corpus), 4096, tmp_path / "big")
     err = _error(capsys, ["--init", init, "--tokenizer", big, "--corpus", text_corpus, "--out", tmp_path / "o", *RUN])
-    assert "but the config's vocab_size is 2560" in err and not (tmp_path / "o").exists()
+    assert "but the config's vocab_size is 2560" in err and "(a --tokenizer whose ids fit the checkpoint's)" in err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -617,8 +620,44 @@ def test_init_on_a_mesh_equals_one_device(init_run, text_corpus, tmp_path):
         "from dsv4 import cli_train; args = cli_train.train_parser().parse_args("
         "['--init', 'embedded', '--out', 'unused', '--mesh', 'data=2,expert=4', '--batch', '2']); "
         "cfg = cli_train.model_config(args); model = cli_train._initial_model(args, cfg, cli_train._mesh(args, cfg)); "
-        "w = model.layers[-1].ffn.experts.w1.get_value(); print(w.sharding.spec, len(w.addressable_shards))"
+        "w = model.layers[-1].ffn.experts.w1.get_value(); "
+        "print(w.shape[0], sorted({s.data.shape[0] for s in w.addressable_shards}))"
     )
     proc = subprocess.run([sys.executable, "-c", placed], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.split()[-1] == "8" and "'expert'" in proc.stdout, proc.stdout
+    assert proc.stdout.split("\n")[-2] == "8 [2]", proc.stdout  # 8 experts, 2 per device on an expert axis of 4
+
+
+def test_an_init_run_resumes_exactly(init_run, text_corpus, tmp_path):
+    """Stopped after step 1 (saved), then resumed: the steps equal the uninterrupted run's. The resume
+    keeps OUT/tokenizer without --tokenizer being repeated, and takes the embedded checkpoint spelled
+    as its path for `embedded`."""
+    run, _ = init_run
+    base = ["--corpus", text_corpus, "--out", tmp_path / "r", "--lr", 3e-4, *RUN, "--eval-every", 2]
+    assert train(["--init", "embedded", "--tokenizer", EMBEDDED, *base, "--steps", 2, "--time-limit", 0]) == 0
+    assert train(["--init", EMBEDDED, *base, "--steps", 2, "--resume"]) == 0
+
+    def steps(path):
+        records = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"], r["grad_norm"]) for r in records if "loss" in r]
+
+    assert steps(tmp_path / "r") == steps(run) and len(steps(run)) == 2
+
+
+def test_out_or_export_overlapping_init_is_refused(tmp_path, capsys, text_corpus):
+    init = _embedded_copy(tmp_path / "ckpt")
+    before = _tree(tmp_path)
+    for option, path in (("--export", init), ("--export", init / "sub"), ("--out", init / "run")):
+        argv = ["--init", init, "--corpus", text_corpus, "--out", tmp_path / "o", *RUN, option, path, "--overwrite"]
+        err = _error(capsys, argv)
+        assert f"{option} {path} and --init {init} must be separate directories" in err
+    assert _tree(tmp_path) == before
+
+
+def test_a_run_starting_over_keeps_no_old_metrics(tmp_path):
+    """A --resume with nothing saved starts at step 0: its step-0 evaluation is not written twice."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "heldout_loss": 4.0}\n{"step": 1, "loss": 3.0}\n')
+    assert cli_train.MetricsLog(path, 0).records == [] and path.read_text() == ""
+    path.write_text('{"step": 0, "heldout_loss": 4.0}\n{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n')
+    assert [r["step"] for r in cli_train.MetricsLog(path, 1).records] == [0, 1]
