@@ -149,7 +149,7 @@ def _abstract_train_state(cfg, tc):
     from dsv4.model import abstract_model
 
     model = abstract_model(cfg, RuntimeConfig(dtype="float32", train_stats=True))
-    graphdef, params, frozen = train.split_model(model)
+    graphdef, params, frozen = train.split_model(model, tc.freeze)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
     opt_state = jax.eval_shape(train.optimizer(tc).init, params)
     return graphdef, train.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, frozen, opt_state)

@@ -164,6 +164,11 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--indexer-weight", type=float, default=1.0)
     p.add_argument("--seq-balance-weight", type=float, default=0.0, help="sequence-wise MoE balance loss weight")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument(
+        "--freeze", action="append", default=[], metavar="PATTERN",
+        help="keep the parameters this glob matches fixed (no gradient or optimizer state), e.g. "
+        "'layers.*.ffn.experts.*' or 'embed.*'; repeatable; names as in `dsv4.train.dotted`",
+    )  # fmt: skip
     p.add_argument("--eval-every", type=int, default=100, help="held-out perplexity every N steps")
     p.add_argument("--eval-windows", type=int, default=16, help="held-out windows of seq-len + 1 tokens")
     p.add_argument("--heldout-fraction", type=float, default=0.05)
@@ -203,7 +208,7 @@ def _check_args(args, cfg: ModelConfig) -> None:
 _TRAIN_FLAGS = {
     "lr": "lr", "warmup_steps": "warmup", "total_steps": "steps", "weight_decay": "weight_decay",
     "mtp_weight": "mtp_weight", "indexer_weight": "indexer_weight",
-    "seq_balance_weight": "seq_balance_weight", "compute_dtype": "compute_dtype",
+    "seq_balance_weight": "seq_balance_weight", "compute_dtype": "compute_dtype", "freeze": "freeze",
 }  # fmt: skip
 
 
@@ -409,6 +414,7 @@ def _prepare(args, cfg: ModelConfig):
     Every user error (an unreadable --init checkpoint too) is raised before --out is touched, so a
     refused command leaves no new directory behind and an existing run (even with --overwrite) as it was.
     """
+    from dsv4 import train
     from dsv4.tokenizer import load_tokenizer
 
     _check_args(args, cfg)
@@ -425,6 +431,10 @@ def _prepare(args, cfg: ModelConfig):
         _check_vocab(tokenizer, cfg, source, args.init is not None)
         data = _data(args, tokenizer, docs)
         model = _initial_model(args, cfg, mesh)
+        try:
+            train.check_freeze(model, tc.freeze)
+        except ValueError as err:
+            raise CLIError(f"--{err}") from None
         return _install_out(args, source, record), data, model, tc
 
 
@@ -622,7 +632,10 @@ def _train(args) -> None:
         start = int(state.step)
         if start >= args.steps:
             raise CLIError(f"--resume: the checkpoint is at step {start}, not below --steps {args.steps}")
-        print(f"model: {n_params:,} trainable parameters; training steps {start} -> {args.steps}", file=sys.stderr)
+        n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, train.TRAINABLE))) - n_params
+        frozen = f" ({n_frozen:,} more frozen by --freeze)" if args.freeze else ""
+        steps = f"training steps {start} -> {args.steps}"
+        print(f"model: {n_params:,} trainable parameters{frozen}; {steps}", file=sys.stderr)
         state = _run_steps(args, graphdef, tc, state, data, ckpt)
     finally:
         ckpt.close()

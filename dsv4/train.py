@@ -22,8 +22,9 @@ through the router's input, everything upstream of it).
 
 Parameter groups (`split_model`): trainable `nnx.Param`s (optimised by AdamW), and `frozen`
 variables: the routers' selection `gate.bias` (updated outside the gradient, DeepSeek's
-auxiliary-loss-free balancing: bias_e += rate * sign(mean load - load_e)) and the hash routers'
-`tid2eid` tables (never changed).
+auxiliary-loss-free balancing: bias_e += rate * sign(mean load - load_e)), the hash routers'
+`tid2eid` tables (never changed), and the parameters `TrainConfig.freeze` names (glob patterns
+over dotted paths such as "layers.*.ffn.experts.*": no gradient, no optimizer state, unchanged).
 
 Mixed precision: master weights and optimizer state are float32; with compute_dtype "bfloat16" the
 matrices are cast to bfloat16 inside the step for the forward (mHC, sinks, ape, norms and router
@@ -41,6 +42,7 @@ routed experts run expert-parallel. The numbers are those of the single-device s
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import json
 import math
@@ -77,8 +79,12 @@ class TrainConfig:
     bias_update_rate: float = 1e-3
     seq_balance_weight: float = 0.0
     compute_dtype: str = "bfloat16"
+    freeze: tuple[str, ...] = ()  # glob patterns (fnmatch) over dotted parameter paths, e.g. "embed.*"
 
     def __post_init__(self):
+        if isinstance(self.freeze, str) or not all(isinstance(p, str) and p for p in self.freeze):
+            raise ValueError(f"freeze: must be a sequence of non-empty glob patterns, got {self.freeze!r}")
+        object.__setattr__(self, "freeze", tuple(self.freeze))  # a list (from JSON) too: hashable, static
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute_dtype: must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
         for name in ("warmup_steps", "total_steps"):
@@ -123,6 +129,15 @@ def _is_router_bias(path, _var) -> bool:
 TRAINABLE = nnx.All(nnx.Param, nnx.Not(_is_router_bias))
 
 
+def dotted(path) -> str:
+    """An nnx path as the dotted name `TrainConfig.freeze` patterns match: "layers.0.attn.wq_a.weight"."""
+    return ".".join(map(str, path))
+
+
+def _matches(patterns: tuple[str, ...]):
+    return lambda path, _var: any(fnmatch.fnmatchcase(dotted(path), p) for p in patterns)
+
+
 def training_model(model: DeepseekV4, query_block: int | None = None, remat: bool = True) -> DeepseekV4:
     """The same weights, rebuilt float32 with RuntimeConfig(train_stats=True, remat=remat) (the training graph).
 
@@ -135,11 +150,24 @@ def training_model(model: DeepseekV4, query_block: int | None = None, remat: boo
     return rebuild_model(model, rt, state)
 
 
-def split_model(model: DeepseekV4):
-    """(graphdef, trainable params, frozen variables)."""
+def check_freeze(model: DeepseekV4, freeze: tuple[str, ...]) -> None:
+    """ValueError for a `freeze` pattern that matches no trainable parameter (a typo would freeze
+    nothing), and for patterns that match every one (nothing left to train)."""
+    names = [dotted(path) for path, _ in nnx.to_flat_state(nnx.state(model, TRAINABLE))]
+    for pattern in freeze:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ValueError(f"freeze: pattern {pattern!r} matches no trainable parameter (names like {names[-1]!r})")
+    if freeze and all(any(fnmatch.fnmatchcase(name, p) for p in freeze) for name in names):
+        raise ValueError(f"freeze: {list(freeze)} leaves no parameter to train")
+
+
+def split_model(model: DeepseekV4, freeze: tuple[str, ...] = ()):
+    """(graphdef, trainable params, frozen variables): the parameters `freeze` matches join the frozen
+    ones (`check_freeze`'s ValueError for patterns that match none or all)."""
     if not model.rt.train_stats:
         raise ValueError("build the model with RuntimeConfig(train_stats=True) (see training_model)")
-    return nnx.split(model, TRAINABLE, ...)
+    check_freeze(model, freeze)
+    return nnx.split(model, nnx.All(TRAINABLE, nnx.Not(_matches(freeze))), ...)
 
 
 def lr_schedule(tc: TrainConfig) -> optax.Schedule:
@@ -202,8 +230,9 @@ def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 
 
 def init_train_state(model: DeepseekV4, tc: TrainConfig) -> tuple[nnx.GraphDef, TrainState]:
-    """(graphdef, step-0 TrainState) of a `training_model`; the state holds copies of its weights."""
-    graphdef, params, frozen = split_model(model)
+    """(graphdef, step-0 TrainState) of a `training_model`; the state holds copies of its weights.
+    The parameters `tc.freeze` names are kept in `frozen` (no optimizer state)."""
+    graphdef, params, frozen = split_model(model, tc.freeze)
     # copies: the train step donates its state, which must not take `model`'s own buffers with it
     params = jax.tree.map(lambda x: jnp.astype(x, F32, copy=True), params)
     frozen = jax.tree.map(jnp.copy, frozen)
@@ -317,7 +346,8 @@ def loss_fn(graphdef, tc: TrainConfig, params, frozen, batch):
     tokens = jnp.asarray(batch["tokens"], jnp.int32)
     mask = batch.get("mask")
     mask = jnp.ones(tokens.shape, jnp.bool_) if mask is None else jnp.asarray(mask, jnp.bool_)
-    model = nnx.merge(graphdef, cast_for_compute(params, jnp.dtype(tc.compute_dtype)), frozen)
+    dtype = jnp.dtype(tc.compute_dtype)
+    model = nnx.merge(graphdef, cast_for_compute(params, dtype), cast_for_compute(frozen, dtype))
     inputs = tokens[:, :-1]
     use_mtp = tc.mtp_weight != 0 and len(model.mtp) > 0
 
@@ -515,7 +545,12 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        saved_tc, tc = meta.get("train_config", {}), dataclasses.asdict(self.tc)
+        saved_tc, tc = meta.get("train_config", {}), json.loads(json.dumps(dataclasses.asdict(self.tc)))
+        if saved_tc.get("freeze", []) != tc["freeze"]:  # the state's structure: which parameters have Adam moments
+            raise ValueError(
+                f"checkpoint {self.manager.directory}/{step} was trained with freeze {saved_tc.get('freeze', [])}, "
+                f"not {tc['freeze']}: a resume keeps the frozen parameters of the run"
+            )
         self.train_config_changes = {k: (saved_tc[k], v) for k, v in tc.items() if saved_tc.get(k, v) != v}
         want = json.loads(json.dumps(_meta(self.cfg, self.tc)["model_config"]))
         if meta["model_config"] != want:

@@ -661,3 +661,28 @@ def test_a_run_starting_over_keeps_no_old_metrics(tmp_path):
     assert cli_train.MetricsLog(path, 0).records == [] and path.read_text() == ""
     path.write_text('{"step": 0, "heldout_loss": 4.0}\n{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n')
     assert [r["step"] for r in cli_train.MetricsLog(path, 1).records] == [0, 1]
+
+
+def test_freeze_keeps_the_init_checkpoints_experts(tmp_path, text_corpus, capsys):
+    """--init embedded --freeze 'layers.*.ffn.experts.*': one step later, dsv4-export of the run holds
+    the checkpoint's routed experts unchanged (the same FP4 values) and other weights moved."""
+    out = tmp_path / "r"
+    argv = ["--init", "embedded", "--freeze", "layers.*.ffn.experts.*", "--corpus", text_corpus, "--out", out]
+    assert train([*argv, "--steps", 1, "--lr", 1e-3, *RUN, "--save-every", 1, "--eval-every", 1]) == 0
+    assert "more frozen by --freeze" in capsys.readouterr().err
+    assert cli_export.main([str(out), str(tmp_path / "export")]) == 0  # the frozen layout read back from meta
+    before = dict(nnx_flat(dsv4.load_hf(EMBEDDED, dtype="float32")))
+    after = dict(nnx_flat(dsv4.load_hf(tmp_path / "export", dtype="float32")))
+    experts = [n for n in before if ".ffn.experts." in n and n.startswith("layers.")]
+    assert len(experts) == 3 * 6
+    for name in experts:
+        np.testing.assert_array_equal(np.asarray(after[name]), np.asarray(before[name]), err_msg=name)
+    moved = "layers.0.attn.wq_b.weight"
+    assert not np.array_equal(np.asarray(after[moved]), np.asarray(before[moved]))
+
+
+def test_a_freeze_pattern_that_matches_nothing_is_refused(tmp_path, capsys, text_corpus):
+    argv = ["--init", "embedded", "--freeze", "layers.*.expert.*", "--corpus", text_corpus, "--out", tmp_path / "o"]
+    err = _error(capsys, [*argv, *RUN])
+    assert "--freeze: pattern 'layers.*.expert.*' matches no trainable parameter" in err
+    assert not (tmp_path / "o").exists()

@@ -482,3 +482,71 @@ def test_seq_balance_gradient_reaches_routers_and_upstream_only():
     assert TC.seq_balance_weight == 0.0
     with pytest.raises(ValueError, match="seq_balance_weight"):
         train.TrainConfig(seq_balance_weight=-1.0)
+
+
+# ------------------------------------------------------------------------------- (f) frozen parameters
+
+FREEZE = ("layers.*.ffn.experts.*", "embed.*")
+
+
+def _names(state) -> dict:
+    return {train.dotted(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
+
+
+def test_frozen_parameters_get_no_gradient_no_optimizer_state_and_stay_fixed():
+    """Freezing the routed experts and the embedding moves them to `frozen`: unchanged by steps, no
+    Adam moments; the other parameters' gradients are those of the unfrozen model."""
+    tc = dataclasses.replace(TC, freeze=FREEZE, compute_dtype="float32")
+    graphdef, state = train.init_train_state(dsv4.init_model(SMALL, RT, seed=0), tc)
+    full_tc = dataclasses.replace(tc, freeze=())
+    full_graphdef, full = train.init_train_state(dsv4.init_model(SMALL, RT, seed=0), full_tc)
+    trainable, frozen = _names(state.params), _names(state.frozen)
+    assert {"embed.weight", "layers.0.ffn.experts.w1", "layers.1.ffn.experts.w3"} <= frozen.keys()
+    assert "mtp.0.block.ffn.experts.w1" in trainable and "layers.0.ffn.shared_experts.w1.weight" in trainable
+    assert trainable.keys() | (frozen.keys() & _names(full.params).keys()) == _names(full.params).keys()
+    moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim)
+    assert moments == 2 * sum(x.size for x in trainable.values())  # Adam's mu and nu, trainable only
+
+    batch = {"tokens": tokens(SMALL)}
+
+    def grads(g, tc, st):
+        return _names(jax.grad(lambda p: train.loss_fn(g, tc, p, st.frozen, batch)[0])(st.params))
+
+    partial, whole = grads(graphdef, tc, state), grads(full_graphdef, full_tc, full)
+    scale = np.sqrt(sum(np.sum(np.square(whole[n], dtype=np.float64)) for n in partial))  # their global norm
+    for name, g in partial.items():  # each to 1e-5 of the global norm (hc_head.base's ~1e-7 entries: 3e-4 own)
+        assert np.linalg.norm(g - whole[name]) <= 1e-5 * scale, name
+    every = [np.ravel(d[n]) for d in (partial, whole) for n in sorted(partial)]
+    assert rel(np.concatenate(every[: len(partial)]), np.concatenate(every[len(partial) :])) <= 1e-6
+
+    step = train.make_train_step(graphdef, tc)
+    for _ in range(3):
+        state, _ = step(state, batch)
+    after, moved = _names(state.frozen), _names(state.params)
+    for name in frozen.keys() - {n for n in frozen if n.endswith("gate.bias")}:  # the bias: balancing
+        np.testing.assert_array_equal(after[name], frozen[name], err_msg=name)
+    assert all(not np.array_equal(moved[n], trainable[n]) for n in ("layers.0.attn.wq_a.weight", "head.weight"))
+
+
+def test_freeze_patterns_are_checked():
+    model = dsv4.init_model(SMALL, RT, seed=0)
+    for freeze, message in [
+        ("embed.*", "freeze: must be a sequence of non-empty glob patterns"),
+        (("",), "freeze: must be a sequence of non-empty glob patterns"),
+        (("layers.*.expert.*", "embed.*"), r"pattern 'layers.\*.expert.\*' matches no trainable parameter"),
+        (("*",), r"freeze: \['\*'\] leaves no parameter to train"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            train.init_train_state(model, dataclasses.replace(TC, freeze=freeze))
+    assert train.TrainConfig(freeze=["embed.*"]).freeze == ("embed.*",)  # a list from JSON: a tuple
+
+
+def test_resume_with_other_frozen_parameters_is_refused(tmp_path):
+    tc = dataclasses.replace(TC, freeze=("embed.*",))
+    _, state = train.init_train_state(dsv4.init_model(SMALL, RT, seed=0), tc)
+    ckpt = train.Checkpointer(tmp_path / "ckpt", SMALL, tc)
+    ckpt.save(state, force=True)
+    ckpt.close()
+    assert train.Checkpointer(tmp_path / "ckpt", SMALL, tc).restore(state).step == 0  # the same: restored
+    with pytest.raises(ValueError, match=r"trained with freeze \['embed.\*'\], not \[\]: a resume keeps"):
+        train.Checkpointer(tmp_path / "ckpt", SMALL, TC).restore(_fresh_state())
