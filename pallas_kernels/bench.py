@@ -103,13 +103,20 @@ def _topk_indices(key, lead, n, visible):
     return jnp.where(jnp.arange(n) < visible[..., None], raw, -1).astype(jnp.int32)
 
 
+def _ratio(sz: Sizes, kind: str) -> int:
+    """The compression ratio of layer kind "csa" or "hca"; ValueError for another kind."""
+    if kind not in ("csa", "hca"):
+        raise ValueError(f"kind: expected 'csa' or 'hca', got {kind!r}")
+    return sz.csa_ratio if kind == "csa" else sz.hca_ratio
+
+
 def decode_inputs(sz: Sizes, kind: str, batch: int, context: int, dtype=jnp.bfloat16):
     """Keyword arguments of `sparse_attention_decode` for one step at position context - 1 of every row.
 
-    `kind` "csa" adds random top-k entry indices; anything else reads as HCA (all entries, no indices).
+    `kind` "csa" adds random top-k entry indices; "hca" reads all entries (no indices).
     """
     ks = jax.random.split(jax.random.key(batch * 7 + context), 6)
-    ratio = sz.csa_ratio if kind == "csa" else sz.hca_ratio
+    ratio = _ratio(sz, kind)
     t = context // ratio
     pos = jnp.full((batch,), context - 1, jnp.int32)
     slots = jnp.arange(sz.window)
@@ -131,10 +138,10 @@ def decode_inputs(sz: Sizes, kind: str, batch: int, context: int, dtype=jnp.bflo
 def chunk_inputs(sz: Sizes, kind: str, batch: int, length: int, dtype=jnp.bfloat16):
     """Keyword arguments of `sparse_attention` for a prefill chunk of `length` tokens from position 0.
 
-    `kind` "csa" adds random top-k entry indices (among the visible entries); anything else reads as HCA.
+    `kind` "csa" adds random top-k entry indices (among the visible entries); "hca" reads all entries.
     """
     ks = jax.random.split(jax.random.key(length + batch), 7)
-    ratio = sz.csa_ratio if kind == "csa" else sz.hca_ratio
+    ratio = _ratio(sz, kind)
     t = length // ratio
     visible = jnp.broadcast_to((jnp.arange(length) + 1) // ratio, (batch, length))
     idx = _topk_indices(ks[5], (batch, length), min(sz.topk, max(t, 1)), visible) if kind == "csa" else None
@@ -358,7 +365,7 @@ def main(argv=None) -> int:
     parser.add_argument("--small", action="store_true", help="small sizes even on an accelerator")
     parser.add_argument("--iters", type=int, default=None, help="timed calls per row (median)")
     parser.add_argument("--only", default="", help="rows to time: decode, prefill or indexer")
-    parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--skip-checks", action="store_true", help="time only: skip the checks against the references")
     parser.add_argument("--sweep", action="store_true", help="GPU: time the SWEEP block sizes instead of the table")
     opts = parser.parse_args(argv)
     platform = jax.default_backend()
