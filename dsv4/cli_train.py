@@ -166,8 +166,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument(
         "--freeze", action="append", default=[], metavar="PATTERN",
-        help="keep the parameters this glob matches fixed (no gradient or optimizer state), e.g. "
-        "'layers.*.ffn.experts.*' or 'embed.*'; repeatable; names as in `dsv4.train.dotted`",
+        help="keep the parameters this glob matches fixed (no gradient or optimizer state; a router's bias is "
+        "not balanced), e.g. 'layers.*.ffn.experts.*' or 'embed.*' (* crosses dots: 'layers.1.*' is layer 1); "
+        "names like layers.0.attn.wq_a.weight; repeatable; a --resume repeats the run's",
     )  # fmt: skip
     p.add_argument("--eval-every", type=int, default=100, help="held-out perplexity every N steps")
     p.add_argument("--eval-windows", type=int, default=16, help="held-out windows of seq-len + 1 tokens")

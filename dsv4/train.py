@@ -24,7 +24,8 @@ Parameter groups (`split_model`): trainable `nnx.Param`s (optimised by AdamW), a
 variables: the routers' selection `gate.bias` (updated outside the gradient, DeepSeek's
 auxiliary-loss-free balancing: bias_e += rate * sign(mean load - load_e)), the hash routers'
 `tid2eid` tables (never changed), and the parameters `TrainConfig.freeze` names (glob patterns
-over dotted paths such as "layers.*.ffn.experts.*": no gradient, no optimizer state, unchanged).
+over dotted paths such as "layers.*.ffn.experts.*": no gradient, no optimizer state, unchanged; a
+matched `gate.bias` is not balanced either).
 
 Mixed precision: master weights and optimizer state are float32; with compute_dtype "bfloat16" the
 matrices are cast to bfloat16 inside the step for the forward (mHC, sinks, ape, norms and router
@@ -114,7 +115,8 @@ def _in_range(name: str, value, low: float, high: float, low_open: bool = False,
 
 @struct.dataclass
 class TrainState:
-    """step (int32 scalar), params (trainable nnx.State, float32), frozen (router bias, tid2eid), opt_state."""
+    """step (int32 scalar), params (trainable nnx.State, float32), frozen (router bias, tid2eid and the
+    parameters `TrainConfig.freeze` names; floats in float32), opt_state."""
 
     step: jax.Array
     params: nnx.State
@@ -151,13 +153,15 @@ def training_model(model: DeepseekV4, query_block: int | None = None, remat: boo
 
 
 def check_freeze(model: DeepseekV4, freeze: tuple[str, ...]) -> None:
-    """ValueError for a `freeze` pattern that matches no trainable parameter (a typo would freeze
-    nothing), and for patterns that match every one (nothing left to train)."""
-    names = [dotted(path) for path, _ in nnx.to_flat_state(nnx.state(model, TRAINABLE))]
+    """ValueError for a `freeze` pattern that matches no parameter (a typo would freeze nothing), and
+    for patterns that match every trainable one (nothing left to train). Router biases count: a
+    matched `gate.bias` is no longer moved by the load balancing."""
+    names = [dotted(path) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
     for pattern in freeze:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-            raise ValueError(f"freeze: pattern {pattern!r} matches no trainable parameter (names like {names[-1]!r})")
-    if freeze and all(any(fnmatch.fnmatchcase(name, p) for p in freeze) for name in names):
+            raise ValueError(f"freeze: pattern {pattern!r} matches no parameter (names like {names[-1]!r})")
+    trainable = [dotted(path) for path, _ in nnx.to_flat_state(nnx.state(model, TRAINABLE))]
+    if freeze and all(any(fnmatch.fnmatchcase(name, p) for p in freeze) for name in trainable):
         raise ValueError(f"freeze: {list(freeze)} leaves no parameter to train")
 
 
@@ -235,7 +239,8 @@ def init_train_state(model: DeepseekV4, tc: TrainConfig) -> tuple[nnx.GraphDef, 
     graphdef, params, frozen = split_model(model, tc.freeze)
     # copies: the train step donates its state, which must not take `model`'s own buffers with it
     params = jax.tree.map(lambda x: jnp.astype(x, F32, copy=True), params)
-    frozen = jax.tree.map(jnp.copy, frozen)
+    frozen = jax.tree.map(lambda x: jnp.astype(x, F32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype, copy=True),
+                          frozen)  # fmt: skip
     return graphdef, TrainState(jnp.zeros((), jnp.int32), params, frozen, optimizer(tc).init(params))
 
 
@@ -371,14 +376,18 @@ def loss_fn(graphdef, tc: TrainConfig, params, frozen, batch):
     return total, {**aux, "loads": expert_loads(routing, mask[:, :-1])}
 
 
-def balance_bias(frozen: nnx.State, loads: dict, rate: float) -> tuple[nnx.State, jax.Array]:
-    """bias_e += rate * sign(mean load - load_e) for every top-k router; returns (frozen, max/mean imbalance)."""
+def balance_bias(
+    frozen: nnx.State, loads: dict, rate: float, freeze: tuple[str, ...] = ()
+) -> tuple[nnx.State, jax.Array]:
+    """bias_e += rate * sign(mean load - load_e) for every top-k router whose bias `freeze` does not
+    name; returns (frozen, mean over routers of max/mean load)."""
     flat = dict(nnx.to_flat_state(frozen))
     imbalance = []
     for path, load in loads.items():
         var = flat[path]
         mean = jnp.mean(load)
-        var.set_value(var.get_value() + rate * jnp.sign(mean - load))
+        if not _matches(freeze)(path, var):
+            var.set_value(var.get_value() + rate * jnp.sign(mean - load))
         imbalance.append(jnp.max(load) / jnp.maximum(mean, 1e-9))
     return frozen, (jnp.mean(jnp.stack(imbalance)) if imbalance else jnp.ones((), F32))
 
@@ -410,7 +419,7 @@ def _update(graphdef, tc: TrainConfig, opt, state: TrainState, batch):
     updates, opt_state = opt.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     frozen = jax.tree.map(lambda x: x, state.frozen)
-    frozen, imbalance = balance_bias(frozen, jax.lax.stop_gradient(aux["loads"]), tc.bias_update_rate)
+    frozen, imbalance = balance_bias(frozen, jax.lax.stop_gradient(aux["loads"]), tc.bias_update_rate, tc.freeze)
     metrics = {k: aux[k] for k in ("lm_loss", "mtp_loss", "indexer_loss", "seq_balance_loss")}
     metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), load_imbalance=imbalance)
     return TrainState(state.step + 1, params, frozen, opt_state), metrics
@@ -546,10 +555,11 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         saved_tc, tc = meta.get("train_config", {}), json.loads(json.dumps(dataclasses.asdict(self.tc)))
-        if saved_tc.get("freeze", []) != tc["freeze"]:  # the state's structure: which parameters have Adam moments
+        saved_freeze = saved_tc.get("freeze", [])
+        if sorted(set(saved_freeze)) != sorted(set(tc["freeze"])):  # the state's structure: who has Adam moments
             raise ValueError(
-                f"checkpoint {self.manager.directory}/{step} was trained with freeze {saved_tc.get('freeze', [])}, "
-                f"not {tc['freeze']}: a resume keeps the frozen parameters of the run"
+                f"checkpoint {self.manager.directory}/{step} was trained with freeze {saved_freeze}, not "
+                f"{tc['freeze']}: a resume needs the run's frozen parameters (dsv4-train: repeat its --freeze)"
             )
         self.train_config_changes = {k: (saved_tc[k], v) for k, v in tc.items() if saved_tc.get(k, v) != v}
         want = json.loads(json.dumps(_meta(self.cfg, self.tc)["model_config"]))

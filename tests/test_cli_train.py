@@ -679,10 +679,12 @@ def test_freeze_keeps_the_init_checkpoints_experts(tmp_path, text_corpus, capsys
         np.testing.assert_array_equal(np.asarray(after[name]), np.asarray(before[name]), err_msg=name)
     moved = "layers.0.attn.wq_b.weight"
     assert not np.array_equal(np.asarray(after[moved]), np.asarray(before[moved]))
+    err = _error(capsys, [*argv[:2], *argv[4:], "--resume", "--steps", 2, *RUN])  # without its --freeze
+    assert "trained with freeze ['layers.*.ffn.experts.*'], not []: a resume needs the run's frozen parameters" in err
 
 
 def test_a_freeze_pattern_that_matches_nothing_is_refused(tmp_path, capsys, text_corpus):
     argv = ["--init", "embedded", "--freeze", "layers.*.expert.*", "--corpus", text_corpus, "--out", tmp_path / "o"]
     err = _error(capsys, [*argv, *RUN])
-    assert "--freeze: pattern 'layers.*.expert.*' matches no trainable parameter" in err
+    assert "--freeze: pattern 'layers.*.expert.*' matches no parameter" in err
     assert not (tmp_path / "o").exists()
