@@ -106,7 +106,7 @@ def model_config(args) -> ModelConfig:
         return resolve_config(args.config, args.vocab_size)
     for dest in ("config", "vocab_size"):
         if getattr(args, dest) is not None:
-            raise CLIError(f"{flag(dest)}: the model comes from --init {args.init} (its config.json); give not both")
+            raise CLIError(f"{flag(dest)} cannot be given with --init {args.init}: the model is its config.json's")
     try:
         kind = checkpoint_kind(init)
     except CLIError as err:

@@ -531,8 +531,8 @@ def nnx_flat(model):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--config", "tiny"], "--config: the model comes from --init embedded (its config.json); give not both"),
-        (["--vocab-size", "300"], "--vocab-size: the model comes from --init embedded"),
+        (["--config", "tiny"], "--config cannot be given with --init embedded: the model is its config.json's"),
+        (["--vocab-size", "300"], "--vocab-size cannot be given with --init embedded"),
     ],
 )
 def test_init_beside_another_model_choice_is_refused(extra, message, tmp_path, capsys):
