@@ -494,7 +494,7 @@ def test_init_starts_from_the_checkpoints_weights_and_tokenizer(init_run, text_c
     tc = train_module.TrainConfig(mtp_weight=0.3, indexer_weight=1.0, compute_dtype="float32")  # the CLI's
     expected = train_module.loss_fn(graphdef, tc, params, frozen, {"tokens": batch})[1]
     for key in ("lm_loss", "mtp_loss", "indexer_loss"):  # the main model, the MTP block, the indexers
-        assert abs(first[key] - float(expected[key])) <= 1e-5 * float(expected[key]), key
+        assert abs(first[key] - float(expected[key])) <= 2e-6 * float(expected[key]), key  # measured <= 2.2e-7
     assert float(expected["lm_loss"]) < 0.6 * np.log(model.cfg.vocab_size)  # the trained model, not random weights
 
     exported = dsv4.load_hf(export, dtype="float32")
@@ -614,7 +614,7 @@ def test_init_on_a_mesh_equals_one_device(init_run, text_corpus, tmp_path):
 
     sharded, single = first_step(tmp_path / "r"), first_step(run)
     for key in ("lm_loss", "mtp_loss", "indexer_loss", "grad_norm"):
-        assert abs(sharded[key] - single[key]) <= 1e-5 * abs(single[key]), key
+        assert abs(sharded[key] - single[key]) <= 2e-6 * abs(single[key]), key  # measured <= 4.4e-7
 
     placed = (  # where _initial_model puts the routed experts of the last layer under that mesh
         "from dsv4 import cli_train; args = cli_train.train_parser().parse_args("

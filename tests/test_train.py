@@ -517,10 +517,10 @@ def test_frozen_parameters_get_no_gradient_no_optimizer_state_and_stay_fixed():
 
     partial, whole = grads(graphdef, tc, state), grads(full_graphdef, full_tc, full)
     scale = np.sqrt(sum(np.sum(np.square(whole[n], dtype=np.float64)) for n in partial))  # their global norm
-    for name, g in partial.items():  # each to 1e-5 of the global norm (hc_head.base's ~1e-7 entries: 3e-4 own)
-        assert np.linalg.norm(g - whole[name]) <= 1e-5 * scale, name
+    for name, g in partial.items():  # each to 1e-6 of the global norm (measured <= 9.5e-8; hc_head.base's
+        assert np.linalg.norm(g - whole[name]) <= 1e-6 * scale, name  # ~1e-7 entries differ by 3e-4 of their own)
     every = [np.ravel(d[n]) for d in (partial, whole) for n in sorted(partial)]
-    assert rel(np.concatenate(every[: len(partial)]), np.concatenate(every[len(partial) :])) <= 1e-6
+    assert rel(np.concatenate(every[: len(partial)]), np.concatenate(every[len(partial) :])) <= 1e-6  # 1.2e-7
 
     step = train.make_train_step(graphdef, dataclasses.replace(tc, compute_dtype="bfloat16"))
     for _ in range(3):
