@@ -120,7 +120,7 @@ def _pick_step(path: Path, step: int | None) -> int:
     return step
 
 
-def _read_meta(path: Path, step: int) -> dict:
+def read_meta(path: Path, step: int) -> dict:
     """The {model_config, train_config} meta that train.Checkpointer stored with `step`."""
     import orbax.checkpoint as ocp
 
@@ -164,7 +164,7 @@ def load_training_checkpoint(path: Path, step: int | None = None):
 
     step = _pick_step(path, step)
     with _reporting_damage(path, step):
-        meta = _read_meta(path, step)
+        meta = read_meta(path, step)
     if not isinstance(meta, dict) or "model_config" not in meta:
         raise ExportError(f"{path}/{step}: the checkpoint's meta has no model_config")
     cfg = ModelConfig.from_hf_config(meta["model_config"])

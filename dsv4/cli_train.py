@@ -11,11 +11,12 @@ checkpoint, or `embedded` (the checkpoint inside the package). Its config.json i
 tokenizer.json the run's (unless --tokenizer); neither --out nor --export may overlap it. OUT
 receives: tokenizer/ (given, the --init checkpoint's, or a byte-level BPE trained on the corpus),
 run.json (the corpus's sha256, --batch, --seq-len, --seed, --heldout-fraction, --init: --resume
-refuses others, and needs the --init checkpoint still in place for its config), checkpoints/ (Orbax, every
---save-every steps, the last --keep kept), metrics.jsonl (one line per step and per held-out
-evaluation), loss.png (the loss curve, redrawn at every evaluation), and with --export DIR a
-release-layout copy of the final model that `dsv4-generate --checkpoint DIR` and `dsv4.load_hf`
-read. Batches depend only on (--seed, step), so --resume continues exactly where the run stopped.
+refuses others, and reads the model config from the run's checkpoints, so the --init directory may
+have moved), checkpoints/ (Orbax, every --save-every steps, the last --keep kept), metrics.jsonl
+(one line per step and per held-out evaluation), loss.png (the loss curve, redrawn at every
+evaluation), and with --export DIR a release-layout copy of the final model that `dsv4-generate
+--checkpoint DIR` and `dsv4.load_hf` read. Batches depend only on (--seed, step), so --resume
+continues exactly where the run stopped.
 """
 
 from __future__ import annotations
@@ -107,6 +108,9 @@ def model_config(args) -> ModelConfig:
     for dest in ("config", "vocab_size"):
         if getattr(args, dest) is not None:
             raise CLIError(f"{flag(dest)} cannot be given with --init {args.init}: the model is its config.json's")
+    saved = _saved_model_config(args.out) if args.resume else None
+    if saved is not None:  # the run's own record: the --init checkpoint may have moved since
+        return saved
     try:
         kind = checkpoint_kind(init)
     except CLIError as err:
@@ -120,6 +124,15 @@ def model_config(args) -> ModelConfig:
                 "which training cannot update: convert it without --keep-quantized, or start from the release directory"
             )
     return ModelConfig.from_hf_config(init)
+
+
+def _saved_model_config(out: Path) -> ModelConfig | None:
+    """The model config stored with the latest checkpoint of the run in `out` (None: nothing saved yet)."""
+    from dsv4 import train
+    from dsv4.cli_export import read_meta
+
+    step = train.latest_saved_step(out / "checkpoints")
+    return None if step is None else ModelConfig.from_hf_config(read_meta(out / "checkpoints", step)["model_config"])
 
 
 def parse_mesh(text: str | None):

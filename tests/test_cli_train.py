@@ -644,6 +644,23 @@ def test_an_init_run_resumes_exactly(init_run, text_corpus, tmp_path):
     assert steps(tmp_path / "r") == steps(run) and len(steps(run)) == 2
 
 
+def test_an_init_run_resumes_without_its_init_directory(init_run, text_corpus, tmp_path):
+    """The resume reads the model config from the run's checkpoints: the --init copy, removed after
+    the first step was saved, is not needed to continue, and the steps equal the uninterrupted run's."""
+    run, _ = init_run
+    init = _embedded_copy(tmp_path / "ckpt")
+    argv = ["--init", init, "--corpus", text_corpus, "--out", tmp_path / "r", "--lr", 3e-4, *RUN, "--eval-every", 2]
+    assert train([*argv, "--steps", 2, "--time-limit", 0]) == 0
+    shutil.rmtree(init)
+    assert train([*argv, "--steps", 2, "--resume"]) == 0
+
+    def steps(path):
+        records = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"], r["grad_norm"]) for r in records if "loss" in r]
+
+    assert steps(tmp_path / "r") == steps(run) and len(steps(run)) == 2
+
+
 def test_out_or_export_overlapping_init_is_refused(tmp_path, capsys, text_corpus):
     init = _embedded_copy(tmp_path / "ckpt")
     before = _tree(tmp_path)
