@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -293,8 +294,10 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, fmt: str = "bfloat16"
     """An empty cache for `batch` sequences of up to `max_len` tokens each."""
     if fmt not in FORMATS:
         raise ValueError(f"cache format {fmt!r} is not one of {FORMATS}")
-    if batch < 1 or max_len < 1:
-        raise ValueError(f"cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
+    sizes_ok = all(isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_) for v in (batch, max_len))
+    if not sizes_ok or batch < 1 or max_len < 1:
+        raise ValueError(f"cache needs integers batch >= 1 and max_len >= 1, got batch={batch!r}, max_len={max_len!r}")
+    batch, max_len = int(batch), int(max_len)
     limit = cfg.max_position_embeddings  # prefill and decode_step check only the cache's length
     if max_len > limit:
         raise ValueError(f"cache max_len {max_len} exceeds the model's max_position_embeddings {limit}")

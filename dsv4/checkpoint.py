@@ -147,7 +147,10 @@ def _storage_problems(index, present, t: ReleaseTensor, block) -> tuple[list[str
     if dtype not in allowed:
         return [f"tensor {where} has dtype {dtype}, expected one of {', '.join(allowed)}"], used
     if dtype == "I8":  # FP4: two codes per byte along the input axis, one scale per 32 inputs
-        expected = (t.shape[0], _ceil_div(t.shape[1], 2))
+        if t.shape[1] % 2:
+            odd = f"tensor {where} is packed FP4, which needs an even input size; the config's is {t.shape[1]}"
+            return [odd], used | {t.scale_name}
+        expected = (t.shape[0], t.shape[1] // 2)
     problems = []
     if shape != expected:
         problems.append(f"tensor {where} has shape {list(shape)}, expected {list(expected)}")
@@ -200,7 +203,7 @@ def validate_index(index, specs: list[ParamSpec], block: tuple[int, int]) -> lis
 
 
 def read_dequantized(index, t: ReleaseTensor, block: tuple[int, int]) -> np.ndarray:
-    """One release tensor as float32 (or int) in its logical shape, dequantized exactly."""
+    """One release tensor as float32 (an integer one as stored) in its logical shape, dequantized exactly."""
     from dsv4 import quant
 
     info = index.info(t.name)
@@ -211,8 +214,8 @@ def read_dequantized(index, t: ReleaseTensor, block: tuple[int, int]) -> np.ndar
         if info.dtype == "F8_E4M3":
             return quant.dequantize_fp8(w, scale, block)
         return quant.dequantize_fp4(w, scale)
-    if t.kind == "int":
-        return w.astype(np.int32)
+    if t.kind == "int":  # as stored (I32 or I64): the range check sees the ids before any narrowing cast
+        return w
     return w.astype(np.float32)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,7 +43,8 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite JSON number (not a bool; Python's JSON reader also gives NaN and Infinity)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _set(obj: Any, name: str, value: Any) -> None:
@@ -301,6 +303,12 @@ class ModelConfig:
         """Number of MTP blocks (`num_nextn_predict_layers`)."""
         return self.num_nextn_predict_layers
 
+    def without_mtp(self) -> ModelConfig:
+        """This config with no MTP block: num_nextn_predict_layers 0, `compress_ratios` cut to the
+        main layers plus the one trailing entry a release list keeps."""
+        ratios = self.compress_ratios[: self.num_hidden_layers + 1]
+        return dataclasses.replace(self, num_nextn_predict_layers=0, compress_ratios=ratios)
+
     # ------------------------------------------------------------------------------- presets
 
     @classmethod
@@ -387,7 +395,7 @@ def _normalise_types(cfg: ModelConfig) -> None:
             raise ConfigError(f"{name}: must be an integer, got {getattr(cfg, name)!r}")
     for name in _FLOAT_FIELDS:
         if not _is_number(getattr(cfg, name)):
-            raise ConfigError(f"{name}: must be a number, got {getattr(cfg, name)!r}")
+            raise ConfigError(f"{name}: must be a finite number, got {getattr(cfg, name)!r}")
         _set(cfg, name, float(getattr(cfg, name)))
     for names, kind in ((_BOOL_FIELDS, bool), (_STR_FIELDS, str)):
         for name in names:
@@ -559,8 +567,12 @@ def _read_config(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> tuple[d
     path = Path(path_or_dict)
     if path.is_dir():
         path = path / "config.json"
+    from dsv4.safetensors_io import reject_duplicate_keys
+
     try:
-        raw = json.loads(path.read_text("utf-8"))
+        raw = json.loads(path.read_text("utf-8"), object_pairs_hook=reject_duplicate_keys(path, ConfigError))
+    except ConfigError:  # a key given twice: the hook names the file
+        raise
     except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
         raise ConfigError(f"{path}: cannot read a JSON config: {err}") from None
     if not isinstance(raw, dict):
@@ -671,7 +683,7 @@ def _fold_partial_rotary_factor(d: dict[str, Any], factor: float | None) -> None
     if factor is None or "head_dim" not in d:
         return
     if not _is_number(factor):
-        raise ConfigError(f"partial_rotary_factor: must be a number, got {factor!r}")
+        raise ConfigError(f"partial_rotary_factor: must be a finite number, got {factor!r}")
     rope = factor * d["head_dim"]
     if rope != int(rope):
         raise ConfigError(f"partial_rotary_factor: {factor} x head_dim {d['head_dim']} is not an integer")
@@ -732,7 +744,7 @@ def _native_to_release(raw: dict[str, Any]) -> dict[str, Any]:
     native = {**_NATIVE_DEFAULTS, **raw}
     for key in ("original_seq_len", "rope_factor", "beta_fast", "beta_slow", "max_seq_len"):
         if key in native and not _is_number(native[key]):
-            raise ConfigError(f"{key}: must be a number, got {native[key]!r}")
+            raise ConfigError(f"{key}: must be a finite number, got {native[key]!r}")
     out = {_NATIVE_RENAMES.get(k, k): v for k, v in native.items() if k not in _NATIVE_SPECIAL}
     out["rope_scaling"] = _native_rope(native)
     if out["rope_scaling"] is not None:

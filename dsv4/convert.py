@@ -72,7 +72,7 @@ from dsv4.config import ModelConfig, RuntimeConfig
 from dsv4.loading import weight_block
 from dsv4.model import abstract_model
 from dsv4.quantized import to_param_layout_np
-from dsv4.safetensors_io import DTYPES, INDEX_FILE, CheckpointError, CheckpointIndex, read_header
+from dsv4.safetensors_io import DTYPES, INDEX_FILE, CheckpointError, CheckpointIndex, load_weight_map, read_header
 
 FORMAT = "dsv4-orbax"
 FORMAT_VERSION = 1
@@ -426,10 +426,7 @@ def _missing_shard_problems(src: Path) -> list[str]:
     index_path = src / INDEX_FILE
     if not index_path.is_file():
         return []
-    try:
-        weight_map = json.loads(index_path.read_text("utf-8")).get("weight_map", {})
-    except (json.JSONDecodeError, AttributeError):
-        return []  # CheckpointIndex reports a malformed index with its own message
+    weight_map = load_weight_map(index_path)  # CheckpointError for a malformed index, naming it
     by_shard: dict[str, list[str]] = {}
     for name, shard in weight_map.items():
         by_shard.setdefault(shard, []).append(name)
@@ -1427,7 +1424,7 @@ def _output_config(cfg: ModelConfig, options: ConvertOptions) -> ModelConfig:
         )
     if options.include_mtp:
         return cfg
-    return dataclasses.replace(cfg, num_nextn_predict_layers=0)
+    return cfg.without_mtp()
 
 
 def _run_units(todo: list[Unit], builder: UnitBuilder, store: ArrayStore, record: ProgressRecord, writers):

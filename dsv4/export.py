@@ -157,7 +157,19 @@ def release_config(cfg: ModelConfig, fmt: StorageFormat, include_mtp: bool) -> M
         weight_block_size=fmt.block,
     )
     out = dataclasses.replace(cfg, quantization_config=qc, expert_dtype=fmt.expert_format)
-    return out if include_mtp else dataclasses.replace(out, num_nextn_predict_layers=0)
+    return out if include_mtp else out.without_mtp()
+
+
+def _check_finite(spec: checkpoint.ParamSpec, value: np.ndarray) -> None:
+    """ValueError naming the parameter when it holds NaN or an infinity (a diverged run): no release
+    format stores those as weights, and FP8 cannot encode an infinity at all."""
+    bad = ~np.isfinite(value)
+    if bad.any():
+        name = ".".join(map(str, spec.path))
+        raise ValueError(
+            f"parameter {name} (release tensor {spec.tensors[0].name}) holds {int(bad.sum())} NaN or infinite "
+            f"value(s) of {value.size}: a model that diverged cannot be exported"
+        )
 
 
 def release_tensors(state: nnx.State, fmt: StorageFormat, include_mtp: bool = True):
@@ -173,6 +185,7 @@ def release_tensors(state: nnx.State, fmt: StorageFormat, include_mtp: bool = Tr
         value = np.asarray(materialize(flat[spec.path].get_value()))  # a --keep-quantized weight: dense
         if np.issubdtype(value.dtype, np.floating) or value.dtype == ml_dtypes.bfloat16:
             value = value.astype(np.float32)
+            _check_finite(spec, value)
         for t, array in zip(spec.tensors, release_arrays(spec, value), strict=True):
             s, o = encode(t, array, fmt)
             stored.update(s)

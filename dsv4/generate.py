@@ -354,9 +354,10 @@ def _prefill(cfg: ModelConfig, rt, graphdef, state, req: _Request, key, clock: _
 
 def _decode(graphdef, state, loop: LoopState, req: _Request, key, clock: _Clock, stream, interval) -> LoopState:
     """Run the decode loop to max_new tokens or until every row stopped, `interval` steps per call."""
-    stop = _stop_array(req.stop_ids)
-    exe = clock.compiled(_decode_program, graphdef, state, loop, req.params, stop, np.int32(1), key)
+    stop, exe = _stop_array(req.stop_ids), None
     while int(loop.step) < req.max_new and not bool(np.all(loop.done)):
+        if exe is None:  # compiled only when a step runs (not for max_new_tokens 1, or rows that all stopped)
+            exe = clock.compiled(_decode_program, graphdef, state, loop, req.params, stop, np.int32(1), key)
         limit = np.int32(min(int(loop.step) + interval, req.max_new))
         loop = clock.run("decode", exe, state, loop, stop, limit, key)
         stream(loop)

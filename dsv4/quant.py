@@ -178,8 +178,8 @@ def quantize_fp8(w: np.ndarray, scale_fmt: str = "ue8m0", block: int | tuple[int
     """Quantize a float [N, K] weight to block-scaled FP8.
 
     Per tile: "ue8m0" uses the power-of-two scale 2^ceil(log2(amax / 448)) returned as E8M0 bytes
-    (uint8); "float" uses amax / 448 returned as float32. An all-zero tile gets scale 1. Values are
-    divided by their scale and rounded to nearest float8_e4m3fn.
+    (uint8); "float" uses amax / 448 returned as float32 (at least float32's smallest subnormal). An
+    all-zero tile gets scale 1. Values are divided by their scale and rounded to nearest float8_e4m3fn.
 
     Returns:
       (float8_e4m3fn [N, K], scale [ceil(N/bn), ceil(K/bk)]) for block (bn, bk); an int is (block, block).
@@ -197,6 +197,8 @@ def quantize_fp8(w: np.ndarray, scale_fmt: str = "ue8m0", block: int | tuple[int
         scale_out = encode_e8m0(tile_scale)
     elif scale_fmt == "float":
         scale_out = np.where(amax > 0, amax / FP8_MAX, 1.0).astype(np.float32)
+        # a tile below ~6e-43 has amax / 448 under float32's range: a zero scale made its codes NaN
+        scale_out = np.maximum(scale_out, np.finfo(np.float32).smallest_subnormal)
         tile_scale = scale_out.astype(np.float64)
     else:
         raise ValueError(f"scale_fmt must be 'ue8m0' or 'float', got {scale_fmt!r}")

@@ -90,7 +90,7 @@ def _parse_entry(path: Path, name: str, entry, data_bytes: int) -> TensorInfo:
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {entry!r}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise CheckpointError(
             f"{path}: tensor {name!r} has unsupported dtype {dtype!r} (supported: {sorted(DTYPES)})"
         )
@@ -123,7 +123,7 @@ def _read_header_json(path: Path) -> tuple[dict, int, int]:
             raise CheckpointError(f"{path}: header length {n} exceeds the file size ({size} bytes)")
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys(path))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicate_keys(path))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: header is not valid JSON ({exc})") from exc
     except RecursionError:
@@ -327,22 +327,25 @@ def write_sharded_checkpoint(
 # ------------------------------------------------------------------------------ checkpoint index
 
 
-def _reject_duplicate_keys(path: Path):
+def reject_duplicate_keys(path: Path, error: type[Exception] = CheckpointError):
+    """A json `object_pairs_hook` raising `error` naming `path` for a key that appears twice in one
+    object (json.loads would keep the last value silently)."""
+
     def hook(pairs):
         seen: dict = {}
         for key, value in pairs:
             if key in seen:
-                raise CheckpointError(f"{path}: key {key!r} appears twice")
+                raise error(f"{path}: key {key!r} appears twice")
             seen[key] = value
         return seen
 
     return hook
 
 
-def _load_weight_map(path: Path) -> dict[str, str]:
+def load_weight_map(path: Path) -> dict[str, str]:
     """The index file's weight_map (tensor name -> shard file name), duplicates rejected."""
     try:
-        index = json.loads(path.read_text("utf-8"), object_pairs_hook=_reject_duplicate_keys(path))
+        index = json.loads(path.read_text("utf-8"), object_pairs_hook=reject_duplicate_keys(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
     except OSError as exc:  # a directory of that name, unreadable
@@ -373,7 +376,7 @@ class CheckpointIndex:
         self._files: dict[str, SafetensorsFile] = {}
         index_path = self.directory / INDEX_FILE
         if index_path.exists():
-            self._shard_of = _load_weight_map(index_path)
+            self._shard_of = load_weight_map(index_path)
             self._check_shards_exist(index_path)
             self._validate_against_headers(index_path)
         else:

@@ -217,6 +217,31 @@ def test_unknown_key_is_named_with_the_file(tmp_path):
     assert str(tmp_path / "config.json") in str(err.value)
 
 
+def test_a_key_given_twice_is_named_with_the_file(tmp_path):
+    """json.loads keeps the last of two values silently (hidden_size 64, then 160, read as 160)."""
+    text = json.dumps(ModelConfig.tiny().to_hf_dict())
+    (tmp_path / "config.json").write_text(text.replace('{"', '{"hidden_size": 7, "', 1))
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'config.json'}: key 'hidden_size' appears twice"):
+        ModelConfig.from_hf_config(tmp_path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("key", ["rms_norm_eps", "hc_eps", "rope_theta", "routed_scaling_factor", "swiglu_limit"])
+def test_non_finite_numbers_are_refused(tmp_path, key, value):
+    """Python's JSON reader takes NaN and Infinity; `NaN <= 0` is False, so they passed the positivity
+    checks, and a checkpoint with rms_norm_eps NaN loaded and gave NaN logits."""
+    (tmp_path / "config.json").write_text(json.dumps(ModelConfig.tiny().to_hf_dict() | {key: value}))
+    with pytest.raises(ConfigError, match=f"{key}: must be a finite number, got {value}"):
+        ModelConfig.from_hf_config(tmp_path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_yarn_factor_is_refused(value):
+    rope = ModelConfig.tiny().to_hf_dict()["rope_scaling"] | {"factor": value}
+    with pytest.raises(ConfigError, match=f"rope_scaling.factor: must be a positive number, got {value}"):
+        ModelConfig.from_hf_config(ModelConfig.tiny().to_hf_dict() | {"rope_scaling": rope})
+
+
 def test_all_unknown_keys_named_at_once():
     d = ModelConfig.tiny().to_hf_dict() | {"n_group": 8, "kv_lora_rank": 512}
     with pytest.raises(ConfigError) as err:
@@ -363,7 +388,7 @@ def test_native_unknown_and_missing_keys():
     no_hash = {k: v for k, v in NATIVE_FLASH.items() if k != "n_hash_layers"}  # named as the file names it
     with pytest.raises(ConfigError, match=r"missing native config keys \['n_hash_layers'\]"):
         ModelConfig.from_hf_config(no_hash)
-    with pytest.raises(ConfigError, match="original_seq_len: must be a number, got '65536'"):  # was a TypeError
+    with pytest.raises(ConfigError, match="original_seq_len: must be a finite number, got '65536'"):  # was a TypeError
         ModelConfig.from_hf_config(NATIVE_FLASH | {"original_seq_len": "65536"})
 
 
@@ -379,7 +404,7 @@ MAIN_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
         ({"compress_rates": 4}, "compress_rates: malformed value 4"),
         ({"mlp_layer_types": 3}, "mlp_layer_types: malformed value 3"),
         ({"layer_types": 5}, "layer_types: malformed value 5"),
-        ({"partial_rotary_factor": "0.25"}, "partial_rotary_factor: must be a number, got '0.25'"),
+        ({"partial_rotary_factor": "0.25"}, "partial_rotary_factor: must be a finite number, got '0.25'"),
     ],
 )  # fmt: skip
 def test_malformed_transformers_keys_are_named(change, message):

@@ -315,12 +315,21 @@ def _unknown_config_key(src):
     return ["config.json", "frobnication_depth"]
 
 
+def _index_naming_a_number_for_a_shard(src):
+    """A shard name that is not a string: a bare TypeError from the convert's own shard check before."""
+    index = json.loads((src / INDEX_FILE).read_text())
+    index["weight_map"]["layers.1.attn.wq_a.weight"] = 5
+    (src / INDEX_FILE).write_text(json.dumps(index))
+    return [INDEX_FILE, "malformed 'weight_map'"]
+
+
 ON_DISK = {  # corruptions applied to a copy in place -> words the message must contain
     "missing shard": _delete_shard,
     "truncated shard": _truncate_shard,
     "header lies about a tensor's size": _lie_about_tensor_size,
     "header lies about its own size": _lie_about_header_size,  # no tensor can be named here
     "unknown config key": _unknown_config_key,  # a key, not a tensor
+    "index naming a number for a shard": _index_naming_a_number_for_a_shard,
 }
 
 REWRITES = {  # tensors rewritten -> (mutation, words the message must contain)

@@ -192,6 +192,10 @@ def test_bad_inputs_raise_clear_errors(setup):
     limit = cfg.max_position_embeddings  # the cache checks only its own length in prefill and decode_step
     with pytest.raises(ValueError, match=f"cache max_len {limit + 1} exceeds the model's max_position_embeddings"):
         init_cache(cfg, 1, limit + 1, "float32")
+    for batch, max_len in ((2, 10.5), (2.0, 16), (2, "16"), (True, 16), (0, 16)):  # were TypeErrors, or batch 1
+        with pytest.raises(ValueError, match=rf"integers batch >= 1 and max_len >= 1, got batch={batch!r}, max_len"):
+            init_cache(cfg, batch, max_len, "float32")
+    assert init_cache(cfg, np.int64(2), 16, "float32").lengths.shape == (2,)
 
 
 @pytest.mark.parametrize(

@@ -112,6 +112,17 @@ def test_base_style_formats_and_no_mtp(tmp_path):
     )
 
 
+def test_no_mtp_of_a_model_with_two_mtp_blocks(tmp_path):
+    """One compress_ratios entry per MTP block (n + 2 entries) was kept with num_nextn_predict_layers
+    0, a config that refused itself (expected n + 0 or n + 1 entries)."""
+    cfg = ModelConfig.tiny(num_nextn_predict_layers=2, compress_ratios=(0, 0, 4, 128, 4, 0, 0))
+    model = dsv4.init_model(cfg, F32_RT, seed=1)
+    out = export.export_release(model, cfg, tmp_path / "c", include_mtp=False)
+    loaded = dsv4.load_hf(out, dtype="float32")
+    assert loaded.cfg.num_mtp_layers == 0 and loaded.cfg.compress_ratios == (0, 0, 4, 128, 4, 0)
+    assert loaded.cfg.layer_kinds == cfg.layer_kinds
+
+
 def test_config_reads_as_a_release_config(tmp_path):
     out = export.export_release(dsv4.init_model(ModelConfig.tiny(), F32_RT), None, tmp_path / "c")
     raw = json.loads((out / "config.json").read_text())
@@ -167,6 +178,24 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "write_sharded_checkpoint", boom)
     with pytest.raises(OSError, match="disk full"):
         export.export_release(dsv4.init_model(ModelConfig.tiny(), F32_RT), None, tmp_path / "c")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("param", "release", "value"),
+    [
+        ("layers.0.attn.wq_a.weight", "layers.0.attn.wq_a.weight", np.nan),  # FP8: an AssertionError before
+        ("layers.1.ffn.experts.w2", "layers.1.ffn.experts.0.w2.weight", np.inf),  # FP4: a ValueError naming nothing
+        ("norm.weight", "norm.weight", -np.inf),  # BF16: written as it was
+    ],
+)
+def test_a_non_finite_weight_is_named_and_nothing_written(tmp_path, param, release, value):
+    model = dsv4.init_model(ModelConfig.tiny(), F32_RT)
+    _, state = nnx.split(model)
+    var = dict(nnx.to_flat_state(state))[tuple(int(k) if k.isdigit() else k for k in param.split("."))]
+    var.set_value(var.get_value().at[(0,) * var.get_value().ndim].set(value))
+    with pytest.raises(ValueError, match=rf"parameter {param} \(release tensor {release}\) holds 1 NaN or infinite"):
+        export.export_release(model, None, tmp_path / "c")
     assert list(tmp_path.iterdir()) == []
 
 

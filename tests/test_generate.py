@@ -143,6 +143,21 @@ def test_default_cache_length_is_rounded_up_to_128_within_the_position_limit():
     assert gen.cache_length(short, [[3] * 12], NEW, None) == 100
 
 
+def test_one_new_token_compiles_no_decode_program(small, greedy, monkeypatch):
+    """The first token comes from the prefill: with max_new_tokens 1 no decode step runs, and the
+    decode loop's program (more than half the compile time) is not built."""
+    built, compiled = [], gen._Clock.compiled
+
+    def spy(clock, fn, *args):
+        built.append(fn.__name__)
+        return compiled(clock, fn, *args)
+
+    monkeypatch.setattr(gen._Clock, "compiled", spy)
+    res = gen.generate_with_stats(small, PROMPTS, 1, stop_tokens=(), cache_format="float32")
+    assert res.tokens == [t[:1] for t in greedy.tokens] and res.decode_steps == 0
+    assert built == ["_prefill_program", "_first_token_program"]
+
+
 def test_zero_new_tokens():
     model = dsv4.abstract_model(SMALL)  # never run: nothing to compute
     assert gen.generate(model, PROMPTS, 0) == [[], []]

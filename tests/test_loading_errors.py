@@ -282,13 +282,31 @@ def test_quantized_values_that_decode_to_nan(ckpt, name, damage, dtype, message)
         ckpt.load()
 
 
-def test_hash_router_table_naming_missing_experts(ckpt):
+@pytest.mark.parametrize("bad", [8, -1, 2**32 + 3])  # the last wrapped to expert 3 in an int32 cast
+def test_hash_router_table_naming_missing_experts(ckpt, bad):
     """tid2eid ids outside [0, n_routed_experts) loaded as they were, and the forward gave NaN logits."""
     name = "layers.0.ffn.gate.tid2eid"
-    table = ckpt.read(name)
-    table[3, 1] = 8  # n_routed_experts is 8
+    table = ckpt.read(name).astype(np.int64)
+    table[3, 1] = bad  # n_routed_experts is 8
     shard = ckpt.replace(name, table, "I64")
     with pytest.raises(dsv4.CheckpointError, match=names(shard, name, "outside [0, n_routed_experts 8)")):
+        ckpt.load()
+
+
+def test_packed_fp4_of_an_odd_input_size(tmp_path):
+    """FP4 packs two codes per byte: an expert of input size 33 stored as 17 bytes per row passed
+    the shape check and failed later with a bare numpy broadcast error."""
+    from dsv4 import quant
+    from dsv4.export import export_release
+
+    model = dsv4.init_model(dsv4.ModelConfig.tiny(moe_intermediate_size=33), dsv4.RuntimeConfig(dtype="float32"))
+    ckpt = Ckpt(export_release(model, None, tmp_path / "src", expert_format="fp8"), tmp_path / "ckpt")
+    name = "layers.0.ffn.experts.0.w2.weight"  # [hidden, 33]
+    w = quant.dequantize_fp8(ckpt.read(name), ckpt.read(scale_of(name)))
+    packed, scale = quant.quantize_fp4(np.pad(w, ((0, 0), (0, 1))))  # padded to 34 inputs: [hidden, 17]
+    shard = ckpt.replace(name, packed, "I8")
+    ckpt.replace(scale_of(name), scale, "F8_E8M0")
+    with pytest.raises(dsv4.CheckpointError, match=names(shard, name, "packed FP4, which needs an even input size")):
         ckpt.load()
 
 

@@ -75,6 +75,17 @@ def test_fp8_partial_tiles_round_trip_exact_on_grid(scale_fmt):
     np.testing.assert_array_equal(quant.dequantize_fp8(q2, s2), deq)
 
 
+@pytest.mark.parametrize("scale_fmt", ["ue8m0", "float"])
+def test_fp8_of_a_tile_below_float32_range_has_no_nan_codes(scale_fmt):
+    """amax / 448 of a tile with amax 1e-43 underflows float32: a zero "float" scale made the zeros'
+    codes NaN (0 / 0), an export that load_hf then refused as damaged."""
+    w = np.full((2, 3), 1e-43, np.float32)
+    w[0, 0] = 0.0  # 0 / 0
+    q, s = quant.quantize_fp8(w, scale_fmt=scale_fmt)
+    assert not np.isnan(q.astype(np.float32)).any() and quant.damage("F8_E4M3", q, s) is None
+    np.testing.assert_allclose(quant.dequantize_fp8(q, s), w, rtol=0, atol=1e-43)  # at worst flushed to 0
+
+
 def test_fp8_ue8m0_scale_is_smallest_power_of_two():
     w = np.zeros((2, 3), np.float32)
     w[0, 0] = 448.0  # exactly representable at scale 1

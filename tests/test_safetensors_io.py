@@ -160,6 +160,15 @@ def test_unknown_dtype(tmp_path):
         read_header(path)
 
 
+@pytest.mark.parametrize("dtype", [["F32"], {"F32": 1}, 7, None])
+def test_dtype_that_is_not_a_string(tmp_path, dtype):
+    """A list or object where the dtype name belongs was a bare TypeError (unhashable)."""
+    path = tmp_path / "dtype.safetensors"
+    _write_raw(path, {"w": {"dtype": dtype, "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8)
+    with pytest.raises(CheckpointError, match=r"dtype\.safetensors.*'w'.*unsupported dtype"):
+        read_header(path)
+
+
 def test_unknown_tensor_name(tmp_path):
     path = tmp_path / "one.safetensors"
     write_safetensors(path, {"a": np.ones(2, np.float32)})
