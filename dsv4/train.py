@@ -510,6 +510,33 @@ def _meta(cfg: ModelConfig, tc: TrainConfig) -> dict:
     return {"model_config": cfg.to_hf_dict(), "train_config": dataclasses.asdict(tc)}
 
 
+def _trainable_names(state: TrainState) -> list[str]:
+    """The dotted names of the parameters a state trains (those with Adam moments), sorted."""
+    return sorted(dotted(path) for path, _ in nnx.to_flat_state(state.params))
+
+
+def _check_same_trainable(meta: dict, like: TrainState, tc: dict, where: str) -> None:
+    """ValueError when the checkpoint trained other parameters than `like` (the state's structure:
+    who has Adam moments). Compares the parameters the freeze patterns select, so equivalent globs
+    spelled differently are accepted; a checkpoint from before the names were stored compares the
+    patterns."""
+    saved_freeze = meta.get("train_config", {}).get("freeze", [])
+    if "trainable" in meta:
+        ours = _trainable_names(like)
+        if meta["trainable"] == ours:
+            return
+        changed = sorted(set(meta["trainable"]) ^ set(ours))
+        detail = f" ({len(changed)} parameter(s) differ, e.g. {changed[0]})"
+    elif sorted(set(saved_freeze)) == sorted(set(tc["freeze"])):
+        return
+    else:
+        detail = ""
+    raise ValueError(
+        f"checkpoint {where} was trained with freeze {saved_freeze}, not {tc['freeze']}{detail}: "
+        "a resume needs the run's frozen parameters (dsv4-train: repeat its --freeze)"
+    )
+
+
 def latest_saved_step(directory: str | os.PathLike) -> int | None:
     """The latest step saved under a Checkpointer's `directory` (None: none, or no directory), read only."""
     import orbax.checkpoint as ocp
@@ -536,7 +563,8 @@ class Checkpointer:
 
     def save(self, state: TrainState, force: bool = False) -> bool:
         ocp = self._ocp
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_meta(self.cfg, self.tc)))
+        meta = {**_meta(self.cfg, self.tc), "trainable": _trainable_names(state)}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         saved = self.manager.save(int(state.step), args=args, force=force)
         if saved:  # complete on disk before the next step donates (overwrites) the state's buffers
             self.manager.wait_until_finished()
@@ -555,12 +583,7 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         saved_tc, tc = meta.get("train_config", {}), json.loads(json.dumps(dataclasses.asdict(self.tc)))
-        saved_freeze = saved_tc.get("freeze", [])
-        if sorted(set(saved_freeze)) != sorted(set(tc["freeze"])):  # the state's structure: who has Adam moments
-            raise ValueError(
-                f"checkpoint {self.manager.directory}/{step} was trained with freeze {saved_freeze}, not "
-                f"{tc['freeze']}: a resume needs the run's frozen parameters (dsv4-train: repeat its --freeze)"
-            )
+        _check_same_trainable(meta, like, tc, f"{self.manager.directory}/{step}")
         self.train_config_changes = {k: (saved_tc[k], v) for k, v in tc.items() if saved_tc.get(k, v) != v}
         want = json.loads(json.dumps(_meta(self.cfg, self.tc)["model_config"]))
         if meta["model_config"] != want:

@@ -553,5 +553,11 @@ def test_resume_with_other_frozen_parameters_is_refused(tmp_path):
     ckpt.save(state, force=True)
     ckpt.close()
     assert train.Checkpointer(tmp_path / "ckpt", SMALL, tc).restore(state).step == 0  # the same: restored
-    with pytest.raises(ValueError, match=r"trained with freeze \['embed.\*'\], not \[\]: a resume needs"):
+    with pytest.raises(ValueError, match=r"trained with freeze \['embed.\*'\], not \[\] \(1 parameter\(s\) differ, "
+                       r"e.g. embed.weight\): a resume needs"):  # fmt: skip
         train.Checkpointer(tmp_path / "ckpt", SMALL, TC).restore(_fresh_state())
+    # the same parameters by another spelling: restored (the patterns were compared, and this refused)
+    same = dataclasses.replace(TC, freeze=("emb*.weight",))
+    like = train.init_train_state(dsv4.init_model(SMALL, RT, seed=0), same)[1]
+    restored = train.Checkpointer(tmp_path / "ckpt", SMALL, same).restore(like)
+    assert restored.step == 0
