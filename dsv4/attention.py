@@ -188,46 +188,57 @@ def indexer_topk(
         return jnp.zeros((b, s, 0), jnp.int32)
     # selection is not differentiable; keeping tangents out also keeps the chunk loop out of autodiff
     q, keys, weights = jax.lax.stop_gradient((q, keys, weights))
-
-    def valid(idx, pos_blk):
-        return jnp.where((idx >= 0) & (idx < ((pos_blk + 1) // ratio)[..., None]), idx, -1).astype(jnp.int32)
-
-    def or_all_visible(scored_block):
-        """A block none of whose queries sees more than k entries selects every visible one, unscored."""
-        if min(block, s) <= FEW_QUERIES:  # a decode step: no second branch to compile
-            return scored_block
-        every = jnp.arange(k, dtype=jnp.int32)
-
-        def select(args):
-            pos_blk = args[2]
-            return jax.lax.cond(
-                (jnp.max(pos_blk) + 1) // ratio <= k,
-                lambda a: valid(jnp.broadcast_to(every, a[2].shape + (k,)), a[2]),
-                scored_block,
-                args,
-            )
-
-        return select
-
     chunk_len = key_chunk(min(block, s), q.shape[2])
     if t <= chunk_len:
 
         def one_block(args):
             q_blk, w_blk, pos_blk = args  # [B, Q, I, J], [B, Q, I], [B, Q]
             scores = index_scores(q_blk, keys, w_blk, pos_blk, ratio)
-            return valid(top_k_entries(scores, k), pos_blk)
+            return _visible_entries(top_k_entries(scores, k), pos_blk, ratio)
 
-        return _map_query_blocks(or_all_visible(one_block), (q, weights, positions), block)
+        block_topk = one_block
+    else:
+        block_topk = _chunked_block_topk(keys, ratio, k, chunk_len)
+    if min(block, s) > FEW_QUERIES:  # a decode step's few queries: no second branch to compile
+        block_topk = _unscored_when_few_visible(block_topk, ratio, k)
+    return _map_query_blocks(block_topk, (q, weights, positions), block)
 
-    # Chunks are scored into a buffer of up to MERGE_SPAN entries, merged into the running top-k once
-    # per buffer: each merge selects k of k + span scores, so fewer, longer merges do less work.
+
+def _visible_entries(idx: jax.Array, pos_blk: jax.Array, ratio: int) -> jax.Array:
+    """Entry indices [B, Q, k] with those not complete at each query's position (or < 0) set to -1."""
+    return jnp.where((idx >= 0) & (idx < ((pos_blk + 1) // ratio)[..., None]), idx, -1).astype(jnp.int32)
+
+
+def _unscored_when_few_visible(block_topk, ratio: int, k: int):
+    """`block_topk` for a query block, except that a block none of whose queries sees more than k
+    entries selects every visible one without scoring them (the same set)."""
+    every = jnp.arange(k, dtype=jnp.int32)
+
+    def select(args):
+        pos_blk = args[2]
+        return jax.lax.cond(
+            (jnp.max(pos_blk) + 1) // ratio <= k,
+            lambda a: _visible_entries(jnp.broadcast_to(every, a[2].shape + (k,)), a[2], ratio),
+            block_topk,
+            args,
+        )
+
+    return select
+
+
+def _chunked_block_topk(keys: jax.Array, ratio: int, k: int, chunk_len: int):
+    """A query block's top-k over keys [B, T, J] scored `chunk_len` entries at a time (only the chunks
+    the block can see). Chunks are scored into a buffer of up to MERGE_SPAN entries, merged into the
+    running top-k once per buffer: each merge selects k of k + span scores, so fewer, longer merges
+    do less work."""
+    t = keys.shape[1]
     n_chunks = -(-t // chunk_len)
     per_span = max(min(MERGE_SPAN // chunk_len, n_chunks), -(-k // chunk_len))  # chunks per buffer (k >= 1)
     span = per_span * chunk_len  # >= k: the first buffer is selected from alone
     n_spans = -(-t // span)
     keys = jnp.pad(keys, ((0, 0), (0, n_spans * span - t), (0, 0)))
 
-    def chunked_block(args):
+    def block_topk(args):
         q_blk, w_blk, pos_blk = args
         seen = (jnp.max(pos_blk) + 1) // ratio  # entries any query of this block can see
         needed = jnp.minimum(-(-seen // chunk_len), n_spans * per_span)  # chunks with an entry it can see
@@ -255,9 +266,9 @@ def indexer_topk(
             return best_of(jnp.concatenate([best[0], scores], -1), jnp.concatenate([best[1], ids], -1))
 
         best = jax.lax.fori_loop(1, -(-needed // per_span), merge, best_of(*span_scores(0)))
-        return valid(best[1], pos_blk)
+        return _visible_entries(best[1], pos_blk, ratio)
 
-    return _map_query_blocks(or_all_visible(chunked_block), (q, weights, positions), block)
+    return block_topk
 
 
 def top_k_entries(scores: jax.Array, k: int) -> jax.Array:
