@@ -27,7 +27,8 @@ from dsv4.model import DeepseekV4, check_integer_ids, check_token_shape, check_v
 def extend(model: DeepseekV4, tokens: jax.Array, lengths: jax.Array, cache: Cache, last_only: bool = False):
     """Append tokens [B, C] (row b: its first lengths[b] are real) -> (logits, cache).
 
-    logits: float32 [B, C, V], or [B, V] at each row's last real token when `last_only`.
+    logits: float32 [B, C, V], or [B, V] at each row's last real token when `last_only` (a row with
+    lengths 0 appends nothing, and its [V] logits are those of its padding at position 0: ignore them).
     """
     start = cache.lengths
     streams, layers = model.run(tokens, start, lengths, cache.layers)
@@ -122,8 +123,9 @@ def prefill(model: DeepseekV4, tokens, cache: Cache, lengths=None, last_only: bo
     """Append a chunk to every sequence: tokens [B, C] int32 -> (logits [B, C, V], cache). Donates `cache`.
 
     `lengths` [B] gives each row's real tokens (right padding; default: all C). With `last_only` the
-    logits are [B, V], each row's at its last real token. Raises ValueError
-    on an empty chunk, an out-of-vocabulary id or a chunk that would overflow the cache.
+    logits are [B, V], each row's at its last real token (meaningless for a row of length 0, which
+    appends nothing). Raises ValueError on an empty chunk, an out-of-vocabulary id or a chunk that
+    would overflow the cache.
     """
     tokens = np.asarray(tokens)
     if lengths is None:
