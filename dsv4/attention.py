@@ -535,7 +535,9 @@ def sparse_attention(q, kv, prev, start, sink, window, entries=None, entry_idx=N
     q [B, S, H, K] and kv [B, S, K] (K = V) of the chunk's tokens at positions start[b] + i;
     prev [B, W-1, K]: the keys of positions start[b]-W+1 .. start[b]-1 (invalid where negative);
     sink [H]. entries [B, T, K] with either entry_idx [B, S, N] (CSA; -1 or any index outside [0, T):
-    no entry) or None (HCA: every entry complete at the query position). Each query block of `block`
+    no entry; a query's valid indices must be distinct, as `indexer_topk` gives them: a repeated one
+    counts once or twice depending on the path) or None (HCA: every entry complete at the query
+    position). Each query block of `block`
     reads one (block + W - 1)-key slice (rounded up to SPAN_MULTIPLE), so memory is O(S*W), never
     O(S^2). Returns [B, S, H, K] float32.
     """

@@ -153,7 +153,7 @@ def _selected(entry_idx: jax.Array, num_entries: int) -> jax.Array:
 
 
 def _entry_group(positions, entries, entry_idx, ratio, kind):
-    if kind == "csa":  # gather: a repeated index counts twice, as in dsv4.attention.sparse_attention
+    if kind == "csa":  # gather (a repeated index would count twice; the indexer gives distinct ones)
         entry_idx = _selected(entry_idx, entries.shape[1])
         gathered = jax.vmap(lambda e, i: e[jnp.maximum(i, 0)])(entries, entry_idx)  # [B, S, N, K]
         return gathered, entry_idx >= 0

@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from dsv4.quantized import materialize
 from sharding.mesh import axis_size
-from sharding.rules import Strategy, get_strategy
+from sharding.rules import Strategy, check_expert_exchange, get_strategy
 
 EXCHANGES = ("ragged", "padded")
 _RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
@@ -142,12 +142,7 @@ class ExpertParallel:
         experts, tokens = strat.mesh_axes("experts", mesh), strat.mesh_axes("batch", mesh)
         if not experts:
             return None
-        shared = set(experts) & set(tokens)
-        if shared and shared != set(experts):
-            raise ValueError(f"strategy {strat.name!r}: tokens split over {tokens}, experts over {experts}; "
-                             "tokens must be split over all of the expert axes or none")  # fmt: skip
-        if shared and strat.moe == "psum":
-            raise ValueError(f"strategy {strat.name!r}: psum needs tokens replicated over the expert axes {experts}")
+        check_expert_exchange(strat, mesh)
         exchange = exchange or exchange_for(mesh.devices.flat[0].platform)
         if exchange not in EXCHANGES:
             raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")

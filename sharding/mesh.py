@@ -33,6 +33,8 @@ def mesh_shape(n_devices: int, data: int | None = None, expert: int | None = Non
     with one given, the other takes the rest. Raises ValueError when the sizes cannot multiply to
     the device count.
     """
+    if not isinstance(n_devices, int) or isinstance(n_devices, bool) or n_devices < 1:
+        raise ValueError(f"a mesh needs at least one device, got n_devices={n_devices!r}")
     for name, size in (("data", data), ("expert", expert), ("tensor", tensor)):
         if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
             raise ValueError(f"mesh axis {name!r} must be a positive integer, got {size!r}")

@@ -98,6 +98,13 @@ class Strategy:
             raise ValueError(f"strategy {self.name!r}: moe must be one of {MOE_MODES}, got {self.moe!r}")
         if isinstance(self.table, Mapping):
             object.__setattr__(self, "table", tuple(sorted(self.table.items())))
+        pairs = isinstance(self.table, tuple) and all(
+            isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in self.table
+        )
+        if not pairs:
+            raise ValueError(
+                f"strategy {self.name!r}: table must map logical axis names to mesh axes, got {self.table!r}"
+            )
 
     @property
     def rules(self) -> dict[str, MeshAxes]:
@@ -151,7 +158,15 @@ def _targets(target: MeshAxes, mesh: Mesh | None) -> tuple[str, ...]:
 
 
 def check_mesh_axes(rules: Mapping[str, MeshAxes], mesh: Mesh, name: str = "rules") -> None:
-    """ValueError when the table names a mesh axis `mesh` does not have."""
+    """ValueError when the table names a mesh axis `mesh` does not have, or when a mesh axis is not
+    of type Auto (`jax.make_mesh` makes Explicit ones by default; the routed experts' ragged_dot has
+    no explicit-sharding rule, and the forward failed inside JAX)."""
+    other = {a: t.name for a, t in zip(mesh.axis_names, mesh.axis_types, strict=True) if t != AxisType.Auto}
+    if other:
+        raise ValueError(
+            f"{name}: mesh axes {other} are not of type Auto: build the mesh with sharding.make_mesh, or "
+            "jax.make_mesh(..., axis_types=(jax.sharding.AxisType.Auto,) * 3)"
+        )
     for logical, target in rules.items():
         for t in _targets(target, None):
             if t not in mesh.axis_names:
@@ -269,6 +284,7 @@ def validate(cfg, mesh: Mesh, strategy: str | Strategy | None = None, batch: int
     warn_cpu_multidevice(mesh)
     strat = get_strategy(strategy)
     check_mesh_axes(strat.rules, mesh, f"strategy {strat.name!r}")
+    check_expert_exchange(strat, mesh)
     checks = (
         ("batch", batch, "batch"),
         ("experts", cfg.n_routed_experts, "n_routed_experts"),
@@ -288,6 +304,18 @@ def validate(cfg, mesh: Mesh, strategy: str | Strategy | None = None, batch: int
     if problems:
         raise ValueError("the mesh cannot shard this model: " + "; ".join(problems))  # one line for the CLIs
     warn_unused_axes(strat, mesh)
+
+
+def check_expert_exchange(strat: Strategy, mesh: Mesh) -> None:
+    """ValueError when the routed experts' token exchange cannot run under `strat` on `mesh`: tokens
+    split over some of the expert axes but not all, or split over them with moe="psum"."""
+    experts, tokens = strat.mesh_axes("experts", mesh), strat.mesh_axes("batch", mesh)
+    shared = set(experts) & set(tokens)
+    if shared and shared != set(experts):
+        raise ValueError(f"strategy {strat.name!r}: tokens split over {tokens}, experts over {experts}; "
+                         "tokens must be split over all of the expert axes or none")  # fmt: skip
+    if shared and strat.moe == "psum":
+        raise ValueError(f"strategy {strat.name!r}: psum needs tokens replicated over the expert axes {experts}")
 
 
 def unused_axes(strategy: str | Strategy | None, mesh: Mesh) -> list[str]:

@@ -78,6 +78,8 @@ def test_mesh_shape_inference_and_errors():
         mesh_shape(8, data=2, expert=2)
     with pytest.raises(ValueError, match="positive integer"):
         mesh_shape(8, data=0)
+    with pytest.raises(ValueError, match="a mesh needs at least one device, got n_devices=0"):
+        mesh_shape(0)  # was (1, 0, 1)
 
 
 def test_strategy_tables():
@@ -97,6 +99,9 @@ def test_strategy_tables():
 
 
 def test_unknown_strategy_and_axis_are_clear_errors():
+    import jax
+    from jax.sharding import AxisType
+
     from dsv4.config import ConfigError, RuntimeConfig
     from sharding.rules import Strategy, get_rules, get_strategy, logical_to_spec, single_device_mesh
 
@@ -107,6 +112,11 @@ def test_unknown_strategy_and_axis_are_clear_errors():
     bad = Strategy("mine", {**get_rules("dp_ep"), "heads": "model"})
     with pytest.raises(ConfigError, match="'heads' maps to mesh axis 'model'"):
         RuntimeConfig(mesh=single_device_mesh(), strategy=bad)
+    with pytest.raises(ValueError, match="strategy 'mine': table must map logical axis names to mesh axes"):
+        Strategy("mine", "dp_ep")  # a name where the table belongs: accepted, then a dict() error with a mesh
+    explicit = jax.make_mesh((1, 1, 1), ("data", "expert", "tensor"), axis_types=(AxisType.Explicit,) * 3)
+    with pytest.raises(ConfigError, match="mesh: strategy 'dp_ep': mesh axes .* are not of type Auto"):
+        RuntimeConfig(mesh=explicit, strategy="dp_ep")
     with pytest.raises(ValueError, match="both map to mesh axis"):
         logical_to_spec(("experts", "batch"), {"experts": "data", "batch": "data"})
     with pytest.raises(ValueError, match="no entry"):
@@ -357,6 +367,10 @@ def test_bad_inputs_fail_before_compiling():
     for name in ("batch", "generate_batch", "decode_batch"):
         assert "batch 2 is not divisible by 4" in result[name][0], (name, result[name])
     assert "mesh axis 'model'" in result["axis"][0]
+    assert "psum needs tokens replicated over the expert axes ('expert',)" in result["psum_split"][0]
+    assert "mesh axes {'data': 'Explicit', 'expert': 'Explicit', 'tensor': 'Explicit'} are not of type Auto" in (
+        result["explicit_axes"][0]
+    )
     assert "n_routed_experts = 12 is not divisible by 8" in result["init_model"][0]
 
 
@@ -646,6 +660,8 @@ def worker_errors() -> dict:
         return "", -1
 
     bad_axis = Strategy("mine", {**get_rules("dp_ep"), "experts": "model"})
+    psum_split = Strategy("psum_split", {**get_rules("dp_ep"), "batch": ("data", "expert")}, "psum")
+    explicit = jax.make_mesh((2, 4, 1), ("data", "expert", "tensor"))  # Explicit axes: jax's default
     tokens, cache = np.ones((2, 8), np.int32), init_cache(cfg, 2, 16, "float32")
     errors = {
         "experts": attempt(lambda: shard_model(odd, make_mesh(1, 8, 1), "dp_ep")),
@@ -654,6 +670,9 @@ def worker_errors() -> dict:
         "generate_batch": attempt(lambda: generate(sharded, [[1, 2], [3]], 2)),  # was shard_map's error
         "decode_batch": attempt(lambda: decode_step(sharded, [1, 2], cache)),  # was an IndivisibleError
         "axis": attempt(lambda: shard_model(model, make_mesh(2, 4, 1), bad_axis)),
+        # the next two were accepted here and failed in the first forward (the first inside JAX)
+        "psum_split": attempt(lambda: shard_model(model, make_mesh(2, 4, 1), psum_split)),
+        "explicit_axes": attempt(lambda: shard_model(model, explicit, "dp_ep")),
         # init_model under a mesh it cannot use: built, then the first forward failed inside shard_map
         "init_model": attempt(lambda: init_model(odd.cfg, RuntimeConfig(dtype="float32", mesh=make_mesh(1, 8, 1)))),
     }
