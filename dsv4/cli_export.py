@@ -163,7 +163,7 @@ def load_training_checkpoint(path: Path, step: int | None = None):
     from dsv4.config import ModelConfig
 
     step = _pick_step(path, step)
-    with _reporting_damage(path, step):
+    with reporting_damage(path, step):
         meta = read_meta(path, step)
     if not isinstance(meta, dict) or "model_config" not in meta:
         raise ExportError(f"{path}/{step}: the checkpoint's meta has no model_config")
@@ -172,7 +172,7 @@ def load_training_checkpoint(path: Path, step: int | None = None):
     graphdef, like = _abstract_train_state(cfg, tc)
     ckpt = train.Checkpointer(path, cfg, tc)
     try:
-        with _reporting_damage(path, step):
+        with reporting_damage(path, step):
             state = ckpt.restore(like, step)
     finally:
         ckpt.close()
@@ -180,19 +180,25 @@ def load_training_checkpoint(path: Path, step: int | None = None):
 
 
 @contextlib.contextmanager
-def _reporting_damage(path: Path, step: int):
+def reporting_damage(path: Path, step: int, resume: bool = False):
     """Orbax's errors for a step whose files are missing, cut or garbled (a KeyError for a missing
-    item, a ValueError for bad JSON, TensorStore's several types) as one ExportError naming the step
-    and the other steps to try."""
+    item, a ValueError for bad JSON, TensorStore's several types) as one CLIError naming the step
+    and the other steps to try (`resume`: a dsv4-train --resume, which takes the latest step, so
+    the remedy is to remove the damaged one)."""
     from dsv4.convert import root_cause, short_reason, unreadable
 
     try:
         yield
     except Exception as err:
-        if not (isinstance(err, KeyError | ValueError) or unreadable(err)):
+        from dsv4.train import CheckpointMismatch
+
+        if isinstance(err, CheckpointMismatch) or not (isinstance(err, KeyError | ValueError) or unreadable(err)):
             raise
         others = [s for s in training_steps(path) if s != step]
-        hint = f"; try --step {others[-1]} (steps: {', '.join(map(str, others))})" if others else ""
+        if resume:
+            hint = f"; remove {path / str(step)} to resume from step {others[-1]}" if others else ""
+        else:
+            hint = f"; try --step {others[-1]} (steps: {', '.join(map(str, others))})" if others else ""
         root = root_cause(err)
         raise ExportError(
             f"{path}/{step}: cannot read this training checkpoint step ({type(root).__name__}: "

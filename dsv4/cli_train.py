@@ -216,6 +216,10 @@ def _check_args(args, cfg: ModelConfig) -> None:
         raise CLIError(f"--warmup must be in [0, --steps {args.steps}], got {args.warmup}")
     if not 0 <= args.heldout_fraction <= 0.5:  # every k-th block held out, k >= 2 (corpus.split_stream)
         raise CLIError(f"--heldout-fraction must be in [0, 0.5], got {args.heldout_fraction}")
+    if args.seed < 0:
+        raise CLIError(f"--seed must be >= 0, got {args.seed}")
+    if args.time_limit is not None and not args.time_limit >= 0:  # NaN too
+        raise CLIError(f"--time-limit must be a number of minutes >= 0, got {args.time_limit}")
 
 
 # TrainConfig's fields and the flags that set them
@@ -355,7 +359,7 @@ def _tokenizer_source(args, cfg: ModelConfig, docs: list[str], scratch: Path) ->
 
 
 RUN_RECORD = "run.json"  # OUT/run.json: what a --resume must train on to continue exactly
-_DATA_FLAGS = ("batch", "seq_len", "seed", "heldout_fraction")
+_DATA_FLAGS = ("batch", "seq_len", "seed", "heldout_fraction", "eval_windows")
 
 
 def _run_record(args, docs: list[str]) -> dict:
@@ -379,6 +383,8 @@ def _check_resume_data(out: Path, record: dict) -> None:
         old = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise CLIError(f"--resume: {path} is not the JSON record dsv4-train writes ({err})") from None
+    if not isinstance(old, dict):
+        raise CLIError(f"--resume: {path} is not the JSON record dsv4-train writes (a {type(old).__name__})")
     changed = [f for f in _DATA_FLAGS if old.get(f, record[f]) != record[f]]
     diffs = [f"{flag(f)} {record[f]} (the run's: {old[f]})" for f in changed]
     if old.get("corpus_sha256", record["corpus_sha256"]) != record["corpus_sha256"]:
@@ -639,7 +645,10 @@ def _train(args) -> None:
     ckpt = train.Checkpointer(args.out / "checkpoints", cfg, tc, every=args.save_every, keep=args.keep)
     try:  # closed however the run ends (a save in flight completes): Ctrl-C leaves no half-written step
         if args.resume and ckpt.latest_step() is not None:
-            state = ckpt.restore(state)
+            from dsv4.cli_export import reporting_damage
+
+            with reporting_damage(args.out / "checkpoints", ckpt.latest_step(), resume=True):
+                state = ckpt.restore(state)
             _report_changes(ckpt.train_config_changes)
         elif args.resume:  # stopped before its first save: nothing to continue, so the run starts over
             print(f"--resume: no checkpoint in {args.out / 'checkpoints'} yet; starting at step 0", file=sys.stderr)

@@ -453,7 +453,22 @@ def _checked_batch(batch, cfg: ModelConfig, rt) -> dict:
             f"batch['mask'] must have the shape of batch['tokens'] [B, S + 1], {tuple(batch['tokens'].shape)}; "
             f"got {tuple(batch['mask'].shape)}"
         )
+    if "mask" in batch and not isinstance(batch["mask"], jax.Array):  # a device mask is not read (a wait)
+        _check_right_padding(batch["mask"])
     return batch
+
+
+def _check_right_padding(mask: np.ndarray) -> None:
+    """ValueError unless each row of a host mask [B, S + 1] is its real tokens then padding: attention
+    does not mask padding, so padding before a real token would change what that token sees."""
+    real = mask.astype(bool)
+    holes = real[:, 1:] & ~real[:, :-1]  # a real token right after padding
+    if holes.any():
+        b, i = np.argwhere(holes)[0]
+        raise ValueError(
+            f"batch['mask'] row {b} has a real token at {i + 1} after padding: padding must come after "
+            "every real token of its row (right padding)"
+        )
 
 
 def _check_batch(tokens, max_len: int, rt) -> None:
@@ -510,6 +525,10 @@ def _meta(cfg: ModelConfig, tc: TrainConfig) -> dict:
     return {"model_config": cfg.to_hf_dict(), "train_config": dataclasses.asdict(tc)}
 
 
+class CheckpointMismatch(ValueError):
+    """A readable checkpoint of another model config or other frozen parameters than the run's."""
+
+
 def _trainable_names(state: TrainState) -> list[str]:
     """The dotted names of the parameters a state trains (those with Adam moments), sorted."""
     return sorted(dotted(path) for path, _ in nnx.to_flat_state(state.params))
@@ -531,7 +550,7 @@ def _check_same_trainable(meta: dict, like: TrainState, tc: dict, where: str) ->
         return
     else:
         detail = ""
-    raise ValueError(
+    raise CheckpointMismatch(
         f"checkpoint {where} was trained with freeze {saved_freeze}, not {tc['freeze']}{detail}: "
         "a resume needs the run's frozen parameters (dsv4-train: repeat its --freeze)"
     )
@@ -582,18 +601,18 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        saved_tc, tc = meta.get("train_config", {}), json.loads(json.dumps(dataclasses.asdict(self.tc)))
-        _check_same_trainable(meta, like, tc, f"{self.manager.directory}/{step}")
-        self.train_config_changes = {k: (saved_tc[k], v) for k, v in tc.items() if saved_tc.get(k, v) != v}
         want = json.loads(json.dumps(_meta(self.cfg, self.tc)["model_config"]))
-        if meta["model_config"] != want:
+        if meta["model_config"] != want:  # first: another config also has other parameter names
             diff = sorted(
                 k for k in set(want) | set(meta["model_config"]) if want.get(k) != meta["model_config"].get(k)
             )
-            raise ValueError(
+            raise CheckpointMismatch(
                 f"checkpoint {self.manager.directory}/{step} was written for another model config "
                 f"(differs in: {', '.join(diff)})"
             )
+        saved_tc, tc = meta.get("train_config", {}), json.loads(json.dumps(dataclasses.asdict(self.tc)))
+        _check_same_trainable(meta, like, tc, f"{self.manager.directory}/{step}")
+        self.train_config_changes = {k: (saved_tc[k], v) for k, v in tc.items() if saved_tc.get(k, v) != v}
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
 

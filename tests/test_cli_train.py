@@ -240,14 +240,28 @@ def test_resume_on_other_data_is_refused(full_run, capsys, small_config, text_co
     err = _error(capsys, [*base, "--corpus", other, "--batch", 3, "--seq-len", 32, "--seed", 7])
     assert "--resume continues" in err and "--batch 3 (the run's: 2)" in err and "--seed 7 (the run's: 0)" in err
     assert f"--corpus {other} (other text than the run's {text_corpus})" in err and "--seq-len" not in err
+    err = _error(capsys, [*base, "--corpus", text_corpus, *RUN[:4], "--eval-windows", 16])  # other held-out windows
+    assert "--eval-windows 16 (the run's: 2)" in err
     corpus.train_bpe_tokenizer(corpus.builtin_corpus()[:20], SMALL.vocab_size, tmp_path / "tok")
     err = _error(capsys, [*base, "--corpus", text_corpus, *RUN[:4], "--tokenizer", tmp_path / "tok"])
     assert f"--tokenizer {tmp_path / 'tok'}: not the run's tokenizer" in err
     assert _tree(run) == before
 
 
-def test_a_damaged_run_record_is_named(tmp_path):
-    (tmp_path / cli_train.RUN_RECORD).write_text('{"batch": 2,')
+def test_resume_from_a_damaged_step_names_it_and_the_step_before(full_run, capsys, small_config, text_corpus, tmp_path):
+    """A pytree-structure error before; dsv4-export named the step, and now a resume does too."""
+    run = tmp_path / "run"
+    shutil.copytree(full_run[0], run)
+    (run / "checkpoints" / "4" / "state" / "_METADATA").unlink()
+    argv = ["--config", small_config, "--corpus", text_corpus, "--out", run, "--resume", "--steps", 6, *RUN]
+    err = _error(capsys, argv)
+    assert f"{run / 'checkpoints'}/4: cannot read this training checkpoint step" in err
+    assert f"it is damaged or incomplete; remove {run / 'checkpoints' / '4'} to resume from step 2" in err
+
+
+@pytest.mark.parametrize("text", ['{"batch": 2,', '[1, 2]'])  # the list: an AttributeError traceback before
+def test_a_damaged_run_record_is_named(tmp_path, text):
+    (tmp_path / cli_train.RUN_RECORD).write_text(text)
     with pytest.raises(CLIError, match=f"--resume: {tmp_path / 'run.json'} is not the JSON record"):
         cli_train._check_resume_data(tmp_path, {"batch": 2})
 
@@ -311,6 +325,8 @@ LATE_FAILURES = {
     "bpe": ({"--corpus": "TINY", "--tokenizer": None}, "the corpus is too small for a 512-token vocabulary"),
     "lr": ({"--lr": -1}, "--lr: must be a finite number > 0, got -1.0"),
     "weight-decay": ({"--weight-decay": "nan"}, "--weight-decay: must be a finite number >= 0, got nan"),
+    "seed": ({"--seed": -1}, "--seed must be >= 0, got -1"),  # was "expected non-negative integer"
+    "time-limit": ({"--time-limit": "nan"}, "--time-limit must be a number of minutes >= 0, got nan"),  # ignored
 }
 
 

@@ -256,6 +256,9 @@ def test_bad_input_is_refused(small_step):
         ({"tokens": ids + 0.5}, "integer token ids, got dtype float64"),  # was truncated silently
         ({"tokens": ids, "mask": np.ones((2, 8))}, r"batch\['mask'\] must have the shape"),
         ({"tokens": ids, "attention_mask": np.ones_like(ids)}, "expected keys 'tokens' and optionally 'mask'"),
+        # left padding: accepted, and the loss then depended on what the padding held
+        ({"tokens": ids, "mask": np.arange(ids.shape[1]) >= np.array([[0], [2]])},
+         r"batch\['mask'\] row 1 has a real token at 2 after padding"),
     ]:
         with pytest.raises(ValueError, match=message):
             step(_fresh_state(), batch)
