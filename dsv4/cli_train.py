@@ -10,7 +10,7 @@ safetensors: a Hugging Face download, a dsv4-export or dsv4-train --export), a d
 checkpoint, or `embedded` (the checkpoint inside the package). Its config.json is the model's and its
 tokenizer.json the run's (unless --tokenizer); neither --out nor --export may overlap it. OUT
 receives: tokenizer/ (given, the --init checkpoint's, or a byte-level BPE trained on the corpus),
-run.json (the corpus's sha256, --batch, --seq-len, --seed, --heldout-fraction, --init: --resume
+run.json (the corpus's sha256, --batch, --seq-len, --seed, --heldout-fraction, --eval-windows, --init: --resume
 refuses others, and reads the model config from the run's checkpoints, so the --init directory may
 have moved), checkpoints/ (Orbax, every --save-every steps, the last --keep kept), metrics.jsonl
 (one line per step and per held-out evaluation), loss.png (the loss curve, redrawn at every
