@@ -208,8 +208,8 @@ def copy_tokenizer(src, dst) -> list[str]:
     if not (src / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{src}: no tokenizer.json to copy")
     copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
-    for name in copied:
-        shutil.copyfile(src / name, dst / name)
+    for name in copied:  # each file whole or not at all (a temporary name, then a rename)
+        outputs.write_file(dst / name, lambda f, name=name: f.write((src / name).read_bytes()), binary=True)
     return copied
 
 
